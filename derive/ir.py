@@ -1,0 +1,370 @@
+"""Stage 2: the spec's equations as SymPy expressions over indexed tensors.
+
+Every index name of a spec stands for an index *set* (any number of axes),
+exactly as ``s1`` and ``s2`` do in the seed notes, and becomes one SymPy
+``Symbol``.  A tensor ``A[s2, s1]`` becomes ``Indexed(IndexedBase('A'), s2, s1)``.
+Reductions are two small ``Expr`` classes, :class:`IndexSum` and
+:class:`IndexMax`; the pullback of a max goes through
+:class:`ArgmaxIndicator`, the seeds' ``1[s1 = argmax_s1 A]``.
+
+Checks made here, each a :class:`~derive.spec.SpecError` with file:line:col:
+undefined tensors, a tensor defined twice or an input redefined, reductions
+over an index the operand lacks, indices that do not match the target's, a
+``max`` that is not a whole right-hand side, and cycles among the equations.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy
+from sympy import Expr, Indexed, IndexedBase, Symbol
+
+from . import spec as S
+from .spec import SpecError
+
+
+# ---- index helpers ------------------------------------------------------------
+def base_name(index: Symbol) -> str:
+    """The index set an index symbol belongs to: ``s1'`` and ``s1#2`` -> ``s1``."""
+    return index.name.split("'")[0].split("#")[0]
+
+
+def primed(index: Symbol) -> Symbol:
+    return Symbol(index.name + "'")
+
+
+def _sorted_indices(indices) -> tuple[Symbol, ...]:
+    return tuple(sorted(set(indices), key=lambda s: s.name))
+
+
+# ---- reductions and the argmax indicator -----------------------------------------
+class IndexSum(Expr):
+    """``sum_{i, ...} body``: a sum over index sets (no bounds: they are the tensors' own)."""
+
+    is_commutative = True
+
+    def __new__(cls, body, *indices):
+        body = sympy.sympify(body)
+        if body == 0:
+            return sympy.S.Zero
+        indices = _sorted_indices(indices)
+        if not indices:
+            return body
+        return Expr.__new__(cls, body, *indices)
+
+    @property
+    def body(self) -> Expr:
+        return self.args[0]
+
+    @property
+    def indices(self) -> tuple[Symbol, ...]:
+        return self.args[1:]
+
+    @property
+    def free_symbols(self):
+        return self.body.free_symbols - set(self.indices)
+
+    def _eval_derivative(self, x):
+        return IndexSum(self.body.diff(x), *self.indices)
+
+    def _sympystr(self, printer):
+        idx = ", ".join(printer._print(i) for i in self.indices)
+        return f"sum[{idx}]({printer._print(self.body)})"
+
+
+class IndexMax(Expr):
+    """``max_{i, ...} body``.  Its pullback is taken at the equation it defines."""
+
+    is_commutative = True
+
+    def __new__(cls, body, *indices):
+        indices = _sorted_indices(indices)
+        if not indices:
+            return sympy.sympify(body)
+        return Expr.__new__(cls, sympy.sympify(body), *indices)
+
+    @property
+    def body(self) -> Expr:
+        return self.args[0]
+
+    @property
+    def indices(self) -> tuple[Symbol, ...]:
+        return self.args[1:]
+
+    @property
+    def free_symbols(self):
+        return self.body.free_symbols - set(self.indices)
+
+    def _eval_derivative(self, x):  # pragma: no cover - guarded by the IR checks
+        raise NotImplementedError("max is differentiated at the equation that names it")
+
+    def _sympystr(self, printer):
+        idx = ", ".join(printer._print(i) for i in self.indices)
+        return f"max[{idx}]({printer._print(self.body)})"
+
+
+class ArgmaxIndicator(Expr):
+    """``1[i = argmax_i ...]`` for the max reduction that defines ``M``.
+
+    ``ArgmaxIndicator(M[s2], s1)`` is 1 at the one maximal element of each
+    row of the reduction that defined ``M`` (the first in row-major order of
+    the reduced axes, so the gradient is conserved under ties) and 0 elsewhere.
+    """
+
+    is_commutative = True
+
+    def __new__(cls, reduced, *indices):
+        return Expr.__new__(cls, reduced, *_sorted_indices(indices))
+
+    @property
+    def reduced(self) -> Indexed:
+        return self.args[0]
+
+    @property
+    def indices(self) -> tuple[Symbol, ...]:
+        return self.args[1:]
+
+    def _eval_derivative(self, x):
+        return sympy.S.Zero  # piecewise constant
+
+    def _sympystr(self, printer):
+        idx = ", ".join(printer._print(i) for i in self.indices)
+        return f"1[{idx} = argmax {printer._print(self.reduced)}]"
+
+
+def free_indices(expr) -> set[Symbol]:
+    """Index symbols of ``expr`` not bound by a reduction inside it."""
+    if isinstance(expr, Indexed):
+        return set(expr.indices)
+    if isinstance(expr, (IndexSum, IndexMax)):
+        return free_indices(expr.body) - set(expr.indices)
+    if isinstance(expr, ArgmaxIndicator):
+        return free_indices(expr.reduced) | set(expr.indices)
+    out: set[Symbol] = set()
+    for a in expr.args:
+        out |= free_indices(a)
+    return out
+
+
+def tensors_in(expr) -> set[str]:
+    """Names of the tensors an expression reads."""
+    return {str(t.base.label) for t in expr.atoms(Indexed)}
+
+
+# ---- the IR ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    indices: tuple[Symbol, ...]
+    role: str  # "input", "intermediate" or "output"
+
+    @property
+    def base(self) -> IndexedBase:
+        return IndexedBase(self.name)
+
+    @property
+    def indexed(self) -> Indexed:
+        return Indexed(self.base, *self.indices) if self.indices else self.base
+
+    def at(self, indices) -> Indexed:
+        return Indexed(self.base, *indices)
+
+
+@dataclass(frozen=True)
+class Equation:
+    target: Tensor
+    rhs: Expr
+    pos: S.Pos
+
+    @property
+    def lhs(self) -> Indexed:
+        return self.target.indexed
+
+    def __str__(self) -> str:
+        return f"{self.lhs} = {self.rhs}"
+
+
+@dataclass
+class OpIR:
+    name: str
+    file: str
+    inputs: list[Tensor]
+    params: list[Symbol]
+    output: Tensor
+    equations: list[Equation]  # topological order
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+    index_order: tuple[Symbol, ...] = ()
+
+    def definition(self, name: str) -> Equation | None:
+        for eq in self.equations:
+            if eq.target.name == name:
+                return eq
+        return None
+
+
+def _order(indices, order: tuple[Symbol, ...]) -> tuple[Symbol, ...]:
+    rank = {s: k for k, s in enumerate(order)}
+    return tuple(sorted(indices, key=lambda s: (rank.get(s, len(rank)), s.name)))
+
+
+class _Builder:
+    def __init__(self, spec: S.OpSpec):
+        self.spec = spec
+        self.file = spec.file
+        order: list[Symbol] = []
+        for decl in spec.inputs + [spec.output]:
+            for i in decl.indices:
+                if Symbol(i) not in order:
+                    order.append(Symbol(i))
+        self.index_order = tuple(order)
+        self.tensors: dict[str, Tensor] = {}
+        self.params = {p: Symbol(p) for p in spec.params}
+
+    def err(self, msg: str, pos: S.Pos) -> SpecError:
+        return SpecError(msg, self.file, pos.line, pos.col)
+
+    def check_name(self, name: str, pos: S.Pos, what: str):
+        if name in S.FUNCTIONS or name in S.REDUCTIONS or name == "op":
+            raise self.err(f"{name!r} is reserved and cannot name {what}", pos)
+        if Symbol(name) in self.index_order:
+            raise self.err(f"{name!r} is an index name and cannot name {what}", pos)
+
+    def build(self) -> OpIR:
+        spec = self.spec
+        seen_inputs = set()
+        for decl in spec.inputs:
+            self.check_name(decl.name, decl.pos, "a tensor")
+            if decl.name in seen_inputs or decl.name in self.params:
+                raise self.err(f"input {decl.name} is declared twice", decl.pos)
+            if len(set(decl.indices)) != len(decl.indices):
+                raise self.err(f"input {decl.name} repeats an index", decl.pos)
+            seen_inputs.add(decl.name)
+            self.tensors[decl.name] = Tensor(decl.name, tuple(Symbol(i) for i in decl.indices), "input")
+        for p in spec.params:
+            self.check_name(p, spec.output.pos, "a parameter")
+        # Definitions may appear in any order; order them by dependency.
+        defs: dict[str, S.Equation] = {}
+        for eq in spec.equations:
+            self.check_name(eq.target, eq.pos, "a tensor")
+            if eq.target in self.tensors:
+                raise self.err(f"{eq.target} is an input of op {spec.name} and cannot be redefined", eq.pos)
+            if eq.target in self.params:
+                raise self.err(f"{eq.target} is a parameter of op {spec.name} and cannot be redefined", eq.pos)
+            if eq.target in defs:
+                first = defs[eq.target].pos
+                raise self.err(f"{eq.target} is defined twice (first at line {first.line})", eq.pos)
+            defs[eq.target] = eq
+        if spec.output.name not in defs:
+            raise self.err(f"the output {spec.output.name} is never defined", spec.output.pos)
+        order = self.topological(defs)
+        equations = [self.equation(defs[name]) for name in order]
+        out = self.tensors[spec.output.name]
+        declared = tuple(Symbol(i) for i in spec.output.indices)
+        if declared != out.indices:
+            raise self.err(f"the output {out.name} is declared with indices [{', '.join(spec.output.indices)}] "
+                           f"but its equation gives [{', '.join(i.name for i in out.indices)}]", spec.output.pos)
+        return OpIR(spec.name, self.file, [self.tensors[d.name] for d in spec.inputs], list(self.params.values()),
+                    out, equations, dict(self.tensors), self.index_order)
+
+    def topological(self, defs: dict[str, S.Equation]) -> list[str]:
+        def refs(node) -> list[S.Ref]:
+            if isinstance(node, S.Ref):
+                return [node]
+            out = []
+            for child in ("operand", "left", "right", "arg"):
+                if hasattr(node, child):
+                    out += refs(getattr(node, child))
+            return out
+
+        state: dict[str, int] = {}  # 1 visiting, 2 done
+        order: list[str] = []
+
+        def visit(name: str, path: list[str]):
+            if state.get(name) == 2:
+                return
+            if state.get(name) == 1:
+                cycle = path[path.index(name):] + [name]
+                raise self.err(f"cycle among equations: {' -> '.join(cycle)}", defs[name].pos)
+            state[name] = 1
+            for r in refs(defs[name].expr):
+                if r.name in defs:
+                    visit(r.name, path + [name])
+                elif r.name not in self.tensors and r.name not in self.params:
+                    raise self.err(f"undefined tensor {r.name!r}", r.pos)
+            state[name] = 2
+            order.append(name)
+
+        for name in sorted(defs, key=lambda n: defs[n].pos.line):
+            visit(name, [])
+        return order
+
+    def equation(self, eq: S.Equation) -> Equation:
+        rhs = self.expr(eq.expr, top=True)
+        free = free_indices(rhs)
+        is_output = eq.target == self.spec.output.name
+        if eq.indices is None and is_output and set(self.spec.output.indices) == {i.name for i in free}:
+            indices = tuple(Symbol(i) for i in self.spec.output.indices)  # the header's order
+        elif eq.indices is None:
+            indices = _order(free, self.index_order)
+        else:
+            indices = tuple(Symbol(i) for i in eq.indices)
+            if len(set(indices)) != len(indices):
+                raise self.err(f"{eq.target} repeats an index", eq.pos)
+            missing = set(indices) - free
+            extra = free - set(indices)
+            if extra:
+                names = ", ".join(sorted(i.name for i in extra))
+                raise self.err(f"index mismatch: {names} is free on the right-hand side but not an index of "
+                               f"{eq.target}; reduce it with sum[{names}](...) or max[{names}](...)", eq.pos)
+            if missing:
+                names = ", ".join(sorted(i.name for i in missing))
+                raise self.err(f"index mismatch: {eq.target} has index {names} that the right-hand side lacks",
+                               eq.pos)
+        role = "output" if is_output else "intermediate"
+        t = Tensor(eq.target, indices, role)
+        self.tensors[eq.target] = t
+        return Equation(t, rhs, eq.pos)
+
+    def expr(self, node, top: bool = False) -> Expr:
+        if isinstance(node, S.Num):
+            return sympy.Integer(node.value) if isinstance(node.value, int) else sympy.Float(node.value)
+        if isinstance(node, S.Ref):
+            if node.name in self.params:
+                return self.params[node.name]
+            if node.name not in self.tensors:  # pragma: no cover - caught in topological()
+                raise self.err(f"undefined tensor {node.name!r}", node.pos)
+            return self.tensors[node.name].indexed
+        if isinstance(node, S.Unary):
+            inner = self.expr(node.operand)
+            return -inner if node.op == "-" else inner
+        if isinstance(node, S.Bin):
+            a, b = self.expr(node.left), self.expr(node.right)
+            if node.op == "**" and free_indices(b):
+                raise self.err("an exponent must be a number or parameter, not a tensor", node.pos)
+            return {"+": lambda: a + b, "-": lambda: a - b, "*": lambda: a * b,
+                    "/": lambda: a / b, "**": lambda: a ** b}[node.op]()
+        if isinstance(node, S.Func):
+            return getattr(sympy, node.name)(self.expr(node.arg))
+        if isinstance(node, S.Reduce):
+            body = self.expr(node.arg)
+            have = free_indices(body)
+            for i in node.indices:
+                if Symbol(i) not in have:
+                    names = ", ".join(s.name for s in _order(have, self.index_order)) or "none"
+                    raise self.err(f"{node.kind}[{i}] reduces over {i}, but its operand has indices [{names}]",
+                                   node.pos)
+            if len(set(node.indices)) != len(node.indices):
+                raise self.err(f"{node.kind}[...] repeats an index", node.pos)
+            syms = [Symbol(i) for i in node.indices]
+            if node.kind == "sum":
+                return IndexSum(body, *syms)
+            if not top:
+                raise self.err("max[...] must be the whole right-hand side of an equation; name it, "
+                               "e.g. M = max[i](x), and use M", node.pos)
+            return IndexMax(body, *syms)
+        raise TypeError(node)  # pragma: no cover
+
+
+def build(spec: S.OpSpec) -> OpIR:
+    """Turn a parsed spec into checked SymPy equations in dependency order."""
+    return _Builder(spec).build()

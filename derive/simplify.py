@@ -1,0 +1,340 @@
+"""Stage 4: normal form, Kronecker-delta contraction and definition folding.
+
+An index expression is brought to a *sum of products*: each term is a
+coefficient times a monomial of tensor factors, summed over a set of bound
+indices (``Term``).  In that form the engine
+
+* contracts Kronecker deltas against bound indices (``sum_j d(j, j') X_j = X_j'``),
+  which SymPy's own ``Sum.doit`` leaves undone inside nested sums;
+* gives bound indices canonical names, so equal terms are recognised and
+  cancel (this is how ``dM = 0`` falls out for the max-shift);
+* folds definitions: a monomial that contains a named product (``E / Z``)
+  or function (``exp(A - M)``) is rewritten with that name, and a sum that
+  equals a named reduction (``sum_s1 E -> Z``, ``sum_j P V -> O``) is replaced
+  by it.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import sympy
+from sympy import Add, Indexed, KroneckerDelta, Mul, Pow, Symbol, Wild
+
+from .ir import ArgmaxIndicator, Equation, IndexMax, IndexSum, base_name, free_indices
+
+_fresh = itertools.count(1)
+
+
+def fresh(index: Symbol) -> Symbol:
+    """A new bound index of the same index set as ``index``."""
+    return Symbol(f"{base_name(index)}#{next(_fresh)}")
+
+
+@dataclass(frozen=True)
+class Term:
+    """``coeff * sum_{bound} mono``; ``mono`` is a product of tensor factors."""
+
+    coeff: sympy.Expr
+    mono: sympy.Expr
+    bound: frozenset
+
+    def expr(self) -> sympy.Expr:
+        return self.coeff * IndexSum(self.mono, *self.bound)
+
+
+# ---- expression -> terms ----------------------------------------------------------
+def terms_of(expr) -> list[Term]:
+    """Expand ``expr`` into a list of terms (bound indices made fresh, deltas kept)."""
+    if isinstance(expr, Add):
+        return [t for a in expr.args for t in terms_of(a)]
+    if isinstance(expr, IndexSum):
+        rename = {i: fresh(i) for i in expr.indices}
+        inner = terms_of(expr.body.xreplace(rename))
+        return [Term(t.coeff, t.mono, t.bound | frozenset(rename.values())) for t in inner]
+    if isinstance(expr, Mul):
+        out = [Term(sympy.S.One, sympy.S.One, frozenset())]
+        for factor in expr.args:
+            out = [Term(a.coeff * b.coeff, a.mono * b.mono, a.bound | b.bound)
+                   for a in out for b in terms_of(factor)]
+        return out
+    if isinstance(expr, Pow) and expr.exp.is_Integer and expr.exp > 1 and \
+            (isinstance(expr.base, (Add, IndexSum))):
+        return terms_of(Mul(*([expr.base] * int(expr.exp)), evaluate=False))
+    if expr.is_number or (isinstance(expr, Symbol) and not free_indices(expr)):
+        return [Term(expr, sympy.S.One, frozenset())]
+    if isinstance(expr, IndexMax):
+        raise ValueError("max[...] inside an expression cannot be put into sum-of-products form")
+    return [Term(sympy.S.One, expr, frozenset())]
+
+
+def _factors(mono) -> list[sympy.Expr]:
+    return list(mono.args) if isinstance(mono, Mul) else ([] if mono == 1 else [mono])
+
+
+def contract(term: Term) -> Term:
+    """Contract every Kronecker delta that touches a bound index."""
+    mono, bound = term.mono, set(term.bound)
+    changed = True
+    while changed:
+        changed = False
+        for f in _factors(mono):
+            if isinstance(f, Pow) and isinstance(f.base, KroneckerDelta):
+                f = f.base  # delta**n == delta
+            if not isinstance(f, KroneckerDelta):
+                continue
+            a, b = f.args
+            if a in bound or b in bound:
+                gone, keep = (a, b) if a in bound else (b, a)
+                mono = (mono / f).xreplace({gone: keep})
+                bound.discard(gone)
+                changed = True
+                break
+    return Term(term.coeff, mono, frozenset(bound))
+
+
+def _split_coeff(term: Term) -> Term:
+    """Move numbers and scalar parameters from the monomial into the coefficient."""
+    coeff, rest = sympy.S.One, []
+    for f in _factors(term.mono):
+        if f.is_number or not free_indices(f) and not f.atoms(Indexed):
+            coeff *= f
+        else:
+            rest.append(f)
+    mono = Mul(*rest)
+    used = free_indices(mono)
+    return Term(term.coeff * coeff, mono, frozenset(i for i in term.bound if i in used))
+
+
+def canonical(term: Term) -> Term:
+    """Rename bound indices to the first free names of their index sets, choosing
+    among same-set permutations the one with the smallest printed form."""
+    free = free_indices(term.mono) - term.bound
+    by_set: dict[str, list[Symbol]] = {}
+    for i in sorted(term.bound, key=lambda s: s.name):
+        by_set.setdefault(base_name(i), []).append(i)
+    mapping: dict[Symbol, Symbol] = {}
+    mono = term.mono
+    for base, idxs in sorted(by_set.items()):
+        names, k = [], 0
+        while len(names) < len(idxs):
+            cand = Symbol(base if k == 0 else f"{base}#{k}")
+            if cand not in free:
+                names.append(cand)
+            k += 1
+        best = None
+        for perm in itertools.permutations(idxs):
+            sub = dict(zip(perm, names))
+            key = sympy.srepr(mono.xreplace({**mapping, **sub}))
+            if best is None or key < best[0]:
+                best = (key, sub)
+        mapping.update(best[1])
+    # two-step rename so that swaps cannot collide
+    tmp = {i: Symbol(f"__tmp{n}") for n, i in enumerate(mapping)}
+    mono = mono.xreplace(tmp).xreplace({tmp[i]: mapping[i] for i in mapping})
+    return Term(term.coeff, mono, frozenset(mapping.values()))
+
+
+def combine(terms: list[Term]) -> list[Term]:
+    """Add up terms with the same monomial and bound set; drop zeros."""
+    acc: dict[tuple, list] = {}
+    for t in terms:
+        t = canonical(_split_coeff(contract(t)))
+        num, rest = t.mono.as_coeff_Mul()
+        key = (sympy.srepr(rest), tuple(sorted(i.name for i in t.bound)))
+        if key in acc:
+            acc[key][0] += t.coeff * num
+        else:
+            acc[key] = [t.coeff * num, rest, t.bound]
+    out = []
+    for key in sorted(acc):
+        coeff, mono, bound = acc[key]
+        coeff = sympy.expand(coeff)
+        if coeff != 0 and mono != 0:
+            out.append(Term(coeff, mono, bound))
+    return out
+
+
+def normalize(expr) -> list[Term]:
+    return combine(terms_of(sympy.expand(expr) if not expr.has(IndexSum) else expr))
+
+
+def to_expr(terms: list[Term]) -> sympy.Expr:
+    return Add(*[t.expr() for t in terms])
+
+
+# ---- definition folding ---------------------------------------------------------------
+def _powers(mono) -> list[tuple[sympy.Expr, sympy.Expr]]:
+    return [(f.base, f.exp) if isinstance(f, Pow) else (f, sympy.S.One) for f in _factors(mono)]
+
+
+def _unify(pattern: Indexed, target: Indexed, mapping: dict) -> dict | None:
+    if not isinstance(target, Indexed) or pattern.base != target.base or len(pattern.indices) != len(target.indices):
+        return None
+    out = dict(mapping)
+    for p, t in zip(pattern.indices, target.indices):
+        if out.get(p, t) != t:
+            return None
+        out[p] = t
+    return out
+
+
+class Folder:
+    """Rewrites terms with the names of the forward definitions of an op."""
+
+    def __init__(self, equations: list[Equation]):
+        self.product_defs = []   # (eq, [(base, exp)])
+        self.function_defs = []  # (eq, wild pattern, wilds)
+        self.sum_defs = []       # (body monomial, reduced indices, target indices, what the sum equals)
+        for eq in equations:
+            rhs = eq.rhs
+            if isinstance(rhs, IndexSum) and not isinstance(rhs.body, Add):
+                self.sum_defs.append((rhs.body, rhs.indices, eq.target.indices, eq.lhs))
+            elif isinstance(rhs, Mul) and len(rhs.atoms(Indexed)) >= 2 and not rhs.has(IndexSum):
+                pw = _powers(rhs)
+                if all(isinstance(b, Indexed) and e.is_Integer for b, e in pw):
+                    self.product_defs.append((eq, pw))
+            elif isinstance(rhs, sympy.Function) and not rhs.has(IndexSum):
+                wilds = {i: Wild(f"w_{i.name}") for i in eq.target.indices}
+                self.function_defs.append((eq, rhs.xreplace(wilds), wilds))
+        # Identities that follow from two definitions: with P = E / L and
+        # L = sum_j E, sum_j P = (sum_j E) / L = 1.
+        for eq, pw in self.product_defs:
+            for body, red, _, value in list(self.sum_defs):
+                if isinstance(body, Indexed) and (body, 1) in pw:
+                    rest = Mul(*[b ** e for b, e in pw if (b, e) != (body, 1)])
+                    if not (free_indices(rest) & set(red)):
+                        self.sum_defs.append((eq.lhs, red, eq.target.indices, sympy.simplify(rest * value)))
+
+    # -- exp(A - M) -> E ---------------------------------------------------------
+    def fold_functions(self, mono):
+        for eq, pattern, wilds in self.function_defs:
+            for sub in list(mono.atoms(type(pattern))):
+                m = sub.match(pattern)
+                if m is not None and all(w in m for w in wilds.values()):
+                    idx = [m[wilds[i]] for i in eq.target.indices]
+                    mono = mono.xreplace({sub: eq.target.at(idx)})
+        return mono
+
+    # -- E / Z -> B ------------------------------------------------------------------
+    def fold_products(self, mono):
+        changed = True
+        while changed:
+            changed = False
+            for eq, pw in self.product_defs:
+                have = dict(_powers(mono))
+                for mapping in self._product_matches(pw, have, 0, {}):
+                    if not set(eq.target.indices) <= set(mapping):
+                        continue
+                    ratio = Mul(*[b.xreplace(mapping) ** e for b, e in pw])
+                    mono = sympy.powsimp(mono / ratio * eq.target.at([mapping[i] for i in eq.target.indices]))
+                    changed = True
+                    break
+                if changed:
+                    break
+        return mono
+
+    def _product_matches(self, pw, have, k, mapping):
+        if k == len(pw):
+            yield mapping
+            return
+        base, exp = pw[k]
+        for tb, te in have.items():
+            if not (te.is_Integer and (te * exp) > 0 and abs(te) >= abs(exp)):
+                continue
+            m = _unify(base, tb, mapping)
+            if m is not None:
+                yield from self._product_matches(pw, have, k + 1, m)
+
+    # -- sum_j P V -> O --------------------------------------------------------------
+    def fold_sum(self, term: Term) -> Term | None:
+        """Replace one sum inside ``term`` by what it equals (a named reduction), if any."""
+        factors = _factors(term.mono)
+        for body, red, target_indices, value in self.sum_defs:
+            body_factors = _factors(body)
+            for targets in itertools.permutations(sorted(term.bound, key=lambda s: s.name), len(red)):
+                if any(base_name(t) != base_name(r) for t, r in zip(targets, red)):
+                    continue
+                dependent = [f for f in factors if free_indices(f) & set(targets)]
+                if len(dependent) != len(body_factors):
+                    continue
+                for mapping in self._sum_matches(body_factors, dependent, dict(zip(red, targets))):
+                    if Mul(*dependent) != body.xreplace(mapping):
+                        continue
+                    if any(mapping.get(i) in targets for i in target_indices):
+                        continue
+                    rest = Mul(*[f for f in factors if f not in dependent])
+                    return Term(term.coeff, rest * value.xreplace(mapping), term.bound - set(targets))
+        return None
+
+    def _sum_matches(self, pattern, targets, mapping):
+        if not pattern:
+            yield mapping
+            return
+        head, rest = pattern[0], pattern[1:]
+        hb, he = (head.base, head.exp) if isinstance(head, Pow) else (head, sympy.S.One)
+        for t in targets:
+            tb, te = (t.base, t.exp) if isinstance(t, Pow) else (t, sympy.S.One)
+            if te != he or not isinstance(hb, Indexed):
+                continue
+            m = _unify(hb, tb, mapping)
+            if m is not None:
+                yield from self._sum_matches(rest, [x for x in targets if x is not t], m)
+
+    def fold(self, terms: list[Term]) -> tuple[list[Term], bool]:
+        """Fold functions, products and sums to a fixpoint.  Returns (terms, any sum folded)."""
+        folded_sum = False
+        work = list(terms)
+        for _ in range(20):
+            out, changed = [], False
+            for t in work:
+                s = self.fold_sum(t)  # sums first: sum_j E -> L before E / L -> P hides E
+                if s is not None:
+                    t, changed, folded_sum = s, True, True
+                mono = self.fold_products(self.fold_functions(t.mono))
+                if mono != t.mono:
+                    changed = True
+                out.append(Term(t.coeff, mono, t.bound))
+            work = combine(out)
+            if not changed:
+                break
+        return work, folded_sum
+
+
+# ---- presentation ---------------------------------------------------------------------
+def pretty(terms: list[Term]) -> sympy.Expr:
+    """Pull factors that do not depend on bound indices out of each sum and
+    factor what the terms share: ``B dB - B sum(dB B)`` -> ``B (dB - sum(dB B))``."""
+    parts = []
+    for t in terms:
+        outer, inner = [], []
+        for f in _factors(t.mono):
+            (inner if free_indices(f) & t.bound else outer).append(f)
+        parts.append(t.coeff * Mul(*outer) * IndexSum(Mul(*inner), *t.bound))
+    expr = Add(*parts)
+    return sympy.factor_terms(expr) if isinstance(expr, Add) else expr
+
+
+def rename_free(expr, mapping: dict) -> sympy.Expr:
+    """Rename free indices, alpha-renaming bound ones that would be captured."""
+    targets = set(mapping.values())
+
+    def walk(e):
+        if isinstance(e, (IndexSum, IndexMax)):
+            clash = {i: fresh(i) for i in e.indices if i in targets}
+            body = e.body.xreplace(clash) if clash else e.body
+            return type(e)(walk(body), *[clash.get(i, i) for i in e.indices])
+        if isinstance(e, Indexed):
+            return e.xreplace(mapping)
+        if isinstance(e, ArgmaxIndicator):
+            return ArgmaxIndicator(walk(e.reduced), *[mapping.get(i, i) for i in e.indices])
+        if not e.args:
+            return mapping.get(e, e)
+        return e.func(*[walk(a) for a in e.args])
+
+    return walk(expr)
+
+
+def tidy(expr) -> sympy.Expr:
+    """Canonical bound-index names throughout (``s1#3`` -> ``s1`` where free)."""
+    return pretty(normalize(expr))
