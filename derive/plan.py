@@ -30,6 +30,7 @@ from sympy import Indexed, Symbol
 from .derivation import Derivation
 from .ir import ArgmaxIndicator, IndexMax, IndexSum, base_name, free_indices, tensors_in
 from .printer import triton_code
+from .report import display_indices
 
 NEG_INF = sympy.S.NegativeInfinity
 # names the row-wise template uses for its own values
@@ -380,11 +381,13 @@ def plan_rowwise(d: Derivation) -> RowwisePlan:
     b_eqs: list[_KEq] = []
     body = _extract_sums(bwd_expr, s1, b_eqs, "sum")
     # indices drop out of the printed code: name the indicator's reduction by its saved argmax
-    b_eqs.append(_KEq(grad_input, "elem", "value", body, f"{grad_input} = {dx}"))
+    idx, shown = display_indices(list(x.indices), dx)
+    pullback_text = f"{grad_input}[{', '.join(i.name for i in idx)}] = {sympy.sstr(shown)}"
+    b_eqs.append(_KEq(grad_input, "elem", "value", body, pullback_text))
     b_stores = [(KTensor(grad_input, "elem", "data", f"the gradient of {x.name}"), grad_input)]
     bwd = _Kernel(f"_{ir.name}_bwd", f"backward of {ir.name}", b_loads, b_eqs, b_stores, s1.name).build()
     return RowwisePlan("rowwise", ir.name, x.name, out.name, levels[out.name], extras, saved, grad, grad_input,
-                       fwd, bwd, [str(e) for e in ir.equations], [f"{grad_input}{list(x.indices)} = {dx}"])
+                       fwd, bwd, [str(e) for e in ir.equations], [pullback_text])
 
 
 def plan(d: Derivation):

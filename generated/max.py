@@ -152,7 +152,7 @@ def _max_bwd(
             dA_off = c0 * dA_sr0 + c1 * dA_sr1 + c2 * dA_sr2
 
 
-        dA = tl.where((col == B_argmax), dB, 0.0)  # dA = 1[s1 = argmax B[s2]]*dB[s2]
+        dA = tl.where((col == B_argmax), dB, 0.0)  # dA[s2, s1] = 1[s1 = argmax B[s2]]*dB[s2]
         tl.store(dA_row + dA_off, dA.to(dA_ptr.dtype.element_ty), mask=mask)  # the gradient of A
 
 
@@ -176,7 +176,7 @@ def _max_bwd(
                 dA_off = c0 * dA_sr0 + c1 * dA_sr1 + c2 * dA_sr2
 
 
-            dA = tl.where((col == B_argmax), dB, 0.0)  # dA = 1[s1 = argmax B[s2]]*dB[s2]
+            dA = tl.where((col == B_argmax), dB, 0.0)  # dA[s2, s1] = 1[s1 = argmax B[s2]]*dB[s2]
 
             tl.store(dA_row + dA_off, dA.to(dA_ptr.dtype.element_ty), mask=mask)  # the gradient of A
 

@@ -9,7 +9,7 @@ Forward (derive/ops/softmax.op):
     Z[s2] = sum[s1](E[s2, s1])
     B[s2, s1] = E[s2, s1]/Z[s2]
 Pullback (derived; see `pullback derive softmax`):
-    dA[s2, s1] = (-sum[s1#1](B[s2, s1#1]*dB[s2, s1#1]) + dB[s2, s1])*B[s2, s1]
+    dA[s2, s1'] = (-sum[s1](B[s2, s1]*dB[s2, s1]) + dB[s2, s1'])*B[s2, s1']
 """
 import torch
 import triton
@@ -188,7 +188,7 @@ def _softmax_bwd(
         dB = tl.load(dB_row + dB_off, mask=mask, other=0.0).to(ACC)  # the gradient of B
 
         sum_B_dB = tl.sum(tl.where(mask, B*dB, 0.0), axis=0)  # sum_B_dB = sum[s1](B[s2, s1]*dB[s2, s1])
-        dA = (dB - sum_B_dB)*B  # dA = (-sum[s1#1](B[s2, s1#1]*dB[s2, s1#1]) + dB[s2, s1])*B[s2, s1]
+        dA = (dB - sum_B_dB)*B  # dA[s2, s1'] = (-sum[s1](B[s2, s1]*dB[s2, s1]) + dB[s2, s1'])*B[s2, s1']
         tl.store(dA_row + dA_off, dA.to(dA_ptr.dtype.element_ty), mask=mask)  # the gradient of A
 
 
@@ -246,7 +246,7 @@ def _softmax_bwd(
             B = tl.load(B_row + B_off, mask=mask, other=0.0).to(ACC)  # B saved from the forward
             dB = tl.load(dB_row + dB_off, mask=mask, other=0.0).to(ACC)  # the gradient of B
 
-            dA = (dB - sum_B_dB)*B  # dA = (-sum[s1#1](B[s2, s1#1]*dB[s2, s1#1]) + dB[s2, s1])*B[s2, s1]
+            dA = (dB - sum_B_dB)*B  # dA[s2, s1'] = (-sum[s1](B[s2, s1]*dB[s2, s1]) + dB[s2, s1'])*B[s2, s1']
 
             tl.store(dA_row + dA_off, dA.to(dA_ptr.dtype.element_ty), mask=mask)  # the gradient of A
 

@@ -1,0 +1,121 @@
+"""pullback's command line: derive pullbacks of tensor-index specs and emit Triton kernels.
+
+    pullback list                      built-in ops and their signatures
+    pullback derive softmax            the derivation, as text (or --format markdown|latex)
+    pullback emit softmax -o out/      write the generated module (and its runtime) to out/
+    pullback regen [--check]           rewrite generated/ from the built-in specs (or check it)
+    pullback build                     compile every generated kernel for sm_80 and sm_90 (no GPU needed)
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from derive import SpecError, builtin_ops, derive
+from derive.plan import PlanError
+from derive.printer import NotSupported
+
+
+def _fail(e: Exception):
+    raise click.ClickException(str(e))
+
+
+def _derive(name_or_path: str):
+    try:
+        return derive(name_or_path)
+    except (SpecError, LookupError, FileNotFoundError, PlanError, NotSupported) as e:
+        _fail(e)
+
+
+def _progress(msg: str):
+    click.echo(msg, err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """Derive pullbacks (reverse-mode derivatives) of tensor-index expressions
+    with SymPy and emit fused Triton kernels for them."""
+
+
+@main.command("list")
+def list_ops():
+    """List the built-in ops with their signatures."""
+    for name in builtin_ops():
+        d = _derive(name)
+        ir = d.ir
+        args = ", ".join(str(t.indexed) for t in ir.inputs)
+        params = "; " + ", ".join(p.name for p in ir.params) if ir.params else ""
+        click.echo(f"{name:<10} {name}({args}{params}) -> {ir.output.indexed}    [{d.path}]")
+
+
+@main.command("derive")
+@click.argument("op")
+@click.option("--format", "fmt", type=click.Choice(["text", "markdown", "latex"]), default="text",
+              show_default=True, help="How to render the derivation.")
+def derive_cmd(op, fmt):
+    """Derive the pullbacks of OP (a built-in name or a .op file) and print them."""
+    d = _derive(op)
+    click.echo(d.latex() if fmt == "latex" else d.markdown() if fmt == "markdown" else d.text(), nl=False)
+
+
+@main.command("emit")
+@click.argument("op")
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Directory to write into (default: generated/).")
+def emit_cmd(op, out_dir):
+    """Derive OP and emit its Triton module (forward and backward kernels)."""
+    from derive import emit
+    _derive(op)  # report spec errors before anything else
+    try:
+        fm = emit.emit(op, Path(out_dir) if out_dir else emit.GENERATED)
+    except (SpecError, PlanError, NotSupported) as e:
+        _fail(e)
+    for p in fm.written:
+        click.echo(f"wrote {p}")
+    if not fm.written:
+        click.echo("up to date: nothing written")
+
+
+@main.command("regen")
+@click.option("--check", is_flag=True, help="Write nothing; fail and name each stale or missing file.")
+def regen_cmd(check):
+    """Rewrite generated/ from the built-in specs."""
+    from derive import emit
+    fm = emit.regen(check=check, progress=lambda name: _progress(f"deriving and rendering {name} ..."))
+    if check:
+        if fm.stale:
+            for path, why in fm.stale:
+                click.echo(f"{why}: {path}", err=True)
+            click.echo("generated/ is out of date; run `pullback regen` (or `python cli.py regen`) and commit "
+                       "the result", err=True)
+            sys.exit(1)
+        click.echo("generated/ is up to date")
+        return
+    for p in fm.written:
+        click.echo(f"wrote {p}")
+    if not fm.written:
+        click.echo("generated/ is up to date: nothing written")
+
+
+@main.command("build")
+@click.option("--arch", "archs", type=int, multiple=True, default=(80, 90), show_default=True,
+              help="Compute capability to compile for (repeatable).")
+def build_cmd(archs):
+    """Compile every generated kernel ahead of time for real GPUs (no GPU needed)
+    and print registers, spills and shared memory per kernel."""
+    from derive import aot
+    modules = [f"generated.{name}" for name in builtin_ops()]
+    try:
+        stats = aot.run_in_subprocess(modules, archs=tuple(archs))
+    except aot.AotError as e:
+        _fail(e)
+    click.echo(aot.format_table(stats))
+    spills = [s for s in stats if s.spill_stores or s.spill_loads]
+    if spills:
+        click.echo(f"warning: {len(spills)} kernel builds spill registers", err=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,275 @@
+"""The generated softmax and max against torch: values, gradients, layouts,
+dtypes, long rows, empty tensors, autograd, torch.library and torch.compile."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from generated import max as pmax
+from generated import softmax
+
+TOL = {torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1e-2), torch.float32: (1e-5, 1e-6),
+       torch.float64: (1e-12, 1e-12)}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def ref_softmax(x, dim):
+    x64 = x.double()
+    m = x64.amax(dim=dim, keepdim=True)
+    e = torch.exp(x64 - m)
+    return e / e.sum(dim=dim, keepdim=True)
+
+
+def close(a, b, dtype):
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol)
+
+
+SHAPES = [((1, 1), -1), ((7,), 0), ((4, 37), -1), ((3, 5, 7), 1), ((3, 5, 7), (0, 2)), ((3, 5, 7), (-1, -3)),
+          ((2, 3, 4, 5), (1, 3)), ((2, 3, 4, 5), (0, 1, 2, 3)), ((5, 1, 6), (1,))]
+
+
+@pytest.mark.parametrize("shape,dim", SHAPES)
+def test_softmax_matches_torch_fp64(shape, dim, device):
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64, device=device, requires_grad=True)
+    y = softmax(x, dim)
+    ref = ref_softmax(x, dim)
+    close(y, ref, torch.float64)
+    g = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, g)
+    (gr,) = torch.autograd.grad(ref, x, g)
+    close(gx, gr, torch.float64)
+
+
+@pytest.mark.parametrize("shape,dim", SHAPES)
+def test_max_matches_amax_fp64(shape, dim, device):
+    torch.manual_seed(1)
+    x = torch.randn(shape, dtype=torch.float64, device=device, requires_grad=True)
+    y = pmax(x, dim)
+    ref = x.amax(dim=dim)
+    assert y.shape == ref.shape
+    close(y, ref, torch.float64)
+    g = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, g)
+    (gr,) = torch.autograd.grad(ref, x, g)  # no ties in random data: amax's gradient is the same
+    close(gx, gr, torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_dtypes(dtype, device):
+    torch.manual_seed(2)
+    x = (3 * torch.randn(6, 50, device=device)).to(dtype).requires_grad_()
+    y = softmax(x, -1)
+    assert y.dtype == dtype
+    close(y, torch.softmax(x.double(), -1), dtype)
+    g = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, g)
+    assert gx.dtype == dtype
+    xr = x.detach().double().requires_grad_()
+    (gr,) = torch.autograd.grad(torch.softmax(xr, -1), xr, g.double())
+    close(gx, gr, dtype)
+    m = pmax(x, 1)
+    assert m.dtype == dtype
+    close(m, x.amax(1), dtype)
+
+
+@pytest.mark.parametrize("shape,dim", [((3, 100), -1), ((4, 9, 5), (0, 2)), ((2, 33), 1)])
+def test_long_rows_loop_over_blocks(shape, dim, small_block, device):
+    """Rows longer than the block take the looped kernels (online max/sum)."""
+    torch.manual_seed(3)
+    x = (4 * torch.randn(shape, dtype=torch.float64, device=device)).requires_grad_()
+    y = softmax(x, dim)
+    ref = ref_softmax(x, dim)
+    close(y, ref, torch.float64)
+    g = torch.randn_like(y)
+    close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0], torch.float64)
+    m = pmax(x, dim)
+    close(m, x.amax(dim=dim), torch.float64)
+    gm = torch.randn_like(m)
+    close(torch.autograd.grad(m, x, gm)[0], torch.autograd.grad(x.amax(dim=dim), x, gm)[0], torch.float64)
+
+
+def test_long_row_with_default_block(device):
+    """A row of 300k elements (many blocks at the default block size)."""
+    torch.manual_seed(4)
+    x = torch.randn(2, 300_000, dtype=torch.float32, device=device)
+    close(softmax(x), torch.softmax(x.double(), -1), torch.float32)
+    close(pmax(x), x.amax(-1), torch.float32)
+
+
+def test_minus_inf_entries_in_long_rows(small_block, device):
+    """Masked (-inf) scores: lanes whose running max is -inf must not poison the sum."""
+    x = torch.randn(3, 70, dtype=torch.float64, device=device)
+    x[0, :40] = float("-inf")
+    x[1, ::2] = float("-inf")
+    x[2, 17:] = float("-inf")
+    close(softmax(x), torch.softmax(x, -1), torch.float64)
+    close(pmax(x), x.amax(-1), torch.float64)
+
+
+def test_non_contiguous_inputs(device):
+    torch.manual_seed(5)
+    base = torch.randn(8, 12, 10, dtype=torch.float64, device=device)
+    views = [base.transpose(0, 2), base[:, ::3, 1::2], base.permute(1, 2, 0)[2:], base[:, :1].expand(8, 6, 10)]
+    for v in views:
+        for dim in (-1, 0, (0, 2)):
+            close(softmax(v, dim), ref_softmax(v, dim), torch.float64)
+            close(pmax(v, dim), v.amax(dim=dim), torch.float64)
+
+
+def test_non_contiguous_gradient(device):
+    """A gradient that is a broadcast (stride-0) view, as from y.sum().backward()."""
+    x = torch.randn(4, 9, dtype=torch.float64, device=device, requires_grad=True)
+    softmax(x, 0).sum().backward()
+    torch.testing.assert_close(x.grad, torch.zeros_like(x), atol=1e-12, rtol=0)
+    x.grad = None
+    pmax(x, 1).sum().backward()
+    assert torch.equal(x.grad.sum(1), torch.ones(4, dtype=torch.float64, device=device))
+
+
+def test_many_groups_fallback(device):
+    """Reduced and kept axes that alternate more than the kernel's three strided groups."""
+    torch.manual_seed(6)
+    x = torch.randn(2, 3, 2, 3, 2, 3, 2, 3, dtype=torch.float64, device=device, requires_grad=True)
+    dim = (0, 2, 4, 6)
+    y = softmax(x, dim)
+    ref = ref_softmax(x, dim)
+    close(y, ref, torch.float64)
+    g = torch.randn_like(y)
+    close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0], torch.float64)
+    close(pmax(x, dim), x.amax(dim=dim), torch.float64)
+
+
+def test_max_keepdim_and_ties(device):
+    x = torch.tensor([[1.0, 3.0, 3.0, 2.0], [5.0, 5.0, 5.0, 5.0]], dtype=torch.float64, device=device,
+                     requires_grad=True)
+    y = pmax(x, 1, keepdim=True)
+    assert y.shape == (2, 1)
+    assert y.flatten().tolist() == [3.0, 5.0]
+    y.backward(torch.tensor([[2.0], [7.0]], dtype=torch.float64, device=device))
+    # the whole gradient goes to the first maximal element of each row
+    assert x.grad.tolist() == [[0.0, 2.0, 0.0, 0.0], [7.0, 0.0, 0.0, 0.0]]
+
+
+def test_max_ties_in_long_rows_pick_first(small_block, device):
+    x = torch.zeros(2, 50, dtype=torch.float64, device=device)
+    x[0, [7, 23, 40]] = 1.0
+    x[1, [49, 31]] = 2.0
+    x.requires_grad_()
+    pmax(x, 1).sum().backward()
+    assert x.grad.nonzero().tolist() == [[0, 7], [1, 31]]
+
+
+def test_max_keepdim_tuple(device):
+    x = torch.randn(3, 4, 5, dtype=torch.float64, device=device)
+    y = pmax(x, (0, 2), keepdim=True)
+    assert y.shape == (1, 4, 1)
+    close(y, x.amax(dim=(0, 2), keepdim=True), torch.float64)
+
+
+def test_zero_dim_tensor(device):
+    x = torch.tensor(2.5, dtype=torch.float64, device=device)
+    assert softmax(x).item() == 1.0
+    assert pmax(x).item() == 2.5
+
+
+def test_empty_tensors(device):
+    for shape, dim in [((0, 5), 1), ((3, 0), 1), ((0, 4), 0), ((2, 0, 3), (0, 2))]:
+        x = torch.randn(shape, device=device, requires_grad=True)
+        y = softmax(x, dim)
+        assert y.shape == x.shape
+        y.sum().backward()
+        assert x.grad.shape == x.shape
+    assert pmax(torch.randn(0, 5, device=device), 1).shape == (0,)
+    with pytest.raises(ValueError, match=r"max: cannot reduce over dimension 1 of size 0"):
+        pmax(torch.randn(3, 0, device=device), 1)
+
+
+@pytest.mark.parametrize("op", [softmax, pmax], ids=["softmax", "max"])
+def test_gradcheck(op, device):
+    torch.manual_seed(7)
+    x = torch.randn(3, 6, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: op(t, 1), (x,), eps=1e-6, atol=1e-7)
+    y = torch.randn(2, 3, 4, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: op(t, (0, 2)), (y,), eps=1e-6, atol=1e-7)
+
+
+def test_opcheck(device):
+    x = torch.randn(3, 8, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.pullback.softmax_forward, (x, [1]))
+    torch.library.opcheck(torch.ops.pullback.max_forward, (x, [1]))
+    b = torch.softmax(x.detach(), 1)
+    torch.library.opcheck(torch.ops.pullback.softmax_backward, ([3, 8], [1], b, torch.randn_like(b)))
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph(device):
+    torch._dynamo.reset()
+
+    def f(x):
+        return softmax(x * 2.0, -1).sum() + pmax(x, (0,)).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="inductor")
+    x = torch.randn(5, 33, device=device, requires_grad=True)
+    out = compiled(x)
+    out.backward()
+    xr = x.detach().clone().requires_grad_()
+    ref = torch.softmax(xr * 2.0, -1).sum() + xr.amax(0).sum()
+    ref.backward()
+    close(out.detach(), ref.detach(), torch.float32)
+    close(x.grad, xr.grad, torch.float32)
+
+
+# ---- bad input: every path with its message ------------------------------------------------
+@pytest.mark.parametrize("op,name", [(softmax, "softmax"), (pmax, "max")])
+def test_bad_inputs(op, name, device):
+    x = torch.randn(3, 4, device=device)
+    with pytest.raises(TypeError, match=rf"{name}: expected x to be a floating-point tensor .* got torch.int64"):
+        op(torch.ones(3, 4, dtype=torch.int64, device=device))
+    with pytest.raises(TypeError, match=rf"{name}: expected x to be a floating-point tensor .* got torch.bool"):
+        op(torch.ones(3, 4, dtype=torch.bool, device=device))
+    with pytest.raises(TypeError, match=rf"{name}: expected x to be a torch.Tensor, got list"):
+        op([1.0, 2.0])
+    with pytest.raises(IndexError, match=rf"{name}: dim 2 is out of range for a tensor with 2 dimensions"):
+        op(x, 2)
+    with pytest.raises(IndexError, match=rf"{name}: dim -3 is out of range"):
+        op(x, (0, -3))
+    with pytest.raises(ValueError, match=rf"{name}: dim \(1, -1\) names dimension 1 more than once"):
+        op(x, (1, -1))
+    with pytest.raises(ValueError, match=rf"{name}: dim is an empty tuple"):
+        op(x, ())
+    with pytest.raises(TypeError, match=rf"{name}: dim must be an int or a tuple of ints"):
+        op(x, 1.5)
+
+
+def _run_python(code: str, env_updates: dict) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(env_updates)
+    env["PYTHONPATH"] = REPO
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO,
+                          timeout=300)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU (no CUDA) behaviour")
+def test_import_sets_up_the_interpreter():
+    r = _run_python("import generated, os; import torch; "
+                    "print(os.environ['TRITON_INTERPRET'], generated.softmax(torch.zeros(2, 3)).sum().item())", {})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["1", "2.0"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU (no CUDA) behaviour")
+def test_triton_imported_without_interpreter_is_an_error():
+    r = _run_python("import triton\nimport generated", {})
+    assert r.returncode != 0
+    assert "Set TRITON_INTERPRET=1 in the environment before triton is first imported" in r.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU (no CUDA) behaviour")
+def test_cpu_tensor_without_interpreter_is_an_error():
+    r = _run_python("import torch, generated\ngenerated.softmax(torch.zeros(2, 3))", {"TRITON_INTERPRET": "0"})
+    assert r.returncode != 0
+    assert "softmax: x is on cpu, but pullback's Triton kernels run on CUDA devices" in r.stderr
