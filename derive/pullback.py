@@ -63,7 +63,7 @@ def contraction_tensors(ir: OpIR) -> set[str]:
     out: set[str] = set()
     for eq in ir.equations:
         for s in eq.rhs.atoms(IndexSum):
-            names = tensors_in(s.body)
+            names = {str(f.base.label) for f in Mul.make_args(s.body) if isinstance(f, Indexed)}
             if len(names) >= 2:
                 out |= names | {eq.target.name}
     return out

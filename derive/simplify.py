@@ -273,9 +273,19 @@ class Folder:
             return
         head, rest = pattern[0], pattern[1:]
         hb, he = (head.base, head.exp) if isinstance(head, Pow) else (head, sympy.S.One)
+        if not isinstance(hb, Indexed):  # a function of tensors, e.g. exp(X - M): match with wilds
+            wilds = {i: Wild(f"w{k}") for k, i in enumerate(sorted(free_indices(head) - set(mapping),
+                                                                    key=lambda s: s.name))}
+            pattern = head.xreplace({**mapping, **wilds})
+            for t in targets:
+                m = t.match(pattern)
+                if m is not None and all(w in m for w in wilds.values()):
+                    found = {**mapping, **{i: m[w] for i, w in wilds.items()}}
+                    yield from self._sum_matches(rest, [x for x in targets if x is not t], found)
+            return
         for t in targets:
             tb, te = (t.base, t.exp) if isinstance(t, Pow) else (t, sympy.S.One)
-            if te != he or not isinstance(hb, Indexed):
+            if te != he:
                 continue
             m = _unify(hb, tb, mapping)
             if m is not None:

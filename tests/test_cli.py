@@ -1,0 +1,94 @@
+"""The command line: each command with its exit code and output."""
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import cli
+
+
+@pytest.fixture
+def run():
+    runner = CliRunner()
+
+    def invoke(*args):
+        return runner.invoke(cli.main, list(args), catch_exceptions=False)
+
+    return invoke
+
+
+def test_list(run):
+    r = run("list")
+    assert r.exit_code == 0
+    assert "softmax(A[s2, s1]) -> B[s2, s1]" in r.output
+    assert "max(A[s2, s1]) -> B[s2]" in r.output
+
+
+def test_derive_text_shows_the_seed_results(run):
+    r = run("derive", "softmax")
+    assert r.exit_code == 0
+    assert "dM[s2]" in r.output and "= 0    # the max-shift M contributes no gradient" in r.output
+    assert "dA[s2, s1'] = " in r.output
+    assert "(-sum[s1](B[s2, s1]*dB[s2, s1]) + dB[s2, s1'])*B[s2, s1']" in r.output
+
+
+@pytest.mark.parametrize("fmt,needle", [("markdown", "| `dM[s2]` |"), ("latex", r"\begin{align*}")])
+def test_derive_formats(run, fmt, needle):
+    r = run("derive", "max", "--format", fmt) if fmt != "markdown" else run("derive", "softmax", "--format", fmt)
+    assert r.exit_code == 0
+    assert needle in r.output
+
+
+def test_derive_unknown_op(run):
+    r = run("derive", "nosuchop")
+    assert r.exit_code == 1
+    assert "unknown op 'nosuchop'; built-in ops: max, softmax" in r.output
+
+
+def test_derive_bad_spec_names_file_line_col(run, tmp_path):
+    spec = tmp_path / "bad.op"
+    spec.write_text("op f(A[i, j]) -> B[i]\nB[i] = sum[j](foo(A))\n")
+    r = run("derive", str(spec))
+    assert r.exit_code == 1
+    assert f"{spec}:2:15: unknown function 'foo'" in r.output
+
+
+def test_derive_missing_file(run, tmp_path):
+    r = run("derive", str(tmp_path / "missing.op"))
+    assert r.exit_code == 1
+    assert "no spec file" in r.output
+
+
+def test_emit_to_directory(run, tmp_path):
+    r = run("emit", "softmax", "-o", str(tmp_path))
+    assert r.exit_code == 0
+    assert (tmp_path / "softmax.py").is_file() and (tmp_path / "_runtime.py").is_file()
+    assert (tmp_path / "softmax.py").read_text() == (Path(cli.__file__).parent / "generated/softmax.py").read_text()
+    r = run("emit", "softmax", "-o", str(tmp_path))
+    assert "up to date" in r.output
+
+
+def test_regen_check_on_the_repo(run):
+    r = run("regen", "--check")
+    assert r.exit_code == 0
+    assert "generated/ is up to date" in r.output
+
+
+def test_regen_check_fails_on_stale(run, monkeypatch, tmp_path):
+    from derive import emit
+    real = emit.regen
+    monkeypatch.setattr(emit, "regen", lambda check=False, progress=None: real(check=check, root=tmp_path,
+                                                                               progress=progress))
+    r = run("regen", "--check")
+    assert r.exit_code == 1
+    assert "missing: " in r.output and "softmax.py" in r.output
+    assert "run `pullback regen`" in r.output
+
+
+@pytest.mark.slow
+def test_build_compiles_for_sm80_and_sm90(run):
+    r = run("build")
+    assert r.exit_code == 0, r.output
+    for kernel in ("_softmax_fwd", "_softmax_bwd", "_max_fwd", "_max_bwd"):
+        assert kernel in r.output
+    assert "80" in r.output and "90" in r.output
