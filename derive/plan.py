@@ -128,6 +128,13 @@ class RowwisePlan:
     pullback_text: list[str] = field(default_factory=list)
 
 
+def rescale_ratio(body, m, old: Symbol, new: Symbol):
+    """``body(m = new) / body(m = old)`` if it is free of tensors (the factor that
+    rescales a running sum when the running max moves from ``old`` to ``new``), else None."""
+    ratio = sympy.simplify(sympy.powsimp(body.xreplace({m: new}) / body.xreplace({m: old})))
+    return None if ratio.atoms(Indexed) else ratio
+
+
 # ---- the kernel equations -------------------------------------------------------------
 @dataclass
 class _KEq:
@@ -212,8 +219,8 @@ class _Kernel:
         body = self.inline_elem(e.expr)
         old, new = Symbol(f"{m}_run"), Symbol(f"{m}_new")
         m_sym = next(t for t in body.atoms(Indexed) if str(t.base.label) == m)
-        ratio = sympy.simplify(sympy.powsimp(body.xreplace({m_sym: new}) / body.xreplace({m_sym: old})))
-        if ratio.atoms(Indexed):
+        ratio = rescale_ratio(body, m_sym, old, new)
+        if ratio is None:
             return None  # the summand does not rescale: schedule another pass
         red = self.reduction(e)
         red.online = m
@@ -392,4 +399,7 @@ def plan_rowwise(d: Derivation) -> RowwisePlan:
 
 def plan(d: Derivation):
     """The kernel plan for a derivation (the family is chosen from its shape)."""
+    if len(d.ir.inputs) == 3 and any(isinstance(eq.rhs, IndexMax) for eq in d.ir.equations):
+        from .plan_attention import plan_attention
+        return plan_attention(d)
     return plan_rowwise(d)

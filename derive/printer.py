@@ -145,6 +145,96 @@ class TritonPrinter(CodePrinter):
         return self._print(sympy.sympify(expr))
 
 
+class TilePrinter(TritonPrinter):
+    """Prints expressions over 1-D and 2-D tiles (the attention family).
+
+    ``axes`` gives each tile's axes (index-set names, in storage order) and
+    ``target`` the axes of the value being printed: a lower-rank tile
+    broadcasts (``L[:, None]``), a transposed one is ``tl.trans``-ed, a sum over
+    the axis two tiles share is a ``tl.dot`` and any other sum a ``tl.sum``.
+    Computed tiles (``computed``) are cast to the input dtype ``DT`` before a
+    dot, as flash attention casts P before ``P @ V``.
+    """
+
+    _default_settings = dict(TritonPrinter._default_settings, axes={}, target=(), computed=(), batch=(),
+                             dot_options="")
+
+    def _axes_of(self, expr) -> tuple[str, ...]:
+        from .ir import base_name
+        if isinstance(expr, sympy.Indexed):
+            known = self._settings["axes"].get(str(expr.base.label))
+            if known is not None:
+                return tuple(known)
+            return tuple(base_name(i) for i in expr.indices if base_name(i) not in self._settings["batch"])
+        if isinstance(expr, IndexSum):
+            gone = {base_name(i) for i in expr.indices}
+            return tuple(a for a in self._axes_of(expr.body) if a not in gone)
+        out: list[str] = []
+        for a in expr.args:
+            for ax in self._axes_of(a):
+                if ax not in out:
+                    out.append(ax)
+        target = self._settings["target"]
+        return tuple(sorted(out, key=lambda a: target.index(a) if a in target else len(target)))
+
+    def _with_target(self, expr, target):
+        saved = self._settings["target"]
+        self._settings["target"] = tuple(target)
+        try:
+            return self._print(expr)
+        finally:
+            self._settings["target"] = saved
+
+    def _print_Indexed(self, expr):
+        name = super()._print_Indexed(expr)
+        axes, target = self._axes_of(expr), tuple(self._settings["target"])
+        if axes == target or not axes:
+            return name
+        if len(axes) == 2 and axes[::-1] == target:
+            return f"tl.trans({name})"
+        if len(axes) == 1 and len(target) == 2 and axes[0] in target:
+            return f"{name}[:, None]" if axes[0] == target[0] else f"{name}[None, :]"
+        raise NotSupported(f"cannot lay the tile {expr} (axes {axes}) out as {target}")
+
+    def _operand(self, factor, target) -> str:
+        text = self._with_target(factor, target)
+        computed = not isinstance(factor, sympy.Indexed) or str(factor.base.label) in self._settings["computed"]
+        if not computed:
+            return text
+        if text.startswith("tl.trans(") and isinstance(factor, sympy.Indexed):
+            return f"tl.trans({text[len('tl.trans('):-1]}.to(DT))"
+        return f"({text}).to(DT)" if not isinstance(factor, sympy.Indexed) else f"{text}.to(DT)"
+
+    def _print_IndexSum(self, expr):
+        from .ir import base_name
+        if len(expr.indices) != 1:
+            raise NotSupported(f"a tile sum over several index sets: {expr}")
+        c = base_name(expr.indices[0])
+        target = tuple(self._settings["target"])
+        factors = sympy.Mul.make_args(expr.body)
+        if len(target) == 2 and len(factors) == 2:
+            a, b = target
+            fx, fy = factors
+            ax, ay = set(self._axes_of(fx)), set(self._axes_of(fy))
+            if ax == {b, c} and ay == {a, c}:
+                fx, fy, ax, ay = fy, fx, ay, ax
+            if ax == {a, c} and ay == {c, b}:
+                left = self._operand(fx, (a, c))
+                right = self._operand(fy, (c, b))
+                return f"tl.dot({left}, {right}{self._settings['dot_options']})"
+        body_axes = self._axes_of(expr.body)
+        if c not in body_axes:
+            raise NotSupported(f"a sum over {c}, which the tiles of {expr.body} lack")
+        body = self._with_target(expr.body, body_axes)
+        return f"tl.sum({body}, axis={body_axes.index(c)})"
+
+
+def tile_code(expr, axes: dict, target, computed=(), batch=(), names=None, dot_options="") -> str:
+    """Print one tile expression (see :class:`TilePrinter`)."""
+    return TilePrinter({"names": names or {}, "axes": axes, "target": tuple(target), "computed": tuple(computed),
+                        "batch": tuple(batch), "dot_options": dot_options}).doprint(expr)
+
+
 def triton_code(expr, names: dict | None = None, column: str = "col") -> str:
     """Print one expression as Triton code."""
     return TritonPrinter({"names": names or {}, "column": column}).doprint(expr)
