@@ -254,6 +254,11 @@ class _Builder:
                 first = defs[eq.target].pos
                 raise self.err(f"{eq.target} is defined twice (first at line {first.line})", eq.pos)
             defs[eq.target] = eq
+        names = set(self.tensors) | set(defs)
+        for name in sorted(names):
+            if name.startswith("d") and name[1:] in names:
+                pos = defs[name].pos if name in defs else next(d.pos for d in spec.inputs if d.name == name)
+                raise self.err(f"the name {name!r} is taken by the gradient of {name[1:]}; rename the tensor", pos)
         if spec.output.name not in defs:
             raise self.err(f"the output {spec.output.name} is never defined", spec.output.pos)
         order = self.topological(defs)

@@ -67,7 +67,7 @@ class TritonPrinter(CodePrinter):
             if n == -1:
                 return f"1.0 / {b}"
             if 1 < n <= 4:
-                return " * ".join([b] * n)
+                return f"({' * '.join([b] * n)})"
             if -4 <= n < -1:
                 return f"1.0 / ({' * '.join([b] * -n)})"
         if exp == sympy.Rational(1, 2):

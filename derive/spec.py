@@ -121,7 +121,7 @@ _TOKEN = re.compile(r"\s*(?:(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<arrow>->)|(?P<p
 class _Header:
     """Recursive-descent reader for ``op name(T[i, j], ...; p, ...) -> O[i, j]``."""
 
-    def __init__(self, text: str, file: str, line: int):
+    def __init__(self, text: str, file: str, line: int, offset: int = 0):
         self.file, self.line = file, line
         self.tokens: list[tuple[str, str, int]] = []
         pos = 0
@@ -131,7 +131,7 @@ class _Header:
             m = _TOKEN.match(text, pos)
             if not m:
                 col = pos + len(text[pos:]) - len(text[pos:].lstrip()) + 1
-                raise SpecError(f"unexpected character {text[col - 1]!r} in op header", file, line, col)
+                raise SpecError(f"unexpected character {text[col - 1]!r} in op header", file, line, col + offset)
             kind = m.lastgroup
             start = m.start(kind) + 1
             self.tokens.append((kind, m.group(kind), start))
@@ -164,7 +164,7 @@ class _Header:
 
 
 def _parse_header(text: str, offset: int, file: str, line: int) -> OpSpec:
-    h = _Header(text, file, line)
+    h = _Header(text, file, line, offset)
     h.tokens = [(k, v, c + offset) for k, v, c in h.tokens]
     h.end_col += offset
     h.expect("op")
@@ -196,14 +196,20 @@ _UNARY = {ast.USub: "-", ast.UAdd: "+"}
 
 
 class _Expr:
-    def __init__(self, file: str, line: int, offset: int):
+    def __init__(self, file: str, line: int, offset: int, source: str):
         self.file, self.line, self.offset = file, line, offset
+        self.source = source.encode()
+
+    def column(self, node: ast.AST) -> int:
+        """1-based character column (ast counts UTF-8 bytes)."""
+        byte = getattr(node, "col_offset", 0)
+        return self.offset + len(self.source[:byte].decode(errors="replace")) + 1
 
     def err(self, msg: str, node: ast.AST) -> SpecError:
-        return SpecError(msg, self.file, self.line, self.offset + getattr(node, "col_offset", 0) + 1)
+        return SpecError(msg, self.file, self.line, self.column(node))
 
     def pos(self, node: ast.AST) -> Pos:
-        return Pos(self.line, self.offset + node.col_offset + 1)
+        return Pos(self.line, self.column(node))
 
     def convert(self, node: ast.AST):
         if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
@@ -264,10 +270,14 @@ def _parse_equation(text: str, file: str, line: int) -> Equation:
     indices = None
     if m.group(2) is not None:
         inner = m.group(2)[1:-1]
-        parts = [p.strip() for p in inner.split(",")]
-        for p in parts:
+        parts, start = [], m.start(2) + 1
+        for raw in inner.split(","):
+            p = raw.strip()
             if not _NAME.fullmatch(p):
-                raise SpecError(f"bad index name {p!r} in the indices of {target}", file, line, m.start(2) + 2)
+                where = start + (len(raw) - len(raw.lstrip())) + 1
+                raise SpecError(f"bad index name {p!r} in the indices of {target}", file, line, where)
+            parts.append(p)
+            start += len(raw) + 1
         indices = tuple(parts)
     rhs = text[m.end():]
     stripped = rhs.lstrip()
@@ -278,7 +288,7 @@ def _parse_equation(text: str, file: str, line: int) -> Equation:
         tree = ast.parse(stripped.rstrip(), mode="eval")
     except SyntaxError as e:
         raise SpecError(f"syntax error: {e.msg}", file, line, offset + (e.offset or 1)) from None
-    expr = _Expr(file, line, offset).convert(tree.body)
+    expr = _Expr(file, line, offset, stripped).convert(tree.body)
     return Equation(target, indices, expr, Pos(line, m.start(1) + 1))
 
 

@@ -223,7 +223,7 @@ def _attention_bwd_dq(
 # ---- launchers
 def _flat(t: torch.Tensor) -> torch.Tensor:
     """[..., rows, cols] -> [Z, rows, cols] (a view when the strides allow)."""
-    return t.reshape(-1, t.shape[-2], t.shape[-1])
+    return t.reshape(math.prod(t.shape[:-2]), t.shape[-2], t.shape[-1])
 
 
 def _config(n_d: int, n_e: int, dtype: torch.dtype, backward: bool = False) -> dict:

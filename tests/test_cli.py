@@ -42,7 +42,7 @@ def test_derive_formats(run, fmt, needle):
 def test_derive_unknown_op(run):
     r = run("derive", "nosuchop")
     assert r.exit_code == 1
-    assert "unknown op 'nosuchop'; built-in ops: max, softmax" in r.output
+    assert "unknown op 'nosuchop'; built-in ops: attention, max, softmax" in r.output
 
 
 def test_derive_bad_spec_names_file_line_col(run, tmp_path):
