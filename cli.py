@@ -5,6 +5,7 @@
     pullback emit softmax -o out/      write the generated module (and its runtime) to out/
     pullback regen [--check]           rewrite generated/ from the built-in specs (or check it)
     pullback build                     compile every generated kernel for sm_80 and sm_90 (no GPU needed)
+    pullback bench                     time against torch/SDPA on a GPU; count bytes moved on the CPU
 """
 from __future__ import annotations
 
@@ -115,6 +116,24 @@ def build_cmd(archs):
     spills = [s for s in stats if s.spill_stores or s.spill_loads]
     if spills:
         click.echo(f"warning: {len(spills)} kernel builds spill registers", err=True)
+
+
+@main.command("bench")
+@click.option("--quick", is_flag=True, help="Fewer, smaller cases.")
+@click.option("--dtype", default="float16", show_default=True,
+              type=click.Choice(["float16", "bfloat16", "float32", "float64"]),
+              help="Input dtype for the byte counts (CPU).")
+def bench_cmd(quick, dtype):
+    """Measure the generated kernels: on a GPU, time them against torch and SDPA;
+    on the CPU, count the bytes they move under the interpreter against the ideal."""
+    import torch
+
+    from derive import bench
+    if torch.cuda.is_available():
+        click.echo(bench.format_timings(bench.timings(quick=quick, progress=_progress)))
+    else:
+        click.echo("no CUDA device: counting bytes moved under Triton's interpreter (time is meaningless there)")
+        click.echo(bench.format_traffic(bench.traffic(dtype, quick=quick, progress=_progress)))
 
 
 if __name__ == "__main__":

@@ -39,17 +39,35 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def tidy(text: str) -> str:
+    """Whitespace only: strip line ends, drop blank lines inside indented code
+    (left by template macros), keep at most two blank lines at the top level."""
+    lines = [ln.rstrip() for ln in text.split("\n")]
+    out: list[str] = []
+    for k, ln in enumerate(lines):
+        if ln:
+            out.append(ln)
+            continue
+        nxt = next((x for x in lines[k + 1:] if x), "")
+        if nxt.startswith(" ") and out and out[-1].startswith(" "):
+            continue  # inside a block
+        if len(out) >= 2 and out[-1] == "" and out[-2] == "":
+            continue
+        out.append("")
+    return "\n".join(out)
+
+
 def render_op(d: Derivation) -> str:
     p = plan(d)
     template = environment().get_template(FAMILY_TEMPLATES[p.family])
-    return template.render(p=p, spec_path=d.path, header=header(d.path, d.spec_hash))
+    return tidy(template.render(p=p, spec_path=d.path, header=header(d.path, d.spec_hash)))
 
 
 def render_support(name: str, **context) -> str:
     template_name = f"{name}.py.j2"
     source = (TEMPLATES / template_name).read_text()
-    return environment().get_template(template_name).render(
-        header=header(f"templates/{template_name}", _digest(source)), **context)
+    return tidy(environment().get_template(template_name).render(
+        header=header(f"templates/{template_name}", _digest(source)), **context))
 
 
 def render_package(ops: list[str]) -> dict[str, str]:

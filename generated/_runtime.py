@@ -86,7 +86,6 @@ def _pad(sizes, strides):
 
 class RowGeometry:
     """Rows = the kept axes, columns = the reduced axes, each as <= 3 strided groups."""
-
     def __init__(self, shape, red: list[int], tensors):
         kept = [d for d in range(len(shape)) if d not in red]
         self.n_rows = math.prod(shape[d] for d in kept)

@@ -22,7 +22,6 @@ def _max_fwd(
     A_ptr, A_sk0, A_sk1, A_sk2, A_sr0, A_sr1, A_sr2,  # the input A[s2, s1]
     B_ptr, B_sk0, B_sk1, B_sk2,  # the output B[s2]
     B_argmax_ptr, B_argmax_sk0, B_argmax_sk1, B_argmax_sk2,  # first argmax of B's row
-
     n_cols, nk1, nk2, nr1, nr2,  # row length; sizes of the inner kept and reduced groups
     ACC: tl.constexpr,     # accumulation dtype: fp32, or fp64 for fp64 inputs
     BLOCK: tl.constexpr,   # columns held at once (a power of two)
@@ -31,7 +30,6 @@ def _max_fwd(
     IDX64: tl.constexpr,   # offsets need 64 bits
 ):
     """forward of max: one program per row.
-
     Each tensor comes as a pointer and its strides over the kept groups
     (``_sk0.._sk2``, outermost first) and, for tensors with the reduced axes,
     over the reduced groups (``_sr0.._sr2``).
@@ -60,18 +58,13 @@ def _max_fwd(
             c1 = (cc // nr2) % nr1
             c0 = cc // (nr2 * nr1)
             A_off = c0 * A_sr0 + c1 * A_sr1 + c2 * A_sr2
-
         A = tl.load(A_row + A_off, mask=mask, other=0.0).to(ACC)  # the input A[s2, s1]
-
         B, B_argmax = tl.max(tl.where(mask, A, float("-inf")), axis=0,
             return_indices=True, return_indices_tie_break_left=True)  # B[s2] = max[s1](A[s2, s1]); ties: first index
-
         tl.store(B_row, B.to(B_ptr.dtype.element_ty))  # the output B[s2]
         tl.store(B_argmax_row, B_argmax)  # first argmax of B's row
-
     else:
         # ---- long rows: passes over blocks, lane-wise accumulators reduced at the end
-
         # pass 1: B
         B_run = tl.full([BLOCK], float("-inf"), ACC)
         B_idx = tl.zeros([BLOCK], dtype=tl.int32)
@@ -89,20 +82,15 @@ def _max_fwd(
                 c1 = (cc // nr2) % nr1
                 c0 = cc // (nr2 * nr1)
                 A_off = c0 * A_sr0 + c1 * A_sr1 + c2 * A_sr2
-
             A = tl.load(A_row + A_off, mask=mask, other=0.0).to(ACC)  # the input A[s2, s1]
-
-
             B_blk = tl.where(mask, A, float("-inf"))  # B[s2] = max[s1](A[s2, s1])
             B_new = tl.maximum(B_run, B_blk)
             B_idx = tl.where(B_blk > B_run, col, B_idx)  # strict: earlier index wins ties
             B_run = B_new
         B = tl.max(B_run, axis=0)
         B_argmax = tl.min(tl.where(B_run == B, B_idx, n_cols), axis=0)
-
         tl.store(B_row, B.to(B_ptr.dtype.element_ty))  # the output B[s2]
         tl.store(B_argmax_row, B_argmax)  # first argmax of B's row
-
 
 
 @triton.jit
@@ -110,7 +98,6 @@ def _max_bwd(
     B_argmax_ptr, B_argmax_sk0, B_argmax_sk1, B_argmax_sk2,  # first argmax of B's row
     dB_ptr, dB_sk0, dB_sk1, dB_sk2,  # the gradient of B
     dA_ptr, dA_sk0, dA_sk1, dA_sk2, dA_sr0, dA_sr1, dA_sr2,  # the gradient of A
-
     n_cols, nk1, nk2, nr1, nr2,  # row length; sizes of the inner kept and reduced groups
     ACC: tl.constexpr,     # accumulation dtype: fp32, or fp64 for fp64 inputs
     BLOCK: tl.constexpr,   # columns held at once (a power of two)
@@ -119,7 +106,6 @@ def _max_bwd(
     IDX64: tl.constexpr,   # offsets need 64 bits
 ):
     """backward of max: one program per row.
-
     Each tensor comes as a pointer and its strides over the kept groups
     (``_sk0.._sk2``, outermost first) and, for tensors with the reduced axes,
     over the reduced groups (``_sr0.._sr2``).
@@ -150,15 +136,10 @@ def _max_bwd(
             c1 = (cc // nr2) % nr1
             c0 = cc // (nr2 * nr1)
             dA_off = c0 * dA_sr0 + c1 * dA_sr1 + c2 * dA_sr2
-
-
         dA = tl.where((col == B_argmax), dB, 0.0)  # dA[s2, s1] = 1[s1 = argmax B[s2]]*dB[s2]
         tl.store(dA_row + dA_off, dA.to(dA_ptr.dtype.element_ty), mask=mask)  # the gradient of A
-
-
     else:
         # ---- long rows: passes over blocks, lane-wise accumulators reduced at the end
-
         # final pass: compute and store the outputs
         for start in range(0, n_cols, BLOCK):
             col = start + offs
@@ -174,13 +155,8 @@ def _max_bwd(
                 c1 = (cc // nr2) % nr1
                 c0 = cc // (nr2 * nr1)
                 dA_off = c0 * dA_sr0 + c1 * dA_sr1 + c2 * dA_sr2
-
-
             dA = tl.where((col == B_argmax), dB, 0.0)  # dA[s2, s1] = 1[s1 = argmax B[s2]]*dB[s2]
-
             tl.store(dA_row + dA_off, dA.to(dA_ptr.dtype.element_ty), mask=mask)  # the gradient of A
-
-
 
 
 # ---- launchers: allocate, lay out the row geometry, launch one program per row

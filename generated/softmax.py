@@ -24,7 +24,6 @@ __all__ = ["softmax"]
 def _softmax_fwd(
     A_ptr, A_sk0, A_sk1, A_sk2, A_sr0, A_sr1, A_sr2,  # the input A[s2, s1]
     B_ptr, B_sk0, B_sk1, B_sk2, B_sr0, B_sr1, B_sr2,  # the output B[s2, s1]
-
     n_cols, nk1, nk2, nr1, nr2,  # row length; sizes of the inner kept and reduced groups
     ACC: tl.constexpr,     # accumulation dtype: fp32, or fp64 for fp64 inputs
     BLOCK: tl.constexpr,   # columns held at once (a power of two)
@@ -33,7 +32,6 @@ def _softmax_fwd(
     IDX64: tl.constexpr,   # offsets need 64 bits
 ):
     """forward of softmax: one program per row.
-
     Each tensor comes as a pointer and its strides over the kept groups
     (``_sk0.._sk2``, outermost first) and, for tensors with the reduced axes,
     over the reduced groups (``_sr0.._sr2``).
@@ -63,19 +61,14 @@ def _softmax_fwd(
             c0 = cc // (nr2 * nr1)
             A_off = c0 * A_sr0 + c1 * A_sr1 + c2 * A_sr2
             B_off = c0 * B_sr0 + c1 * B_sr1 + c2 * B_sr2
-
         A = tl.load(A_row + A_off, mask=mask, other=0.0).to(ACC)  # the input A[s2, s1]
-
         M = tl.max(tl.where(mask, A, float("-inf")), axis=0)  # M[s2] = max[s1](A[s2, s1])
         E = tl.exp(A - M)  # E[s2, s1] = exp(A[s2, s1] - M[s2])
         Z = tl.sum(tl.where(mask, E, 0.0), axis=0)  # Z[s2] = sum[s1](E[s2, s1])
         B = E/Z  # B[s2, s1] = E[s2, s1]/Z[s2]
         tl.store(B_row + B_off, B.to(B_ptr.dtype.element_ty), mask=mask)  # the output B[s2, s1]
-
-
     else:
         # ---- long rows: passes over blocks, lane-wise accumulators reduced at the end
-
         # pass 1: M, Z
         M_run = tl.full([BLOCK], float("-inf"), ACC)
         Z_run = tl.zeros([BLOCK], dtype=ACC)
@@ -95,10 +88,7 @@ def _softmax_fwd(
                 c0 = cc // (nr2 * nr1)
                 A_off = c0 * A_sr0 + c1 * A_sr1 + c2 * A_sr2
                 B_off = c0 * B_sr0 + c1 * B_sr1 + c2 * B_sr2
-
             A = tl.load(A_row + A_off, mask=mask, other=0.0).to(ACC)  # the input A[s2, s1]
-
-
             M_blk = tl.where(mask, A, float("-inf"))  # M[s2] = max[s1](A[s2, s1])
             M_new = tl.maximum(M_run, M_blk)
             M_ref = tl.where(M_new == float("-inf"), 0.0, M_new)
@@ -107,7 +97,6 @@ def _softmax_fwd(
             M_run = M_new
         M = tl.max(M_run, axis=0)
         Z = tl.sum(Z_run * tl.where((M_run == float("-inf")), 0.0, tl.exp(-M + M_run)), axis=0)
-
         # final pass: compute and store the outputs
         for start in range(0, n_cols, BLOCK):
             col = start + offs
@@ -125,15 +114,10 @@ def _softmax_fwd(
                 c0 = cc // (nr2 * nr1)
                 A_off = c0 * A_sr0 + c1 * A_sr1 + c2 * A_sr2
                 B_off = c0 * B_sr0 + c1 * B_sr1 + c2 * B_sr2
-
             A = tl.load(A_row + A_off, mask=mask, other=0.0).to(ACC)  # the input A[s2, s1]
-
             E = tl.exp(A - M)  # E[s2, s1] = exp(A[s2, s1] - M[s2])
             B = E/Z  # B[s2, s1] = E[s2, s1]/Z[s2]
-
             tl.store(B_row + B_off, B.to(B_ptr.dtype.element_ty), mask=mask)  # the output B[s2, s1]
-
-
 
 
 @triton.jit
@@ -141,7 +125,6 @@ def _softmax_bwd(
     B_ptr, B_sk0, B_sk1, B_sk2, B_sr0, B_sr1, B_sr2,  # B saved from the forward
     dB_ptr, dB_sk0, dB_sk1, dB_sk2, dB_sr0, dB_sr1, dB_sr2,  # the gradient of B
     dA_ptr, dA_sk0, dA_sk1, dA_sk2, dA_sr0, dA_sr1, dA_sr2,  # the gradient of A
-
     n_cols, nk1, nk2, nr1, nr2,  # row length; sizes of the inner kept and reduced groups
     ACC: tl.constexpr,     # accumulation dtype: fp32, or fp64 for fp64 inputs
     BLOCK: tl.constexpr,   # columns held at once (a power of two)
@@ -150,7 +133,6 @@ def _softmax_bwd(
     IDX64: tl.constexpr,   # offsets need 64 bits
 ):
     """backward of softmax: one program per row.
-
     Each tensor comes as a pointer and its strides over the kept groups
     (``_sk0.._sk2``, outermost first) and, for tensors with the reduced axes,
     over the reduced groups (``_sr0.._sr2``).
@@ -183,18 +165,13 @@ def _softmax_bwd(
             B_off = c0 * B_sr0 + c1 * B_sr1 + c2 * B_sr2
             dB_off = c0 * dB_sr0 + c1 * dB_sr1 + c2 * dB_sr2
             dA_off = c0 * dA_sr0 + c1 * dA_sr1 + c2 * dA_sr2
-
         B = tl.load(B_row + B_off, mask=mask, other=0.0).to(ACC)  # B saved from the forward
         dB = tl.load(dB_row + dB_off, mask=mask, other=0.0).to(ACC)  # the gradient of B
-
         sum_B_dB = tl.sum(tl.where(mask, B*dB, 0.0), axis=0)  # sum_B_dB = sum[s1](B[s2, s1]*dB[s2, s1])
         dA = (dB - sum_B_dB)*B  # dA[s2, s1'] = (-sum[s1](B[s2, s1]*dB[s2, s1]) + dB[s2, s1'])*B[s2, s1']
         tl.store(dA_row + dA_off, dA.to(dA_ptr.dtype.element_ty), mask=mask)  # the gradient of A
-
-
     else:
         # ---- long rows: passes over blocks, lane-wise accumulators reduced at the end
-
         # pass 1: sum_B_dB
         sum_B_dB_run = tl.zeros([BLOCK], dtype=ACC)
         for start in range(0, n_cols, BLOCK):
@@ -215,14 +192,10 @@ def _softmax_bwd(
                 B_off = c0 * B_sr0 + c1 * B_sr1 + c2 * B_sr2
                 dB_off = c0 * dB_sr0 + c1 * dB_sr1 + c2 * dB_sr2
                 dA_off = c0 * dA_sr0 + c1 * dA_sr1 + c2 * dA_sr2
-
             B = tl.load(B_row + B_off, mask=mask, other=0.0).to(ACC)  # B saved from the forward
             dB = tl.load(dB_row + dB_off, mask=mask, other=0.0).to(ACC)  # the gradient of B
-
-
             sum_B_dB_run += tl.where(mask, B*dB, 0.0)  # sum_B_dB = sum[s1](B[s2, s1]*dB[s2, s1])
         sum_B_dB = tl.sum(sum_B_dB_run, axis=0)
-
         # final pass: compute and store the outputs
         for start in range(0, n_cols, BLOCK):
             col = start + offs
@@ -242,15 +215,10 @@ def _softmax_bwd(
                 B_off = c0 * B_sr0 + c1 * B_sr1 + c2 * B_sr2
                 dB_off = c0 * dB_sr0 + c1 * dB_sr1 + c2 * dB_sr2
                 dA_off = c0 * dA_sr0 + c1 * dA_sr1 + c2 * dA_sr2
-
             B = tl.load(B_row + B_off, mask=mask, other=0.0).to(ACC)  # B saved from the forward
             dB = tl.load(dB_row + dB_off, mask=mask, other=0.0).to(ACC)  # the gradient of B
-
             dA = (dB - sum_B_dB)*B  # dA[s2, s1'] = (-sum[s1](B[s2, s1]*dB[s2, s1]) + dB[s2, s1'])*B[s2, s1']
-
             tl.store(dA_row + dA_off, dA.to(dA_ptr.dtype.element_ty), mask=mask)  # the gradient of A
-
-
 
 
 # ---- launchers: allocate, lay out the row geometry, launch one program per row

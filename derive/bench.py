@@ -1,0 +1,189 @@
+"""``pullback bench``: how the generated kernels compare with the ideal and with torch.
+
+* Without a GPU the kernels run under Triton's interpreter, where time means
+  nothing; instead every byte a kernel loads and stores is counted
+  (:mod:`derive.memtrace`) and compared with the ideal: each input read once,
+  each output written once.
+* With a GPU, forward and backward are timed (``triton.testing.do_bench``,
+  median) against torch's own ops and SDPA in the same run, and reported as
+  time, GB/s or TFLOP/s and the ratio to torch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass
+class TrafficRow:
+    op: str
+    shape: str
+    dtype: str
+    direction: str     # "forward" or "backward"
+    loaded: int
+    stored: int
+    ideal: int
+
+    @property
+    def ratio(self) -> float:
+        return (self.loaded + self.stored) / self.ideal if self.ideal else float("nan")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:9.3f}"
+
+
+def _rowwise_cases():
+    return [("softmax", (4096, 1024), -1), ("softmax", (512, 20000), -1), ("softmax", (64, 96, 48), (0, 2)),
+            ("max", (4096, 1024), -1), ("max", (512, 20000), -1)]
+
+
+def _attention_cases():
+    return [((1, 4, 512, 64), 512, False), ((1, 4, 512, 64), 512, True), ((1, 2, 256, 128), 1024, False)]
+
+
+def traffic(dtype_name: str = "float16", quick: bool = False, progress=None) -> list[TrafficRow]:
+    """Bytes moved by each kernel pass under the interpreter, against the ideal."""
+    import torch
+
+    import generated
+    from derive.memtrace import count_traffic
+
+    dtype = getattr(torch, dtype_name)
+    es = torch.empty(0, dtype=dtype).element_size()
+    rows: list[TrafficRow] = []
+    cases = _rowwise_cases()[:2] if quick else _rowwise_cases()
+    for name, shape, dim in cases:
+        if progress:
+            progress(f"{name} {shape} dim={dim}")
+        op = getattr(generated, name)
+        x = torch.randn(shape, dtype=dtype, requires_grad=True)
+        n = x.numel()
+        with count_traffic() as fwd:
+            y = op(x, dim)
+        g = torch.randn_like(y)
+        with count_traffic() as bwd:
+            y.backward(g)
+        ideal_f = (n + y.numel()) * es  # read x, write y
+        # softmax: read y and dy, write dx; max: read dy, write dx
+        ideal_b = (3 * n if name == "softmax" else y.numel() + n) * es
+        label = f"{tuple(shape)} dim={dim}"
+        rows.append(TrafficRow(name, label, dtype_name, "forward", fwd.total_loaded, fwd.total_stored, ideal_f))
+        rows.append(TrafficRow(name, label, dtype_name, "backward", bwd.total_loaded, bwd.total_stored, ideal_b))
+    att = _attention_cases()[:1] if quick else _attention_cases()
+    for (b, h, m, d), n_keys, causal in att:
+        if progress:
+            progress(f"attention B={b} H={h} M={m} N={n_keys} D={d} causal={causal}")
+        q = torch.randn(b, h, m, d, dtype=dtype, requires_grad=True)
+        k = torch.randn(b, h, n_keys, d, dtype=dtype, requires_grad=True)
+        v = torch.randn(b, h, n_keys, d, dtype=dtype, requires_grad=True)
+        with count_traffic() as fwd:
+            o = generated.attention(q, k, v, causal=causal)
+        with count_traffic() as bwd:
+            o.backward(torch.randn_like(o))
+        qkv = q.numel() + k.numel() + v.numel()
+        ideal_f = (qkv + o.numel()) * es
+        ideal_b = (qkv + 2 * o.numel() + qkv) * es  # read q, k, v, o, dO; write dq, dk, dv
+        label = f"B={b} H={h} M={m} N={n_keys} D={d}{' causal' if causal else ''}"
+        rows.append(TrafficRow("attention", label, dtype_name, "forward", fwd.total_loaded, fwd.total_stored,
+                               ideal_f))
+        rows.append(TrafficRow("attention", label, dtype_name, "backward", bwd.total_loaded, bwd.total_stored,
+                               ideal_b))
+    return rows
+
+
+def format_traffic(rows: list[TrafficRow]) -> str:
+    head = f"{'op':<10} {'shape':<34} {'dtype':<8} {'pass':<8} {'loaded MiB':>10} {'stored MiB':>10} " \
+           f"{'ideal MiB':>10} {'x ideal':>8}"
+    out = [head, "-" * len(head)]
+    for r in rows:
+        out.append(f"{r.op:<10} {r.shape:<34} {r.dtype:<8} {r.direction:<8} {_mib(r.loaded):>10} "
+                   f"{_mib(r.stored):>10} {_mib(r.ideal):>10} {r.ratio:8.2f}")
+    return "\n".join(out)
+
+
+# ---- GPU timing ----------------------------------------------------------------------------------
+@dataclass
+class TimingRow:
+    op: str
+    shape: str
+    dtype: str
+    direction: str
+    ours_ms: float
+    torch_ms: float
+    measure: str  # e.g. "812 GB/s" or "310 TFLOP/s"
+
+    @property
+    def speedup(self) -> float:
+        return self.torch_ms / self.ours_ms
+
+
+def _bench(fn) -> float:
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def timings(quick: bool = False, progress=None) -> list[TimingRow]:
+    """Forward and backward time of each op against torch (softmax, amax) and SDPA."""
+    import torch
+    import torch.nn.functional as F
+
+    import generated
+
+    rows: list[TimingRow] = []
+    dev = "cuda"
+    for dtype in (torch.float16, torch.bfloat16):
+        dname = str(dtype).replace("torch.", "")
+        for name, shape, dim in _rowwise_cases():
+            op = getattr(generated, name)
+            ref = (lambda t, d=dim: torch.softmax(t, d)) if name == "softmax" else (lambda t, d=dim: t.amax(d))
+            x = torch.randn(shape, dtype=dtype, device=dev, requires_grad=True)
+            if name == "softmax" and isinstance(dim, tuple):
+                continue
+            if progress:
+                progress(f"{name} {shape} {dname}")
+            y, yr = op(x, dim), ref(x)
+            g = torch.randn_like(y)
+            n_bytes = (x.numel() + y.numel()) * x.element_size()
+            for direction, ours, theirs, nb in [
+                ("forward", lambda: op(x, dim), lambda: ref(x), n_bytes),
+                ("backward", lambda: torch.autograd.grad(y, x, g, retain_graph=True),
+                 lambda: torch.autograd.grad(yr, x, g, retain_graph=True), n_bytes + y.numel() * x.element_size()),
+            ]:
+                t_ours, t_ref = _bench(ours), _bench(theirs)
+                rows.append(TimingRow(name, f"{tuple(shape)} dim={dim}", dname, direction, t_ours, t_ref,
+                                      f"{nb / t_ours / 1e6:.0f} GB/s"))
+        for n in ((1024, 4096) if quick else (1024, 4096, 16384)):
+            for d in (64, 128):
+                for causal in (False, True):
+                    b, h = 4, 16
+                    if progress:
+                        progress(f"attention B={b} H={h} N={n} D={d} causal={causal} {dname}")
+                    q, k, v = (torch.randn(b, h, n, d, dtype=dtype, device=dev, requires_grad=True)
+                               for _ in range(3))
+                    flops = 4 * b * h * n * n * d * (0.5 if causal else 1.0)
+                    o = generated.attention(q, k, v, causal=causal)
+                    r = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                    g = torch.randn_like(o)
+                    label = f"B={b} H={h} N={n} D={d}{' causal' if causal else ''}"
+                    for direction, ours, theirs, fl in [
+                        ("forward", lambda: generated.attention(q, k, v, causal=causal),
+                         lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), flops),
+                        ("backward", lambda: torch.autograd.grad(o, (q, k, v), g, retain_graph=True),
+                         lambda: torch.autograd.grad(r, (q, k, v), g, retain_graph=True), 2.5 * flops),
+                    ]:
+                        t_ours, t_ref = _bench(ours), _bench(theirs)
+                        rows.append(TimingRow("attention", label, dname, direction, t_ours, t_ref,
+                                              f"{fl / t_ours / 1e9:.0f} TFLOP/s"))
+                    del q, k, v, o, r, g
+                    torch.cuda.empty_cache()
+    return rows
+
+
+def format_timings(rows: list[TimingRow]) -> str:
+    head = f"{'op':<10} {'shape':<30} {'dtype':<9} {'pass':<8} {'ours ms':>9} {'torch ms':>9} {'speedup':>8}  measure"
+    out = [head, "-" * len(head)]
+    for r in rows:
+        out.append(f"{r.op:<10} {r.shape:<30} {r.dtype:<9} {r.direction:<8} {r.ours_ms:9.3f} {r.torch_ms:9.3f} "
+                   f"{r.speedup:8.2f}  {r.measure}")
+    return "\n".join(out)
