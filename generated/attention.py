@@ -226,8 +226,8 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(math.prod(t.shape[:-2]), t.shape[-2], t.shape[-1])
 
 
-def _config(n_d: int, n_e: int, dtype: torch.dtype, backward: bool = False) -> dict:
-    cfg = rt.attention_config(n_d, n_e, dtype, backward)
+def _config(n_d: int, n_e: int, dtype: torch.dtype, kernel: str) -> dict:
+    cfg = rt.attention_config(n_d, n_e, dtype, kernel)
     cfg["ACC"] = rt.acc_dtype(dtype)
     cfg["PREC"] = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
     return cfg
@@ -242,7 +242,7 @@ def _forward(q, k, v, scale: float, causal: bool):
     lse = torch.empty(list(lead) + [n_i], dtype=rt.torch_acc_dtype(q.dtype), device=q.device)
     if o.numel() == 0:
         return o, lse
-    cfg = _config(n_d, n_e, q.dtype)
+    cfg = _config(n_d, n_e, q.dtype, "fwd")
     grid = (z * triton.cdiv(n_i, cfg["BLOCK_M"]),)
     _attention_fwd[grid](qf, *qf.stride(), kf, *kf.stride(), vf, *vf.stride(), o, lse,
                      scale, n_i, n_j, n_d, n_e, CAUSAL=causal, **cfg)
@@ -262,18 +262,18 @@ def _backward(q, k, v, o, lse, do, scale: float, causal: bool):
     dof = _flat(do).contiguous()
     of = _flat(o).contiguous()
     delta = torch.empty(z * n_i, dtype=lse.dtype, device=q.device)
-    cfg = _config(n_d, n_e, q.dtype, backward=True)
+    kv_cfg, q_cfg = _config(n_d, n_e, q.dtype, "dkdv"), _config(n_d, n_e, q.dtype, "dq")
     if z * n_i:
-        _attention_bwd_delta[(triton.cdiv(z * n_i, cfg["BLOCK_M"]),)](
-            of, dof, delta, z * n_i, n_e, BLOCK_M=cfg["BLOCK_M"], BLOCK_E=cfg["BLOCK_E"], ACC=cfg["ACC"])
+        _attention_bwd_delta[(triton.cdiv(z * n_i, 64),)](
+            of, dof, delta, z * n_i, n_e, BLOCK_M=64, BLOCK_E=q_cfg["BLOCK_E"], ACC=q_cfg["ACC"])
     lse = lse.reshape(-1).contiguous()
     common = (qf, *qf.stride(), kf, *kf.stride(), vf, *vf.stride())
     if z * n_j:
-        _attention_bwd_dkdv[(z * triton.cdiv(n_j, cfg["BLOCK_N"]),)](
-            *common, dof, lse, delta, dk, dv, scale, n_i, n_j, n_d, n_e, CAUSAL=causal, **cfg)
+        _attention_bwd_dkdv[(z * triton.cdiv(n_j, kv_cfg["BLOCK_N"]),)](
+            *common, dof, lse, delta, dk, dv, scale, n_i, n_j, n_d, n_e, CAUSAL=causal, **kv_cfg)
     if z * n_i:
-        _attention_bwd_dq[(z * triton.cdiv(n_i, cfg["BLOCK_M"]),)](
-            *common, dof, lse, delta, dq, scale, n_i, n_j, n_d, n_e, CAUSAL=causal, **cfg)
+        _attention_bwd_dq[(z * triton.cdiv(n_i, q_cfg["BLOCK_M"]),)](
+            *common, dof, lse, delta, dq, scale, n_i, n_j, n_d, n_e, CAUSAL=causal, **q_cfg)
     return dq, dk, dv
 
 
@@ -346,7 +346,7 @@ _SIZES = ["n_i", "n_j", "n_d", "n_e"]
 
 
 def _aot(kernel: str, extra: list[str], d: int, dtype: str) -> dict:
-    cfg = rt.attention_config(d, d, torch.float16, kernel != "_attention_fwd")
+    cfg = rt.attention_config(d, d, torch.float16, kernel.rsplit("_", 1)[-1])
     sig = _aot_signature(_FWD_ARGS + extra, "*" + dtype)
     for name in ("LSE_ptr", "Delta_ptr"):
         if name in sig:
@@ -362,7 +362,7 @@ def _aot(kernel: str, extra: list[str], d: int, dtype: str) -> dict:
 AOT_CONFIGS = [
     _aot(kernel, extra, d, dtype)
     for dtype in ("fp16", "bf16")
-    for d in (64, 128)
+    for d in (64, 128, 256)
     for kernel, extra in [
         ("_attention_fwd", ["O_ptr", "LSE_ptr", "scale"]),
         ("_attention_bwd_dkdv", ["dO_ptr", "LSE_ptr", "Delta_ptr", "dK_ptr", "dV_ptr", "scale"]),
