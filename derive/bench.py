@@ -33,12 +33,16 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:9.3f}"
 
 
-def _rowwise_cases():
-    return [("softmax", (4096, 1024), -1), ("softmax", (512, 20000), -1), ("softmax", (64, 96, 48), (0, 2)),
-            ("max", (4096, 1024), -1), ("max", (512, 20000), -1)]
+def _rowwise_cases(quick: bool = False):
+    if quick:
+        return [("softmax", (64, 1000), -1), ("max", (64, 1000), -1)]
+    return [("softmax", (1024, 1024), -1), ("softmax", (16, 100_000), -1), ("softmax", (64, 96, 48), (0, 2)),
+            ("max", (1024, 1024), -1), ("max", (16, 100_000), -1)]
 
 
-def _attention_cases():
+def _attention_cases(quick: bool = False):
+    if quick:
+        return [((1, 1, 128, 64), 128, False)]
     return [((1, 4, 512, 64), 512, False), ((1, 4, 512, 64), 512, True), ((1, 2, 256, 128), 1024, False)]
 
 
@@ -52,8 +56,7 @@ def traffic(dtype_name: str = "float16", quick: bool = False, progress=None) -> 
     dtype = getattr(torch, dtype_name)
     es = torch.empty(0, dtype=dtype).element_size()
     rows: list[TrafficRow] = []
-    cases = _rowwise_cases()[:2] if quick else _rowwise_cases()
-    for name, shape, dim in cases:
+    for name, shape, dim in _rowwise_cases(quick):
         if progress:
             progress(f"{name} {shape} dim={dim}")
         op = getattr(generated, name)
@@ -70,8 +73,7 @@ def traffic(dtype_name: str = "float16", quick: bool = False, progress=None) -> 
         label = f"{tuple(shape)} dim={dim}"
         rows.append(TrafficRow(name, label, dtype_name, "forward", fwd.total_loaded, fwd.total_stored, ideal_f))
         rows.append(TrafficRow(name, label, dtype_name, "backward", bwd.total_loaded, bwd.total_stored, ideal_b))
-    att = _attention_cases()[:1] if quick else _attention_cases()
-    for (b, h, m, d), n_keys, causal in att:
+    for (b, h, m, d), n_keys, causal in _attention_cases(quick):
         if progress:
             progress(f"attention B={b} H={h} M={m} N={n_keys} D={d} causal={causal}")
         q = torch.randn(b, h, m, d, dtype=dtype, requires_grad=True)
@@ -134,12 +136,11 @@ def timings(quick: bool = False, progress=None) -> list[TimingRow]:
     dev = "cuda"
     for dtype in (torch.float16, torch.bfloat16):
         dname = str(dtype).replace("torch.", "")
-        for name, shape, dim in _rowwise_cases():
+        for name, shape, dim in [("softmax", (4096, 4096), -1), ("softmax", (256, 100_000), -1),
+                                 ("max", (4096, 4096), -1), ("max", (256, 100_000), -1)]:
             op = getattr(generated, name)
             ref = (lambda t, d=dim: torch.softmax(t, d)) if name == "softmax" else (lambda t, d=dim: t.amax(d))
             x = torch.randn(shape, dtype=dtype, device=dev, requires_grad=True)
-            if name == "softmax" and isinstance(dim, tuple):
-                continue
             if progress:
                 progress(f"{name} {shape} {dname}")
             y, yr = op(x, dim), ref(x)

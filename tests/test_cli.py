@@ -103,3 +103,15 @@ def test_build_reports_a_module_without_configs():
     from derive import aot
     with pytest.raises(aot.AotError, match="derive.spec has no AOT_CONFIGS list"):
         aot.run_in_subprocess(["derive.spec"], archs=(90,))
+
+
+def test_bench_quick_counts_bytes_on_the_cpu(run):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU, bench times kernels instead")
+    r = run("bench", "--quick", "--dtype", "float32")
+    assert r.exit_code == 0, r.output
+    rows = [line.split() for line in r.output.splitlines() if " float32 " in line]
+    assert [row[0] for row in rows] == ["softmax", "softmax", "max", "max", "attention", "attention"]
+    # a row that fits one block moves exactly the ideal bytes, forward and backward
+    assert [row[-1] for row in rows[:2]] == ["1.00", "1.00"]
