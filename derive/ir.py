@@ -38,10 +38,33 @@ def _sorted_indices(indices) -> tuple[Symbol, ...]:
 
 
 # ---- reductions and the argmax indicator -----------------------------------------
-class IndexSum(Expr):
-    """``sum_{i, ...} body``: a sum over index sets (no bounds: they are the tensors' own)."""
+class _Reduction(Expr):
+    """A reduction over index sets (no bounds: they are the tensors' own)."""
 
     is_commutative = True
+    symbol = ""
+
+    @property
+    def body(self) -> Expr:
+        return self.args[0]
+
+    @property
+    def indices(self) -> tuple[Symbol, ...]:
+        return self.args[1:]
+
+    @property
+    def free_symbols(self):
+        return self.body.free_symbols - set(self.indices)
+
+    def _sympystr(self, printer):
+        idx = ", ".join(printer._print(i) for i in self.indices)
+        return f"{self.symbol}[{idx}]({printer._print(self.body)})"
+
+
+class IndexSum(_Reduction):
+    """``sum_{i, ...} body``."""
+
+    symbol = "sum"
 
     def __new__(cls, body, *indices):
         body = sympy.sympify(body)
@@ -52,30 +75,14 @@ class IndexSum(Expr):
             return body
         return Expr.__new__(cls, body, *indices)
 
-    @property
-    def body(self) -> Expr:
-        return self.args[0]
-
-    @property
-    def indices(self) -> tuple[Symbol, ...]:
-        return self.args[1:]
-
-    @property
-    def free_symbols(self):
-        return self.body.free_symbols - set(self.indices)
-
     def _eval_derivative(self, x):
         return IndexSum(self.body.diff(x), *self.indices)
 
-    def _sympystr(self, printer):
-        idx = ", ".join(printer._print(i) for i in self.indices)
-        return f"sum[{idx}]({printer._print(self.body)})"
 
-
-class IndexMax(Expr):
+class IndexMax(_Reduction):
     """``max_{i, ...} body``.  Its pullback is taken at the equation it defines."""
 
-    is_commutative = True
+    symbol = "max"
 
     def __new__(cls, body, *indices):
         indices = _sorted_indices(indices)
@@ -83,24 +90,8 @@ class IndexMax(Expr):
             return sympy.sympify(body)
         return Expr.__new__(cls, sympy.sympify(body), *indices)
 
-    @property
-    def body(self) -> Expr:
-        return self.args[0]
-
-    @property
-    def indices(self) -> tuple[Symbol, ...]:
-        return self.args[1:]
-
-    @property
-    def free_symbols(self):
-        return self.body.free_symbols - set(self.indices)
-
     def _eval_derivative(self, x):  # pragma: no cover - guarded by the IR checks
         raise NotImplementedError("max is differentiated at the equation that names it")
-
-    def _sympystr(self, printer):
-        idx = ", ".join(printer._print(i) for i in self.indices)
-        return f"max[{idx}]({printer._print(self.body)})"
 
 
 class ArgmaxIndicator(Expr):

@@ -81,19 +81,18 @@ class TritonPrinter(CodePrinter):
         x = self._print(expr.args[0])
         return f"(1.0 - 2.0 / (tl.exp(2.0 * ({x})) + 1.0))"
 
-    def _print_Max(self, expr):
+    def _fold(self, func: str, expr) -> str:
         args = [self._print(a) for a in expr.args]
         out = args[0]
         for a in args[1:]:
-            out = f"tl.maximum({out}, {a})"
+            out = f"{func}({out}, {a})"
         return out
 
+    def _print_Max(self, expr):
+        return self._fold("tl.maximum", expr)
+
     def _print_Min(self, expr):
-        args = [self._print(a) for a in expr.args]
-        out = args[0]
-        for a in args[1:]:
-            out = f"tl.minimum({out}, {a})"
-        return out
+        return self._fold("tl.minimum", expr)
 
     def _print_Piecewise(self, expr):
         if expr.args[-1].cond != True:  # noqa: E712 - SymPy's true
