@@ -329,7 +329,15 @@ class _Builder:
                 return self.params[node.name]
             if node.name not in self.tensors:  # pragma: no cover - caught in topological()
                 raise self.err(f"undefined tensor {node.name!r}", node.pos)
-            return self.tensors[node.name].indexed
+            tensor = self.tensors[node.name]
+            if node.indices is None:
+                return tensor.indexed
+            if len(node.indices) != len(tensor.indices):
+                raise self.err(f"{node.name} has {len(tensor.indices)} index sets "
+                               f"[{', '.join(i.name for i in tensor.indices)}], not {len(node.indices)}", node.pos)
+            if len(set(node.indices)) != len(node.indices):
+                raise self.err(f"{node.name}[{', '.join(node.indices)}] repeats an index", node.pos)
+            return tensor.at([Symbol(i) for i in node.indices])
         if isinstance(node, S.Unary):
             inner = self.expr(node.operand)
             return -inner if node.op == "-" else inner

@@ -11,7 +11,9 @@ The notation, one statement per line (``#`` starts a comment)::
 The header names the op, its tensor inputs with their index sets, scalar
 parameters after a ``;`` and the output tensor.  Each equation defines one
 named tensor; its ``[indices]`` may be left out and are then inferred.
-Tensors are referred to by name (their indices come from their declaration),
+Tensors are referred to by name (their indices come from their declaration)
+or with their index sets renamed at that use (``X[n, q]``, for a tensor used
+twice with different indices, as in ``X^T X``),
 ``sum[i, ...](x)`` and ``max[i](x)`` reduce over index sets, and ``exp``,
 ``log``, ``sqrt``, ``tanh``, ``+ - * / **`` and numbers build expressions.
 
@@ -55,6 +57,7 @@ class Num:
 class Ref:
     name: str
     pos: Pos
+    indices: tuple[str, ...] | None = None  # X[a, b]: X with its index sets renamed at this use
 
 
 @dataclass(frozen=True)
@@ -227,8 +230,14 @@ class _Expr:
         if isinstance(node, ast.Call):
             return self.call(node)
         if isinstance(node, ast.Subscript):
-            name = node.value.id if isinstance(node.value, ast.Name) else "a tensor"
-            raise self.err(f"write {name} by name alone: its indices come from its declaration", node)
+            if not isinstance(node.value, ast.Name):
+                raise self.err("only a tensor name may be indexed, as in X[i, j]", node)
+            sl = node.slice
+            elts = sl.elts if isinstance(sl, ast.Tuple) else [sl]
+            for e in elts:
+                if not isinstance(e, ast.Name):
+                    raise self.err(f"{node.value.id}[...] takes index names, as in {node.value.id}[i, j]", e)
+            return Ref(node.value.id, self.pos(node), tuple(e.id for e in elts))
         raise self.err(f"unsupported syntax ({type(node).__name__}); expected numbers, names, + - * / **, "
                        f"{', '.join(FUNCTIONS)}, sum[...](...) or max[...](...)", node)
 

@@ -1,5 +1,7 @@
 """Stage 2, the IR: semantic checks (each a SpecError at file:line:col naming
 the problem), dependency ordering and index inference."""
+import re
+
 import pytest
 import sympy
 from sympy import Indexed, Symbol
@@ -301,3 +303,19 @@ def test_free_indices_of_argmax_indicator():
     B = sympy.IndexedBase("B")
     assert free_indices(ArgmaxIndicator(B[s2], s1)) == {s1, s2}
     assert free_indices(IndexSum(B[s2] * ArgmaxIndicator(B[s2], s1), s1)) == {s2}
+
+
+def test_use_site_index_renaming():
+    ir = build(parse("op g(X[n, i]) -> Y[i, j]\nY[i, j] = sum[n](X * X[n, j])\n", "t.op"))
+    (eq,) = ir.equations
+    assert str(eq.rhs) == "sum[n](X[n, i]*X[n, j])"
+
+
+@pytest.mark.parametrize("rhs, message", [
+    ("A[s1]", "A has 2 index sets [s2, s1], not 1"),
+    ("A[s2, s2]", "A[s2, s2] repeats an index"),
+])
+def test_use_site_index_errors(rhs, message):
+    with pytest.raises(SpecError, match=re.escape(message)) as e:
+        build(parse(f"op f(A[s2, s1]) -> B[s2, s1]\nB = {rhs}\n", "t.op"))
+    assert (e.value.line, e.value.col) == (2, 5)

@@ -264,6 +264,14 @@ def test_max_pullback_under_ties_conserves_the_gradient(maxop):
 
 
 # ---- more specs through the same numerical check ----------------------------------------------------
+def test_seed002_max_shift_vanishes_and_x_gets_two_terms():
+    der = derive_text(MORE["seed002"][0], "seed002.op")
+    steps = {s.tensor.name: s for s in der.steps}
+    assert steps["M"].value == 0
+    # X enters twice (through G and through P = F C X): its pullback has both contributions
+    assert {consumer for consumer, _ in steps["X"].contributions} == {"G", "P"}
+
+
 MORE = {
     "logsumexp": ("op lse(A[r, c]) -> Y[r]\nM = max[c](A)\nY = M + log(sum[c](exp(A - M)))\n",
                   dict(r=3, c=4), {}),
@@ -282,6 +290,12 @@ MORE = {
                             dict(r=2, c=3), {}),
     "tanh_powers": ("op t(X[r, c]; p) -> Y[r, c]\nY = tanh(X) * X ** 3 - 2 / X + X ** p\n",
                     dict(r=2, c=3), {"p": 1.7}),
+    # seed 002: f(X, Y) = softmax(lam X^T A^T B Y) C X, with X used twice (X[n, q] renames its columns)
+    "seed002": ("op f(X[n, i], Y[n, j], A[k, n], B[k, n], C[j, n]; lam) -> P[i, q]\n"
+                "G[i, j] = lam * sum[n, k, r](X * A * B[k, r] * Y[r, j])\n"
+                "M[i] = max[j](G)\nE = exp(G - M)\nZ = sum[j](E)\nF = E / Z\n"
+                "P[i, q] = sum[j, n](F * C * X[n, q])\n", dict(n=4, r=4, i=3, j=3, q=3, k=2), {"lam": 0.3}),
+    "gram": ("op g(X[n, i]) -> Y[i, j]\nY[i, j] = sum[n](X * X[n, j])\n", dict(n=3, i=2, j=2), {}),
 }
 
 

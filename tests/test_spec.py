@@ -196,7 +196,6 @@ def test_bad_header_indented_tokens_are_offset():
     ("B = sum(A)", "sum", "sum needs the indices it reduces"),
     ("B = max(A)", "max", "max needs the indices it reduces"),
     ("B = mean[s1](A)", "mean", "unknown reduction 'mean'"),
-    ("B = A + A[s1]", "A[", "write A by name alone"),
     ("B = exp(x=A)", "exp", "keyword arguments are not supported"),
     ("B = sum[s1](A, axis=0)", "sum", "keyword arguments are not supported"),
     ("B = A + 'a'", "'a'", "only numbers may appear as constants, not 'a'"),
@@ -325,3 +324,9 @@ def test_import_in_header_is_rejected():
     assert e.line == 1
     assert e.message == "unexpected character \"'\" in op header"
     assert e.col == col(header, "'")
+
+
+def test_use_site_indices_must_be_names():
+    with pytest.raises(SpecError, match=r"A\[\.\.\.\] takes index names") as e:
+        parse("op f(A[s2, s1]) -> B[s2, s1]\nB = A[s2, 1]\n", "t.op")
+    assert (e.value.line, e.value.col) == (2, 11)
