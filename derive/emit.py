@@ -70,10 +70,12 @@ def render_support(name: str, **context) -> str:
         header=header(f"templates/{template_name}", _digest(source)), **context))
 
 
-def render_package(ops: list[str]) -> dict[str, str]:
+def render_package(ops: list[str], progress=None) -> dict[str, str]:
     """Every file of a generated package for ``ops``: relative path -> text."""
     files = {"_runtime.py": render_support("runtime"), "__init__.py": render_support("init", ops=sorted(ops))}
     for name in sorted(ops):
+        if progress:
+            progress(name)
         files[f"{name}.py"] = render_op(derive(name))
     return files
 
@@ -114,14 +116,7 @@ class FileManager:
 
 def regen(check: bool = False, root: Path = GENERATED, progress=None) -> FileManager:
     """Render generated/ from the built-in specs (render everything first, then write)."""
-    ops = builtin_ops()
-    files: dict[str, str] = {}
-    files["_runtime.py"] = render_support("runtime")
-    files["__init__.py"] = render_support("init", ops=ops)
-    for name in ops:
-        if progress:
-            progress(name)
-        files[f"{name}.py"] = render_op(derive(name))
+    files = render_package(builtin_ops(), progress)
     fm = FileManager(root, check=check)
     for rel in sorted(files):
         fm.write(rel, files[rel])
