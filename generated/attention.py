@@ -278,7 +278,7 @@ def _backward(q, k, v, o, lse, do, scale: float, causal: bool):
 
 
 # ---- torch.library ops: traced by torch.compile, differentiated by autograd
-@torch.library.custom_op("pullback::attention_forward", mutates_args=())
+@torch.library.custom_op(f"{rt.library(__package__)}::attention_forward", mutates_args=())
 def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                 causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return _forward(q, k, v, scale, causal)
@@ -291,7 +291,7 @@ def _(q, k, v, scale, causal):
             q.new_empty(list(lead) + [n_i], dtype=rt.torch_acc_dtype(q.dtype)))
 
 
-@torch.library.custom_op("pullback::attention_backward", mutates_args=())
+@torch.library.custom_op(f"{rt.library(__package__)}::attention_backward", mutates_args=())
 def _backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
                  do: torch.Tensor, scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _backward(q, k, v, o, lse, do, scale, causal)
@@ -319,6 +319,7 @@ def _backward_rule(ctx, do, unused_dlse):
 
 
 _forward_op.register_autograd(_backward_rule, setup_context=_setup_context)
+_forward_call = getattr(getattr(torch.ops, rt.library(__package__)), "attention_forward")
 
 
 # ---- the user-facing op
@@ -332,7 +333,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     rt.check_attention("attention", q, k, v)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    return torch.ops.pullback.attention_forward(q, k, v, float(scale), bool(causal))[0]
+    return _forward_call(q, k, v, float(scale), bool(causal))[0]
 
 
 # ---- ahead-of-time builds (`pullback build`): the default configs

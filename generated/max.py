@@ -210,7 +210,7 @@ def _backward(x_shape, dims: list[int], B_argmax, dB):
 
 
 # ---- torch.library ops: traced by torch.compile, differentiated by autograd
-@torch.library.custom_op("pullback::max_forward", mutates_args=())
+@torch.library.custom_op(f"{rt.library(__package__)}::max_forward", mutates_args=())
 def _forward_op(x: torch.Tensor, dims: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     return _forward(x, dims)
 
@@ -220,7 +220,7 @@ def _(x, dims):
     return _allocate_forward(x, dims)
 
 
-@torch.library.custom_op("pullback::max_backward", mutates_args=())
+@torch.library.custom_op(f"{rt.library(__package__)}::max_backward", mutates_args=())
 def _backward_op(x_shape: list[int], dims: list[int], B_argmax: torch.Tensor, dB: torch.Tensor) -> torch.Tensor:
     return _backward(x_shape, dims, B_argmax, dB)
 
@@ -243,6 +243,7 @@ def _backward_rule(ctx, dB, *unused):
 
 
 _forward_op.register_autograd(_backward_rule, setup_context=_setup_context)
+_forward_call = getattr(getattr(torch.ops, rt.library(__package__)), "max_forward")
 
 
 # ---- the user-facing op
@@ -258,7 +259,7 @@ def max(x: torch.Tensor, dim=-1, keepdim: bool = False) -> torch.Tensor:
         if x.shape[d] == 0:
             raise ValueError(f"max: cannot reduce over dimension {d} of size 0 "
                              f"(the input has shape {tuple(x.shape)})")
-    out = torch.ops.pullback.max_forward(x, dims)[0]
+    out = _forward_call(x, dims)[0]
     if keepdim:
         out = out.reshape([1 if d in dims else n for d, n in enumerate(x.shape)])
     return out

@@ -271,7 +271,7 @@ def _backward(x_shape, dims: list[int], B, dB):
 
 
 # ---- torch.library ops: traced by torch.compile, differentiated by autograd
-@torch.library.custom_op("pullback::softmax_forward", mutates_args=())
+@torch.library.custom_op(f"{rt.library(__package__)}::softmax_forward", mutates_args=())
 def _forward_op(x: torch.Tensor, dims: list[int]) -> torch.Tensor:
     return _forward(x, dims)
 
@@ -281,7 +281,7 @@ def _(x, dims):
     return _allocate_forward(x, dims)
 
 
-@torch.library.custom_op("pullback::softmax_backward", mutates_args=())
+@torch.library.custom_op(f"{rt.library(__package__)}::softmax_backward", mutates_args=())
 def _backward_op(x_shape: list[int], dims: list[int], B: torch.Tensor, dB: torch.Tensor) -> torch.Tensor:
     return _backward(x_shape, dims, B, dB)
 
@@ -304,6 +304,7 @@ def _backward_rule(ctx, dB, *unused):
 
 
 _forward_op.register_autograd(_backward_rule, setup_context=_setup_context)
+_forward_call = getattr(getattr(torch.ops, rt.library(__package__)), "softmax_forward")
 
 
 # ---- the user-facing op
@@ -315,7 +316,7 @@ def softmax(x: torch.Tensor, dim=-1) -> torch.Tensor:
     dims = rt.normalize_dims("softmax", dim, x.dim())
     if x.dim() == 0:
         return softmax(x.reshape(1), 0).reshape(())
-    out = torch.ops.pullback.softmax_forward(x, dims)
+    out = _forward_call(x, dims)
     return out
 
 # ---- ahead-of-time builds (`pullback build`): one config per kernel shape

@@ -139,3 +139,16 @@ def test_user_spec_end_to_end(tmp_path, monkeypatch):
     torch.testing.assert_close(y, ref)
     g = torch.randn_like(y)
     torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0])
+
+
+def test_an_op_emitted_twice_imports_twice(tmp_path, monkeypatch):
+    """Each emitted package registers its ops in its own torch.library namespace."""
+    import importlib
+    import torch
+    import generated
+    E.emit("softmax", tmp_path / "userops_twice")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mod = importlib.import_module("userops_twice")
+    x = torch.randn(3, 9)
+    torch.testing.assert_close(mod.softmax(x), generated.softmax(x))
+    assert hasattr(torch.ops.pullback_userops_twice, "softmax_forward")
