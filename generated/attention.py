@@ -32,6 +32,13 @@ __all__ = ["attention"]
 
 
 @triton.jit
+def _tile(base, rows, row_stride, n_rows, cols, col_stride, n_cols):
+    """Load the [rows, cols] tile of a matrix at ``base``; zero outside it."""
+    return tl.load(base + rows[:, None] * row_stride + cols[None, :] * col_stride,
+                   mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
+
+
+@triton.jit
 def _attention_fwd(
     Q_ptr, Q_sz, Q_si, Q_sd,  # queries [Z, M, D]
     K_ptr, K_sz, K_sj, K_sd,  # keys [Z, N, D]
@@ -54,8 +61,7 @@ def _attention_fwd(
     offs_e = tl.arange(0, BLOCK_E)
     row_ok = offs_i < n_i
     # the query tile stays in registers for the whole sweep
-    Q = tl.load(Q_ptr + z * Q_sz + offs_i[:, None] * Q_si + offs_d[None, :] * Q_sd,
-                mask=row_ok[:, None] & (offs_d[None, :] < n_d), other=0.0)
+    Q = _tile(Q_ptr + z * Q_sz, offs_i, Q_si, n_i, offs_d, Q_sd, n_d)
     M_run = tl.full([BLOCK_M], float("-inf"), ACC)  # running max of each row
     L = tl.zeros([BLOCK_M], dtype=ACC)  # running normaliser
     acc = tl.zeros([BLOCK_M, BLOCK_E], dtype=ACC)  # running unnormalised output
@@ -65,10 +71,8 @@ def _attention_fwd(
     for start_n in range(0, end_n, BLOCK_N):
         offs_j = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_j < n_j
-        K = tl.load(K_ptr + z * K_sz + offs_j[:, None] * K_sj + offs_d[None, :] * K_sd,
-                    mask=col_ok[:, None] & (offs_d[None, :] < n_d), other=0.0)
-        V = tl.load(V_ptr + z * V_sz + offs_j[:, None] * V_sj + offs_e[None, :] * V_se,
-                    mask=col_ok[:, None] & (offs_e[None, :] < n_e), other=0.0)
+        K = _tile(K_ptr + z * K_sz, offs_j, K_sj, n_j, offs_d, K_sd, n_d)
+        V = _tile(V_ptr + z * V_sz, offs_j, V_sj, n_j, offs_e, V_se, n_e)
         S = scale*tl.dot(Q, tl.trans(K), input_precision=PREC)  # S[z, i, j] = scale*sum[d](K[z, j, d]*Q[z, i, d])
         valid = col_ok[None, :]
         if CAUSAL:
@@ -128,10 +132,8 @@ def _attention_bwd_dkdv(
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = tl.arange(0, BLOCK_E)
     col_ok = offs_j < n_j
-    K = tl.load(K_ptr + z * K_sz + offs_j[:, None] * K_sj + offs_d[None, :] * K_sd,
-                mask=col_ok[:, None] & (offs_d[None, :] < n_d), other=0.0)
-    V = tl.load(V_ptr + z * V_sz + offs_j[:, None] * V_sj + offs_e[None, :] * V_se,
-                mask=col_ok[:, None] & (offs_e[None, :] < n_e), other=0.0)
+    K = _tile(K_ptr + z * K_sz, offs_j, K_sj, n_j, offs_d, K_sd, n_d)
+    V = _tile(V_ptr + z * V_sz, offs_j, V_sj, n_j, offs_e, V_se, n_e)
     acc_dK = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     acc_dV = tl.zeros([BLOCK_N, BLOCK_E], dtype=ACC)
     start_i = 0
@@ -140,10 +142,8 @@ def _attention_bwd_dkdv(
     for start_m in range(start_i, n_i, BLOCK_M):
         offs_i = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_i < n_i
-        Q = tl.load(Q_ptr + z * Q_sz + offs_i[:, None] * Q_si + offs_d[None, :] * Q_sd,
-                    mask=row_ok[:, None] & (offs_d[None, :] < n_d), other=0.0)
-        dO = tl.load(dO_ptr + (z * n_i + offs_i[:, None]) * n_e + offs_e[None, :],
-                     mask=row_ok[:, None] & (offs_e[None, :] < n_e), other=0.0)
+        Q = _tile(Q_ptr + z * Q_sz, offs_i, Q_si, n_i, offs_d, Q_sd, n_d)
+        dO = _tile(dO_ptr + z * n_i * n_e, offs_i, n_e, n_i, offs_e, 1, n_e)
         LSE = tl.load(LSE_ptr + z * n_i + offs_i, mask=row_ok, other=0.0)
         Delta = tl.load(Delta_ptr + z * n_i + offs_i, mask=row_ok, other=0.0)
         S = scale*tl.dot(Q, tl.trans(K), input_precision=PREC)
@@ -188,10 +188,8 @@ def _attention_bwd_dq(
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = tl.arange(0, BLOCK_E)
     row_ok = offs_i < n_i
-    Q = tl.load(Q_ptr + z * Q_sz + offs_i[:, None] * Q_si + offs_d[None, :] * Q_sd,
-                mask=row_ok[:, None] & (offs_d[None, :] < n_d), other=0.0)
-    dO = tl.load(dO_ptr + (z * n_i + offs_i[:, None]) * n_e + offs_e[None, :],
-                 mask=row_ok[:, None] & (offs_e[None, :] < n_e), other=0.0)
+    Q = _tile(Q_ptr + z * Q_sz, offs_i, Q_si, n_i, offs_d, Q_sd, n_d)
+    dO = _tile(dO_ptr + z * n_i * n_e, offs_i, n_e, n_i, offs_e, 1, n_e)
     LSE = tl.load(LSE_ptr + z * n_i + offs_i, mask=row_ok, other=0.0)
     Delta = tl.load(Delta_ptr + z * n_i + offs_i, mask=row_ok, other=0.0)
     acc_dQ = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
@@ -201,10 +199,8 @@ def _attention_bwd_dq(
     for start_n in range(0, end_n, BLOCK_N):
         offs_j = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_j < n_j
-        K = tl.load(K_ptr + z * K_sz + offs_j[:, None] * K_sj + offs_d[None, :] * K_sd,
-                    mask=col_ok[:, None] & (offs_d[None, :] < n_d), other=0.0)
-        V = tl.load(V_ptr + z * V_sz + offs_j[:, None] * V_sj + offs_e[None, :] * V_se,
-                    mask=col_ok[:, None] & (offs_e[None, :] < n_e), other=0.0)
+        K = _tile(K_ptr + z * K_sz, offs_j, K_sj, n_j, offs_d, K_sd, n_d)
+        V = _tile(V_ptr + z * V_sz, offs_j, V_sj, n_j, offs_e, V_se, n_e)
         S = scale*tl.dot(Q, tl.trans(K), input_precision=PREC)
         valid = row_ok[:, None] & col_ok[None, :]
         if CAUSAL:
