@@ -127,12 +127,12 @@ class _Reverse:
             out.extend(replaced if replaced is not None else [t])
         return combine(out)
 
-    def simplify(self, raw) -> object:
+    def simplify(self, raw, reserved=()) -> object:
         expr = self.substitute_inlined(raw)
         terms, _ = self.folder.fold(combine(terms_of(expr)))
         terms = self.inline_for_folding(terms)
         terms, _ = self.adjoint_folder.fold(terms)
-        return pretty(terms)
+        return pretty(terms, reserved)
 
     def run(self) -> list[AdjointStep]:
         ir = self.ir
@@ -154,7 +154,7 @@ class _Reverse:
         return steps
 
     def finish(self, x: Tensor, contribs) -> AdjointStep:
-        value = self.simplify(sympy.Add(*[c for _, c in contribs])) if contribs else sympy.S.Zero
+        value = self.simplify(sympy.Add(*[c for _, c in contribs]), x.indices) if contribs else sympy.S.Zero
         kept = x.name in self.keep
         if kept:
             self.kept_defs[x.name] = value

@@ -12,18 +12,25 @@ from .ir import ArgmaxIndicator, IndexMax, IndexSum, base_name
 
 
 def display_indices(lhs_indices, value, *others):
-    """Rename so a sum's bound index reads as the seeds write it:
-    ``dA[s2, s1] = ... sum[s1#1](B[s2, s1#1]) ...`` -> ``dA[s2, s1'] = ... sum[s1](B[s2, s1]) ...``.
+    """Name indices as the seeds write them: a free index whose set is also
+    summed over is primed, and the sums' dummies take the plain name, then
+    more primes: ``dA[s2, s1] = ... sum[s1#1](B[s2, s1#1])`` ->
+    ``dA[s2, s1'] = ... sum[s1](B[s2, s1])``.
     Returns the indices, the value and each of ``others`` renamed alike."""
-    mapping = {}
-    free = set(lhs_indices)
-    bound = sorted({i for s in value.atoms(IndexSum, IndexMax) for i in s.indices if "#" in i.name},
-                   key=lambda s: s.name)
-    for b in bound:
-        base = Symbol(base_name(b))
-        if base in free and base not in mapping:
-            mapping[base] = Symbol(base.name + "'")
-            mapping[b] = base
+    dummies = sorted({i for s in value.atoms(IndexSum, IndexMax) for i in s.indices if "#" in i.name},
+                     key=lambda s: s.name)
+    summed_sets = {base_name(b) for b in dummies}
+    mapping = {i: Symbol(i.name + "'") for i in lhs_indices if i.name in summed_sets}
+    in_use = {x.name for x in value.free_symbols | set().union(*[a.free_symbols for a in others])
+              if isinstance(x, Symbol)}
+    in_use |= {s.name for s in value.atoms(Symbol)} | {v.name for v in mapping.values()}
+    in_use -= {k.name for k in mapping}
+    for b in dummies:
+        name = base_name(b)
+        while name in in_use:
+            name += "'"
+        mapping[b] = Symbol(name)
+        in_use.add(name)
     return ([mapping.get(i, i) for i in lhs_indices], value.xreplace(mapping),
             *[o.xreplace(mapping) for o in others])
 

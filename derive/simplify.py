@@ -106,10 +106,11 @@ def _split_coeff(term: Term) -> Term:
     return Term(term.coeff * coeff, mono, frozenset(i for i in term.bound if i in used))
 
 
-def canonical(term: Term) -> Term:
-    """Rename bound indices to the first free names of their index sets, choosing
-    among same-set permutations the one with the smallest printed form."""
-    free = free_indices(term.mono) - term.bound
+def canonical(term: Term, reserved=()) -> Term:
+    """Rename bound indices to the first free names of their index sets (never
+    one of ``reserved``), choosing among same-set permutations the one with the
+    smallest printed form."""
+    free = (free_indices(term.mono) - term.bound) | set(reserved)
     by_set: dict[str, list[Symbol]] = {}
     for i in sorted(term.bound, key=lambda s: s.name):
         by_set.setdefault(base_name(i), []).append(i)
@@ -312,15 +313,29 @@ class Folder:
 
 
 # ---- presentation ---------------------------------------------------------------------
-def pretty(terms: list[Term]) -> sympy.Expr:
-    """Pull factors that do not depend on bound indices out of each sum and
-    factor what the terms share: ``B dB - B sum(dB B)`` -> ``B (dB - sum(dB B))``."""
+def pretty(terms: list[Term], reserved=()) -> sympy.Expr:
+    """Pull factors that do not depend on bound indices out of each sum, split a
+    sum of a product of independent parts into a product of sums, and factor
+    what the terms share: ``B dB - B sum(dB B)`` -> ``B (dB - sum(dB B))``.
+    Bound indices never take the names in ``reserved`` (the result's own)."""
     parts = []
     for t in terms:
-        outer, inner = [], []
+        t = canonical(t, reserved)
+        outer, groups = [], []  # groups: [bound indices, factors] joined by shared bound indices
         for f in _factors(t.mono):
-            (inner if free_indices(f) & t.bound else outer).append(f)
-        parts.append(t.coeff * Mul(*outer) * IndexSum(Mul(*inner), *t.bound))
+            mine = free_indices(f) & t.bound
+            if not mine:
+                outer.append(f)
+                continue
+            joined = [g for g in groups if g[0] & mine]
+            merged = [set(mine), [f]]
+            for g in joined:
+                merged[0] |= g[0]
+                merged[1] += g[1]
+                groups.remove(g)
+            groups.append(merged)
+        sums = [IndexSum(Mul(*fs), *sorted(b, key=lambda s: s.name)) for b, fs in groups]
+        parts.append(t.coeff * Mul(*outer) * Mul(*sums))
     expr = Add(*parts)
     return sympy.factor_terms(expr) if isinstance(expr, Add) else expr
 

@@ -133,12 +133,15 @@ def test_user_spec_end_to_end(tmp_path, monkeypatch):
     E.emit(str(spec), tmp_path / "userops_lse")
     monkeypatch.syspath_prepend(str(tmp_path))
     mod = importlib.import_module("userops_lse.lse")
-    x = torch.randn(4, 3, 7, dtype=torch.float64, requires_grad=True)
-    y = mod.lse(x, (0, 2))
-    ref = torch.logsumexp(x, dim=(0, 2))
-    torch.testing.assert_close(y, ref)
-    g = torch.randn_like(y)
-    torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0])
+    runtime = importlib.import_module("userops_lse._runtime")
+    for block in (4096, 8):  # one block per row, then the looped kernels (rows of 28 > 8)
+        monkeypatch.setattr(runtime, "MAX_BLOCK", block)
+        x = torch.randn(4, 3, 7, dtype=torch.float64, requires_grad=True)
+        y = mod.lse(x, (0, 2))
+        ref = torch.logsumexp(x, dim=(0, 2))
+        torch.testing.assert_close(y, ref)
+        g = torch.randn_like(y)
+        torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0])
 
 
 def test_an_op_emitted_twice_imports_twice(tmp_path, monkeypatch):
@@ -152,3 +155,29 @@ def test_an_op_emitted_twice_imports_twice(tmp_path, monkeypatch):
     x = torch.randn(3, 9)
     torch.testing.assert_close(mod.softmax(x), generated.softmax(x))
     assert hasattr(torch.ops.pullback_userops_twice, "softmax_forward")
+
+
+def test_user_spec_with_dependent_reductions(tmp_path, monkeypatch):
+    """A second reduction that needs the first one's value takes its own pass over long rows."""
+    import importlib
+    import torch
+    from derive.plan import plan
+    text = ("op centered(X[r, c]) -> Y[r, c]\nMu[r] = sum[c](X)\nD = X - Mu\nV[r] = sum[c](D * D)\n"
+            "Y = D / (V + 1)\n")
+    spec = tmp_path / "centered.op"
+    spec.write_text(text)
+    p = plan(derive_text(text, "centered.op"))
+    assert [[r.name for r in ps.reductions] for ps in p.fwd.passes] == [["Mu"], ["V"]]
+    E.emit(str(spec), tmp_path / "userops_centered")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mod = importlib.import_module("userops_centered.centered")
+    runtime = importlib.import_module("userops_centered._runtime")
+    for block in (4096, 8):
+        monkeypatch.setattr(runtime, "MAX_BLOCK", block)
+        x = torch.randn(5, 30, dtype=torch.float64, requires_grad=True)
+        y = mod.centered(x, -1)
+        d = x - x.sum(-1, keepdim=True)
+        ref = d / ((d * d).sum(-1, keepdim=True) + 1)
+        torch.testing.assert_close(y, ref)
+        g = torch.randn_like(y)
+        torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0])
