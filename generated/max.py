@@ -59,14 +59,20 @@ def _max_fwd(
             c0 = cc // (nr2 * nr1)
             A_off = c0 * A_sr0 + c1 * A_sr1 + c2 * A_sr2
         A = tl.load(A_row + A_off, mask=mask, other=0.0).to(ACC)  # the input A[s2, s1]
-        B, B_argmax = tl.max(tl.where(mask, A, float("-inf")), axis=0,
-            return_indices=True, return_indices_tie_break_left=True)  # B[s2] = max[s1](A[s2, s1]); ties: first index
+        B_blk = tl.where(mask, A, float("-inf"))  # B[s2] = max[s1](A[s2, s1])
+        B, B_argmax = tl.max(B_blk, axis=0, return_indices=True,
+                                    return_indices_tie_break_left=True)  # ties: the first index
+        # a NaN anywhere makes the max NaN (as torch.amax), at the first NaN
+        B_nan = tl.min(tl.where(B_blk != B_blk, col, n_cols), axis=0)
+        B = tl.where(B_nan < n_cols, float("nan"), B)
+        B_argmax = tl.where(B_nan < n_cols, B_nan, B_argmax)
         tl.store(B_row, B.to(B_ptr.dtype.element_ty))  # the output B[s2]
         tl.store(B_argmax_row, B_argmax)  # first argmax of B's row
     else:
         # ---- long rows: passes over blocks, lane-wise accumulators reduced at the end
         # pass 1: B
         B_run = tl.full([BLOCK], float("-inf"), ACC)
+        B_nan = tl.zeros([BLOCK], dtype=tl.int32) + n_cols  # first NaN column per lane
         B_idx = tl.zeros([BLOCK], dtype=tl.int32)
         for start in range(0, n_cols, BLOCK):
             col = start + offs
@@ -85,10 +91,15 @@ def _max_fwd(
             A = tl.load(A_row + A_off, mask=mask, other=0.0).to(ACC)  # the input A[s2, s1]
             B_blk = tl.where(mask, A, float("-inf"))  # B[s2] = max[s1](A[s2, s1])
             B_new = tl.maximum(B_run, B_blk)
+            B_nan = tl.minimum(B_nan, tl.where(B_blk != B_blk, col, n_cols))
             B_idx = tl.where(B_blk > B_run, col, B_idx)  # strict: earlier index wins ties
             B_run = B_new
         B = tl.max(B_run, axis=0)
         B_argmax = tl.min(tl.where(B_run == B, B_idx, n_cols), axis=0)
+        # a NaN anywhere makes the max NaN (as torch.amax), at the first NaN
+        B_first_nan = tl.min(B_nan, axis=0)
+        B = tl.where(B_first_nan < n_cols, float("nan"), B)
+        B_argmax = tl.where(B_first_nan < n_cols, B_first_nan, B_argmax)
         tl.store(B_row, B.to(B_ptr.dtype.element_ty))  # the output B[s2]
         tl.store(B_argmax_row, B_argmax)  # first argmax of B's row
 

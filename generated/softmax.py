@@ -62,7 +62,11 @@ def _softmax_fwd(
             A_off = c0 * A_sr0 + c1 * A_sr1 + c2 * A_sr2
             B_off = c0 * B_sr0 + c1 * B_sr1 + c2 * B_sr2
         A = tl.load(A_row + A_off, mask=mask, other=0.0).to(ACC)  # the input A[s2, s1]
-        M = tl.max(tl.where(mask, A, float("-inf")), axis=0)  # M[s2] = max[s1](A[s2, s1])
+        M_blk = tl.where(mask, A, float("-inf"))  # M[s2] = max[s1](A[s2, s1])
+        M = tl.max(M_blk, axis=0)
+        # a NaN anywhere makes the max NaN (as torch.amax), at the first NaN
+        M_nan = tl.min(tl.where(M_blk != M_blk, col, n_cols), axis=0)
+        M = tl.where(M_nan < n_cols, float("nan"), M)
         E = tl.exp(A - M)  # E[s2, s1] = exp(A[s2, s1] - M[s2])
         Z = tl.sum(tl.where(mask, E, 0.0), axis=0)  # Z[s2] = sum[s1](E[s2, s1])
         B = E/Z  # B[s2, s1] = E[s2, s1]/Z[s2]
@@ -71,6 +75,7 @@ def _softmax_fwd(
         # ---- long rows: passes over blocks, lane-wise accumulators reduced at the end
         # pass 1: M, Z
         M_run = tl.full([BLOCK], float("-inf"), ACC)
+        M_nan = tl.zeros([BLOCK], dtype=tl.int32) + n_cols  # first NaN column per lane
         Z_run = tl.zeros([BLOCK], dtype=ACC)
         for start in range(0, n_cols, BLOCK):
             col = start + offs
@@ -91,11 +96,15 @@ def _softmax_fwd(
             A = tl.load(A_row + A_off, mask=mask, other=0.0).to(ACC)  # the input A[s2, s1]
             M_blk = tl.where(mask, A, float("-inf"))  # M[s2] = max[s1](A[s2, s1])
             M_new = tl.maximum(M_run, M_blk)
+            M_nan = tl.minimum(M_nan, tl.where(M_blk != M_blk, col, n_cols))
             M_ref = tl.where(M_new == float("-inf"), 0.0, M_new)
             # Z[s2] = sum[s1](E[s2, s1]), rescaled online to the new running max
             Z_run = Z_run * tl.where((M_run == float("-inf")), 0.0, tl.exp(-M_new + M_run)) + tl.where(mask, tl.exp(-M_ref + A), 0.0)
             M_run = M_new
         M = tl.max(M_run, axis=0)
+        # a NaN anywhere makes the max NaN (as torch.amax), at the first NaN
+        M_first_nan = tl.min(M_nan, axis=0)
+        M = tl.where(M_first_nan < n_cols, float("nan"), M)
         Z = tl.sum(Z_run * tl.where((M_run == float("-inf")), 0.0, tl.exp(-M + M_run)), axis=0)
         # final pass: compute and store the outputs
         for start in range(0, n_cols, BLOCK):

@@ -273,3 +273,19 @@ def test_cpu_tensor_without_interpreter_is_an_error():
     r = _run_python("import torch, generated\ngenerated.softmax(torch.zeros(2, 3))", {"TRITON_INTERPRET": "0"})
     assert r.returncode != 0
     assert "softmax: x is on cpu, but pullback's Triton kernels run on CUDA devices" in r.stderr
+
+
+@pytest.mark.parametrize("block", [4096, 16])
+def test_nan_propagates_like_torch(block, device, monkeypatch):
+    import generated._runtime as rt
+    monkeypatch.setattr(rt, "MAX_BLOCK", block)
+    x = torch.randn(3, 40, dtype=torch.float64, device=device)
+    x[0, 5] = x[0, 30] = float("nan")
+    x[2, 39] = float("nan")
+    x.requires_grad_()
+    m = pmax(x, 1)
+    torch.testing.assert_close(m, x.amax(1), equal_nan=True)
+    assert torch.isnan(m[0]) and not torch.isnan(m[1]) and torch.isnan(m[2])
+    m.sum().backward()
+    assert x.grad[0, 5] == 1 and x.grad[2, 39] == 1 and x.grad.sum() == 3  # the first NaN takes the gradient
+    torch.testing.assert_close(softmax(x.detach(), 1), torch.softmax(x.detach(), 1), equal_nan=True)
