@@ -123,6 +123,12 @@ class ArgmaxIndicator(Expr):
         return f"1[{idx} = argmax {printer._print(self.reduced)}]"
 
 
+def size_symbol(indices) -> Symbol:
+    """The number of elements of index sets, ``|c|``: ``mean[c](x) = sum[c](x) / |c|``.
+    A scalar named after the sets (not the index symbols), so renaming an index leaves it alone."""
+    return Symbol("|" + ", ".join(sorted(base_name(i) for i in indices)) + "|", positive=True)
+
+
 def free_indices(expr) -> set[Symbol]:
     """Index symbols of ``expr`` not bound by a reduction inside it."""
     if isinstance(expr, Indexed):
@@ -362,6 +368,8 @@ class _Builder:
             syms = [Symbol(i) for i in node.indices]
             if node.kind == "sum":
                 return IndexSum(body, *syms)
+            if node.kind == "mean":
+                return IndexSum(body, *syms) / size_symbol(syms)
             if not top:
                 raise self.err("max[...] must be the whole right-hand side of an equation; name it, "
                                "e.g. M = max[i](x), and use M", node.pos)

@@ -159,7 +159,7 @@ class _Kernel:
                 raise PlanError(f"the name {n!r} is reserved by the kernel template; rename it in the spec")
 
     def code(self, expr) -> str:
-        return triton_code(expr)
+        return triton_code(expr, names={f"|{self.reduced}|": "n_cols"})
 
     def names_in(self, expr) -> set[str]:
         out = {str(t.base.label) for t in expr.atoms(Indexed)} | {s.name for s in expr.atoms(Symbol)}
@@ -324,6 +324,9 @@ def _extract_sums(expr, s1: Symbol, out: list, prefix: str):
             if any(base_name(i) != base_name(s1) for i in e.indices) or len(e.indices) != 1:
                 raise PlanError(f"a sum over {[i.name for i in e.indices]} does not fit the row-wise family")
             body = walk(e.body).xreplace({e.indices[0]: s1})
+            same = next((o for o in out if o.kind == "sum" and o.expr == body), None)
+            if same is not None:  # the same sum twice: one reduction
+                return Indexed(same.name, *[i for i in free_indices(body) if i != s1])
             names = sorted(str(t.base.label) for t in body.atoms(Indexed))
             name = f"{prefix}_{'_'.join(names)}" if names else f"{prefix}{len(out)}"
             while any(o.name == name for o in out):
@@ -369,11 +372,9 @@ def plan_rowwise(d: Derivation) -> RowwisePlan:
             eqs.append(_KEq(eq.target.name, lvl, "sum", eq.rhs.body, str(eq)))
         elif isinstance(eq.rhs, IndexMax):
             eqs.append(_KEq(eq.target.name, lvl, "max", eq.rhs.body, str(eq), argmax=eq.target.name in argmax_of))
-        else:
-            if eq.rhs.atoms(IndexSum) or eq.rhs.atoms(IndexMax):
-                raise PlanError(f"{eq.target.name}: write each reduction as its own equation for the "
-                                f"row-wise family, e.g. Z = sum[{s1}](...)")
-            eqs.append(_KEq(eq.target.name, lvl, "value", eq.rhs, str(eq)))
+        else:  # sums inside an expression (a mean, say) become row values of their own
+            rhs = _extract_sums(eq.rhs, s1, eqs, f"{eq.target.name}_sum")
+            eqs.append(_KEq(eq.target.name, lvl, "value", rhs, str(eq)))
     loads = [KTensor(x.name, "elem", "data", f"the input {x.indexed}")]
     stores = [(KTensor(out.name, levels[out.name], "data", f"the output {out.indexed}"), out.name)]
     stores += [(t, t.name) for t in extras]

@@ -41,7 +41,11 @@ class TritonPrinter(CodePrinter):
         return self._settings["names"].get(label, label)
 
     def _print_Symbol(self, expr):
-        return self._settings["names"].get(expr.name, expr.name)
+        if expr.name in self._settings["names"]:
+            return self._settings["names"][expr.name]
+        if expr.name.startswith("|"):
+            raise NotSupported(f"the kernel does not know the size {expr.name} of that index set")
+        return expr.name
 
     def _print_Integer(self, expr):
         return f"{int(expr)}.0"

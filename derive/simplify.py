@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import sympy
 from sympy import Add, Indexed, KroneckerDelta, Mul, Pow, Symbol, Wild
 
-from .ir import ArgmaxIndicator, Equation, IndexMax, IndexSum, base_name, free_indices
+from .ir import ArgmaxIndicator, Equation, IndexMax, IndexSum, base_name, free_indices, size_symbol
 
 _fresh = itertools.count(1)
 
@@ -103,6 +103,8 @@ def _split_coeff(term: Term) -> Term:
             rest.append(f)
     mono = Mul(*rest)
     used = free_indices(mono)
+    for i in term.bound - used:  # a sum of a term free of its index: times the set's size
+        coeff *= size_symbol([i])
     return Term(term.coeff * coeff, mono, frozenset(i for i in term.bound if i in used))
 
 

@@ -14,7 +14,7 @@ named tensor; its ``[indices]`` may be left out and are then inferred.
 Tensors are referred to by name (their indices come from their declaration)
 or with their index sets renamed at that use (``X[n, q]``, for a tensor used
 twice with different indices, as in ``X^T X``),
-``sum[i, ...](x)`` and ``max[i](x)`` reduce over index sets, and ``exp``,
+``sum[i, ...](x)``, ``mean[i, ...](x)`` and ``max[i](x)`` reduce over index sets, and ``exp``,
 ``log``, ``sqrt``, ``tanh``, ``+ - * / **`` and numbers build expressions.
 
 The right-hand sides are parsed with Python's ``ast`` and checked against a
@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass, field
 
 FUNCTIONS = ("exp", "log", "sqrt", "tanh")
-REDUCTIONS = ("sum", "max")
+REDUCTIONS = ("sum", "mean", "max")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -84,7 +84,7 @@ class Func:
 
 @dataclass(frozen=True)
 class Reduce:
-    kind: str  # "sum" or "max"
+    kind: str  # "sum", "mean" or "max"
     indices: tuple[str, ...]
     arg: object
     pos: Pos

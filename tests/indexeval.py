@@ -14,6 +14,8 @@ is the one-hot of the FIRST argmax of the body of ``M``'s defining ``max``.
 from __future__ import annotations
 
 import sympy
+import math
+
 import torch
 from sympy import Indexed, KroneckerDelta, Symbol
 
@@ -142,6 +144,9 @@ def evaluate(expr, env: dict, sizes: dict, defs: OpIR | None = None) -> NT:
     if expr.is_Number:
         return scalar(expr)
     if isinstance(expr, Symbol):
+        if expr.name.startswith("|"):  # the size of index sets, |c| or |c, d|
+            sets = [n.strip() for n in expr.name.strip("|").split(",")]
+            return scalar(math.prod(sizes[n] for n in sets))
         if expr.name not in env:
             raise KeyError(f"no value for the scalar {expr.name} (a bare index symbol?)")
         return scalar(env[expr.name])

@@ -181,3 +181,24 @@ def test_user_spec_with_dependent_reductions(tmp_path, monkeypatch):
         torch.testing.assert_close(y, ref)
         g = torch.randn_like(y)
         torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0])
+
+
+def test_layernorm_with_mean_end_to_end(tmp_path, monkeypatch):
+    """mean[c] divides by the row length, printed as the kernel's n_cols."""
+    import importlib
+    import torch
+    spec = tmp_path / "lnorm.op"
+    spec.write_text("op lnorm(X[r, c]) -> Y[r, c]\nMu[r] = mean[c](X)\nD = X - Mu\nV[r] = mean[c](D * D)\n"
+                    "Y = D / sqrt(V + 0.00001)\n")
+    E.emit(str(spec), tmp_path / "userops_lnorm")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mod = importlib.import_module("userops_lnorm.lnorm")
+    runtime = importlib.import_module("userops_lnorm._runtime")
+    for block in (4096, 8):
+        monkeypatch.setattr(runtime, "MAX_BLOCK", block)
+        x = torch.randn(6, 37, dtype=torch.float64, requires_grad=True)
+        y = mod.lnorm(x, -1)
+        ref = torch.nn.functional.layer_norm(x, (37,), eps=1e-5)
+        torch.testing.assert_close(y, ref)
+        g = torch.randn_like(y)
+        torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0])

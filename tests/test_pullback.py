@@ -295,6 +295,9 @@ MORE = {
                 "G[i, j] = lam * sum[n, k, r](X * A * B[k, r] * Y[r, j])\n"
                 "M[i] = max[j](G)\nE = exp(G - M)\nZ = sum[j](E)\nF = E / Z\n"
                 "P[i, q] = sum[j, n](F * C * X[n, q])\n", dict(n=4, r=4, i=3, j=3, q=3, k=2), {"lam": 0.3}),
+    "sum_of_a_row_value": ("op f(X[r, c], W[r]) -> Y[r]\nY[r] = sum[c](X * X + W)\n", dict(r=2, c=3), {}),
+    "layernorm_mean": ("op ln(X[r, c]) -> Y[r, c]\nMu[r] = mean[c](X)\nD = X - Mu\nV[r] = mean[c](D * D)\n"
+                       "Y = D / sqrt(V + 0.00001)\n", dict(r=3, c=5), {}),
     "gram": ("op g(X[n, i]) -> Y[i, j]\nY[i, j] = sum[n](X * X[n, j])\n", dict(n=3, i=2, j=2), {}),
 }
 

@@ -195,7 +195,7 @@ def test_bad_header_indented_tokens_are_offset():
     ("B = exp(A) + Foo(A)", "Foo", "unknown function 'Foo'"),
     ("B = sum(A)", "sum", "sum needs the indices it reduces"),
     ("B = max(A)", "max", "max needs the indices it reduces"),
-    ("B = mean[s1](A)", "mean", "unknown reduction 'mean'"),
+    ("B = prod[s1](A)", "prod", "unknown reduction 'prod'"),
     ("B = exp(x=A)", "exp", "keyword arguments are not supported"),
     ("B = sum[s1](A, axis=0)", "sum", "keyword arguments are not supported"),
     ("B = A + 'a'", "'a'", "only numbers may appear as constants, not 'a'"),
