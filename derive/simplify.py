@@ -360,8 +360,3 @@ def rename_free(expr, mapping: dict) -> sympy.Expr:
         return e.func(*[walk(a) for a in e.args])
 
     return walk(expr)
-
-
-def tidy(expr) -> sympy.Expr:
-    """Canonical bound-index names throughout (``s1#3`` -> ``s1`` where free)."""
-    return pretty(normalize(expr))
