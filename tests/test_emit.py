@@ -124,24 +124,34 @@ def test_plan_rejects_ops_outside_the_rowwise_family():
         plan(d)
 
 
-def test_user_spec_end_to_end(tmp_path, monkeypatch):
-    """A spec that is not built in (logsumexp) derives, emits, imports and matches torch."""
+def _check_user_op(tmp_path, monkeypatch, text: str, call, reference, shape, name: str):
+    """Emit ``text`` into a package of its own, import it, and compare values and
+    gradients with ``reference`` (a torch function), first with one block per row,
+    then with the looped kernels (blocks of 8 columns)."""
     import importlib
+
     import torch
-    spec = tmp_path / "lse.op"
-    spec.write_text("op lse(X[r, c]) -> Y[r]\nM[r] = max[c](X)\nS[r] = sum[c](exp(X - M))\nY[r] = M + log(S)\n")
-    E.emit(str(spec), tmp_path / "userops_lse")
+    spec = tmp_path / f"{name}.op"
+    spec.write_text(text)
+    E.emit(str(spec), tmp_path / f"userops_{name}")
     monkeypatch.syspath_prepend(str(tmp_path))
-    mod = importlib.import_module("userops_lse.lse")
-    runtime = importlib.import_module("userops_lse._runtime")
-    for block in (4096, 8):  # one block per row, then the looped kernels (rows of 28 > 8)
+    mod = importlib.import_module(f"userops_{name}.{name}")
+    runtime = importlib.import_module(f"userops_{name}._runtime")
+    for block in (4096, 8):
         monkeypatch.setattr(runtime, "MAX_BLOCK", block)
-        x = torch.randn(4, 3, 7, dtype=torch.float64, requires_grad=True)
-        y = mod.lse(x, (0, 2))
-        ref = torch.logsumexp(x, dim=(0, 2))
+        x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        y, ref = call(getattr(mod, name), x), reference(x)
         torch.testing.assert_close(y, ref)
         g = torch.randn_like(y)
         torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0])
+
+
+def test_user_spec_end_to_end(tmp_path, monkeypatch):
+    """A spec that is not built in (logsumexp) derives, emits, imports and matches torch."""
+    import torch
+    _check_user_op(tmp_path, monkeypatch,
+                   "op lse(X[r, c]) -> Y[r]\nM[r] = max[c](X)\nS[r] = sum[c](exp(X - M))\nY[r] = M + log(S)\n",
+                   lambda op, x: op(x, (0, 2)), lambda x: torch.logsumexp(x, dim=(0, 2)), (4, 3, 7), "lse")
 
 
 def test_an_op_emitted_twice_imports_twice(tmp_path, monkeypatch):
@@ -159,46 +169,24 @@ def test_an_op_emitted_twice_imports_twice(tmp_path, monkeypatch):
 
 def test_user_spec_with_dependent_reductions(tmp_path, monkeypatch):
     """A second reduction that needs the first one's value takes its own pass over long rows."""
-    import importlib
-    import torch
     from derive.plan import plan
     text = ("op centered(X[r, c]) -> Y[r, c]\nMu[r] = sum[c](X)\nD = X - Mu\nV[r] = sum[c](D * D)\n"
             "Y = D / (V + 1)\n")
-    spec = tmp_path / "centered.op"
-    spec.write_text(text)
     p = plan(derive_text(text, "centered.op"))
     assert [[r.name for r in ps.reductions] for ps in p.fwd.passes] == [["Mu"], ["V"]]
-    E.emit(str(spec), tmp_path / "userops_centered")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    mod = importlib.import_module("userops_centered.centered")
-    runtime = importlib.import_module("userops_centered._runtime")
-    for block in (4096, 8):
-        monkeypatch.setattr(runtime, "MAX_BLOCK", block)
-        x = torch.randn(5, 30, dtype=torch.float64, requires_grad=True)
-        y = mod.centered(x, -1)
+
+    def reference(x):
         d = x - x.sum(-1, keepdim=True)
-        ref = d / ((d * d).sum(-1, keepdim=True) + 1)
-        torch.testing.assert_close(y, ref)
-        g = torch.randn_like(y)
-        torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0])
+        return d / ((d * d).sum(-1, keepdim=True) + 1)
+
+    _check_user_op(tmp_path, monkeypatch, text, lambda op, x: op(x, -1), reference, (5, 30), "centered")
 
 
 def test_layernorm_with_mean_end_to_end(tmp_path, monkeypatch):
     """mean[c] divides by the row length, printed as the kernel's n_cols."""
-    import importlib
     import torch
-    spec = tmp_path / "lnorm.op"
-    spec.write_text("op lnorm(X[r, c]) -> Y[r, c]\nMu[r] = mean[c](X)\nD = X - Mu\nV[r] = mean[c](D * D)\n"
-                    "Y = D / sqrt(V + 0.00001)\n")
-    E.emit(str(spec), tmp_path / "userops_lnorm")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    mod = importlib.import_module("userops_lnorm.lnorm")
-    runtime = importlib.import_module("userops_lnorm._runtime")
-    for block in (4096, 8):
-        monkeypatch.setattr(runtime, "MAX_BLOCK", block)
-        x = torch.randn(6, 37, dtype=torch.float64, requires_grad=True)
-        y = mod.lnorm(x, -1)
-        ref = torch.nn.functional.layer_norm(x, (37,), eps=1e-5)
-        torch.testing.assert_close(y, ref)
-        g = torch.randn_like(y)
-        torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0])
+    _check_user_op(tmp_path, monkeypatch,
+                   "op lnorm(X[r, c]) -> Y[r, c]\nMu[r] = mean[c](X)\nD = X - Mu\nV[r] = mean[c](D * D)\n"
+                   "Y = D / sqrt(V + 0.00001)\n",
+                   lambda op, x: op(x, -1), lambda x: torch.nn.functional.layer_norm(x, (37,), eps=1e-5),
+                   (6, 37), "lnorm")
