@@ -122,6 +122,7 @@ class RowwisePlan:
     saved: list[str]             # what the backward kernel reads from the forward, in order
     grad: str                    # the incoming gradient's name, e.g. "dB"
     grad_input: str              # "dA"
+    params: list[str]            # scalar parameters, passed to both kernels
     fwd: RowKernel
     bwd: RowKernel
     forward_text: list[str] = field(default_factory=list)
@@ -291,8 +292,8 @@ class _Kernel:
 # ---- from a derivation to the two kernels ---------------------------------------------------
 def _levels(d: Derivation):
     ir = d.ir
-    if len(ir.inputs) != 1 or ir.params:
-        raise PlanError(f"op {ir.name}: the row-wise family takes one input tensor and no parameters")
+    if len(ir.inputs) != 1:
+        raise PlanError(f"op {ir.name}: the row-wise family takes one input tensor")
     x = ir.inputs[0]
     reduced: set[Symbol] = set()
     for eq in ir.equations:
@@ -394,8 +395,13 @@ def plan_rowwise(d: Derivation) -> RowwisePlan:
     b_eqs.append(_KEq(grad_input, "elem", "value", body, pullback_text))
     b_stores = [(KTensor(grad_input, "elem", "data", f"the gradient of {x.name}"), grad_input)]
     bwd = _Kernel(f"_{ir.name}_bwd", f"backward of {ir.name}", b_loads, b_eqs, b_stores, s1.name).build()
+    params = [q.name for q in ir.params]
+    reserved = set(RESERVED) | {t.name for t in fwd.tensors} | {t.name for t in bwd.tensors}
+    for q in params:
+        if q in reserved:
+            raise PlanError(f"the parameter name {q!r} is taken in the row-wise kernels; rename it in the spec")
     return RowwisePlan("rowwise", ir.name, x.name, out.name, levels[out.name], extras, saved, grad, grad_input,
-                       fwd, bwd, [str(e) for e in ir.equations], [pullback_text])
+                       params, fwd, bwd, [str(e) for e in ir.equations], [pullback_text])
 
 
 def plan(d: Derivation):

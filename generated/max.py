@@ -182,7 +182,7 @@ def _allocate_forward(x: torch.Tensor, dims: list[int]):
     B_argmax = torch.empty(rows, dtype=torch.int32, device=x.device)
     return B, B_argmax
 
-def _launch(kernel, x: torch.Tensor, dims: list[int], tensors) -> bool:
+def _launch(kernel, x: torch.Tensor, dims: list[int], tensors, params=()) -> bool:
     """Launch ``kernel`` over the rows of ``x``; False if the layout needs the copy fallback."""
     geo = rt.RowGeometry(list(x.shape), dims, tensors)
     if not geo.fits:
@@ -190,7 +190,7 @@ def _launch(kernel, x: torch.Tensor, dims: list[int], tensors) -> bool:
     if geo.n_rows == 0 or geo.n_cols == 0:
         return True
     cfg = rt.block_config(geo.n_cols, x.dtype)
-    kernel[(geo.n_rows,)](*geo.args, ACC=rt.acc_dtype(x.dtype), BLOCK=cfg["BLOCK"], SINGLE=cfg["SINGLE"],
+    kernel[(geo.n_rows,)](*geo.args, *params, ACC=rt.acc_dtype(x.dtype), BLOCK=cfg["BLOCK"], SINGLE=cfg["SINGLE"],
                           RG=geo.RG, IDX64=geo.IDX64, num_warps=cfg["num_warps"])
     return True
 
@@ -245,12 +245,13 @@ def _setup_context(ctx, inputs, output):
     x, dims = inputs
     B, B_argmax = output
     ctx.x_shape, ctx.dims = list(x.shape), dims
+    ctx.params = ()
     ctx.save_for_backward(B_argmax, )
 
 
 def _backward_rule(ctx, dB, *unused):
-    dA = _backward_op(ctx.x_shape, ctx.dims, *ctx.saved_tensors, dB)
-    return dA, None
+    dA = _backward_op(ctx.x_shape, ctx.dims, *ctx.saved_tensors, dB, *ctx.params)
+    return (dA, None) + (None,) * len(ctx.params)
 
 
 _forward_op.register_autograd(_backward_rule, setup_context=_setup_context)

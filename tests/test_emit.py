@@ -190,3 +190,21 @@ def test_layernorm_with_mean_end_to_end(tmp_path, monkeypatch):
                    "Y = D / sqrt(V + 0.00001)\n",
                    lambda op, x: op(x, -1), lambda x: torch.nn.functional.layer_norm(x, (37,), eps=1e-5),
                    (6, 37), "lnorm")
+
+
+def test_scalar_parameters_reach_both_kernels(tmp_path, monkeypatch):
+    """An op with a scalar parameter (RMS norm's eps) takes it as a keyword argument."""
+    import torch
+
+    def reference(x):
+        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + 0.25)
+
+    _check_user_op(tmp_path, monkeypatch,
+                   "op rms(X[r, c]; eps) -> Y[r, c]\nR[r] = sqrt(mean[c](X * X) + eps)\nY = X / R\n",
+                   lambda op, x: op(x, -1, eps=0.25), reference, (4, 21), "rms")
+
+
+def test_a_parameter_named_like_a_kernel_value_is_refused():
+    d = derive_text("op f(X[r, c]; mask) -> Y[r]\nY = sum[c](X * mask)\n", "f.op")
+    with pytest.raises(PlanError, match="the parameter name 'mask' is taken in the row-wise kernels"):
+        plan(d)
