@@ -8,8 +8,8 @@ from sympy import Indexed, Symbol
 
 from derive.ir import ArgmaxIndicator, IndexMax, IndexSum, build, free_indices
 from derive.spec import SpecError, parse
+from spec_errors import FILE, col, expect_error
 
-FILE = "t.op"
 HEADER = "op f(A[s2, s1]) -> B[s2, s1]"
 
 
@@ -18,19 +18,7 @@ def build_text(text: str):
 
 
 def error(text: str) -> SpecError:
-    with pytest.raises(SpecError) as info:
-        build_text(text)
-    e = info.value
-    assert e.file == FILE
-    assert str(e) == f"{FILE}:{e.line}:{e.col}: {e.message}"
-    return e
-
-
-def col(line: str, token: str, nth: int = 0) -> int:
-    at = -1
-    for _ in range(nth + 1):
-        at = line.index(token, at + 1)
-    return at + 1
+    return expect_error(build_text, text)
 
 
 def syms(names: str) -> tuple:

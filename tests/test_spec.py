@@ -3,26 +3,13 @@ message and its file:line:col location."""
 import pytest
 
 from derive.spec import Bin, Func, Num, Reduce, Ref, SpecError, Unary, parse
+from spec_errors import FILE, col, expect_error
 
-FILE = "t.op"
 HEADER = "op f(A[s2, s1]) -> B[s2, s1]"
 
 
 def error(text: str) -> SpecError:
-    with pytest.raises(SpecError) as info:
-        parse(text, FILE)
-    e = info.value
-    assert e.file == FILE
-    assert str(e) == f"{FILE}:{e.line}:{e.col}: {e.message}"
-    return e
-
-
-def col(line: str, token: str, nth: int = 0) -> int:
-    """1-based column of the nth occurrence of ``token`` in ``line``."""
-    at = -1
-    for _ in range(nth + 1):
-        at = line.index(token, at + 1)
-    return at + 1
+    return expect_error(lambda t: parse(t, FILE), text)
 
 
 def rhs_error(rhs_line: str) -> SpecError:
