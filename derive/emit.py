@@ -70,7 +70,12 @@ def tidy(text: str) -> str:
     return "\n".join(out)
 
 
-def render_op(d: Derivation) -> tuple[str, str]:
+def render_op(d: Derivation) -> str:
+    """The op's module text."""
+    return render_op_module(d)[0]
+
+
+def render_op_module(d: Derivation) -> tuple[str, str]:
     """The op's module text and the name of its public function there."""
     p = plan(d)
     template = environment().get_template(FAMILY_TEMPLATES[p.family])
@@ -92,7 +97,7 @@ def render_package(ops: list[str], progress=None) -> dict[str, str]:
     for name in sorted(ops):
         if progress:
             progress(name)
-        files[f"{name}.py"], functions[name] = render_op(derive(name))
+        files[f"{name}.py"], functions[name] = render_op_module(derive(name))
     files["__init__.py"] = render_support("init", ops=sorted(ops), functions=functions)
     return files
 
@@ -143,7 +148,7 @@ def regen(check: bool = False, root: Path = GENERATED, progress=None) -> FileMan
 def emit(name_or_path: str, out_dir: Path = GENERATED) -> FileManager:
     """Derive one op and write its module (and the shared runtime) into ``out_dir``."""
     d = derive(name_or_path)
-    text, fn = render_op(d)  # render before touching the disk: a failure writes nothing
+    text, fn = render_op_module(d)  # render before touching the disk: a failure writes nothing
     runtime = render_support("runtime")
     fm = FileManager(Path(out_dir))
     fm.write(f"{d.name}.py", text)

@@ -205,7 +205,7 @@ def match_rowwise(d: Derivation) -> _Shape:
             for i in r.indices:
                 reduced.setdefault(base_name(i), eq.pos)
     if len(reduced) > 1:
-        names = sorted(reduced)
+        names = list(reduced)  # in the order the equations use them
         raise _located(ir, reduced[names[1]], f"the row-wise family reduces over one index set, but this op "
                        f"reduces over {', '.join(names)}")
     if reduced:
@@ -595,7 +595,8 @@ def plan_rowwise(d: Derivation) -> RowwisePlan:
     grad_out = f"d{out.name}"
     argmax_of = sorted({str(a.reduced.base.label) for g in grads.values() for a in g.atoms(ArgmaxIndicator)})
     reads: set[str] = set()
-    for g in grads.values():
+    for g in grads.values():  # an argmax indicator reads the saved index, not its max's values
+        g = g.replace(lambda e: isinstance(e, ArgmaxIndicator), lambda e: Symbol("_pick"))
         reads |= {str(t.base.label) for t in g.atoms(Indexed)}
     reads -= {grad_out}
     saved_fwd = [t.name for t in inputs if t.name in reads] + ([out.name] if out.name in reads else [])

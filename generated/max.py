@@ -118,7 +118,6 @@ def _max_fwd(
 
 @triton.jit
 def _max_bwd(
-    B_ptr, B_sk0, B_sk1, B_sk2,  # the output B[s2]
     B_argmax_ptr, B_argmax_sk0, B_argmax_sk1, B_argmax_sk2,  # first argmax of B's row
     dB_ptr, dB_sk0, dB_sk1, dB_sk2,  # the gradient of B
     dA_ptr, dA_sk0, dA_sk1, dA_sk2, dA_sr0, dA_sr1, dA_sr2,  # the gradient of A
@@ -157,11 +156,9 @@ def _max_bwd(
             k2 = r64 % nk2
             k1 = (r64 // nk2) % nk1
             k0 = r64 // (nk2 * nk1)
-            B_row = B_ptr + k0 * B_sk0 + k1 * B_sk1 + k2 * B_sk2
             B_argmax_row = B_argmax_ptr + k0 * B_argmax_sk0 + k1 * B_argmax_sk1 + k2 * B_argmax_sk2
             dB_row = dB_ptr + k0 * dB_sk0 + k1 * dB_sk1 + k2 * dB_sk2
             dA_row = dA_ptr + k0 * dA_sk0 + k1 * dA_sk1 + k2 * dA_sk2
-            B = tl.load(B_row).to(ACC)  # the output B[s2]
             B_argmax = tl.load(B_argmax_row)  # first argmax of B's row
             dB = tl.load(dB_row).to(ACC)  # the gradient of B
             dA = tl.where((col == B_argmax), dB, 0.0)  # dA[s2, s1] = 1[s1 = argmax B[s2]]*dB[s2]
@@ -173,11 +170,9 @@ def _max_bwd(
             k2 = r64 % nk2
             k1 = (r64 // nk2) % nk1
             k0 = r64 // (nk2 * nk1)
-            B_row = B_ptr + k0 * B_sk0 + k1 * B_sk1 + k2 * B_sk2
             B_argmax_row = B_argmax_ptr + k0 * B_argmax_sk0 + k1 * B_argmax_sk1 + k2 * B_argmax_sk2
             dB_row = dB_ptr + k0 * dB_sk0 + k1 * dB_sk1 + k2 * dB_sk2
             dA_row = dA_ptr + k0 * dA_sk0 + k1 * dA_sk1 + k2 * dA_sk2
-            B = tl.load(B_row).to(ACC)  # the output B[s2]
             B_argmax = tl.load(B_argmax_row)  # first argmax of B's row
             dB = tl.load(dB_row).to(ACC)  # the gradient of B
             # final pass: compute and store the outputs
@@ -205,10 +200,10 @@ META = {'name': 'max',
  'params': [],
  'output': {'name': 'B', 'level': 'row'},
  'extras': [{'name': 'argmax:B', 'level': 'row', 'kind': 'index'}],
- 'saved': ['B', 'argmax:B'],
+ 'saved': ['argmax:B'],
  'grads': [{'name': 'dA', 'of': 'A', 'level': 'elem'}],
  'forward': {'kernel': '_max_fwd', 'tensors': ['A', 'B', 'argmax:B']},
- 'backward': {'kernel': '_max_bwd', 'tensors': ['B', 'argmax:B', 'dB', 'dA']},
+ 'backward': {'kernel': '_max_bwd', 'tensors': ['argmax:B', 'dB', 'dA']},
  'reduces': 'dim'}
 
 OP = rt.RowwiseOp(META, _max_fwd, _max_bwd, __package__)
@@ -236,7 +231,6 @@ AOT_CONFIGS = [
         "ACC": "constexpr", "BLOCK": "constexpr", "SINGLE": "constexpr", "RG": "constexpr", "IDX64": "constexpr"},
      "constexprs": {"ACC": "tl.float32", "BLOCK": 4096, "SINGLE": False, "RG": 1, "IDX64": False}},
     {"kernel": "_max_bwd", "num_warps": 8, "signature": {
-        "B_ptr": "*fp32", "B_sk0": "i32", "B_sk1": "i32", "B_sk2": "i32",
         "B_argmax_ptr": "*i32", "B_argmax_sk0": "i32", "B_argmax_sk1": "i32", "B_argmax_sk2": "i32",
         "dB_ptr": "*fp32", "dB_sk0": "i32", "dB_sk1": "i32", "dB_sk2": "i32",
         "dA_ptr": "*fp32", "dA_sk0": "i32", "dA_sk1": "i32", "dA_sk2": "i32", "dA_sr0": "i32", "dA_sr1": "i32", "dA_sr2": "i32",
@@ -244,7 +238,6 @@ AOT_CONFIGS = [
         "ACC": "constexpr", "BLOCK": "constexpr", "SINGLE": "constexpr", "RG": "constexpr", "IDX64": "constexpr"},
      "constexprs": {"ACC": "tl.float32", "BLOCK": 4096, "SINGLE": True, "RG": 1, "IDX64": False}},
     {"kernel": "_max_bwd", "num_warps": 8, "signature": {
-        "B_ptr": "*fp32", "B_sk0": "i32", "B_sk1": "i32", "B_sk2": "i32",
         "B_argmax_ptr": "*i32", "B_argmax_sk0": "i32", "B_argmax_sk1": "i32", "B_argmax_sk2": "i32",
         "dB_ptr": "*fp32", "dB_sk0": "i32", "dB_sk1": "i32", "dB_sk2": "i32",
         "dA_ptr": "*fp32", "dA_sk0": "i32", "dA_sk1": "i32", "dA_sk2": "i32", "dA_sr0": "i32", "dA_sr1": "i32", "dA_sr2": "i32",
