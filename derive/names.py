@@ -61,8 +61,10 @@ class Names:
     thing (``("ptr", "X")``) always gets the same name.
     """
 
-    def __init__(self, reserved=()):
-        self.taken: set[str] = set(reserved) | PYTHON_RESERVED
+    def __init__(self, reserved=(), builtins: bool = True):
+        """``builtins=False`` for a scope that may shadow builtins it never uses
+        (a wrapper's parameters): keywords stay reserved."""
+        self.taken: set[str] = set(reserved) | (PYTHON_RESERVED if builtins else set(keyword.kwlist))
         self.given: dict[object, str] = {}
 
     def take(self, want: str) -> str:

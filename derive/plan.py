@@ -672,7 +672,7 @@ def plan_rowwise(d: Derivation) -> RowwisePlan:
     bwd = k_bwd.build()
 
     fn = names.of(("fn", ir.name), ir.name)
-    signature, call, reduces = _api(ir, levels, t_in, params, names, has_reduction=bool(
+    signature, call, reduces = _api(ir, levels, has_reduction=bool(
         [e for e in eqs if e.kind in ("sum", "max")]))
     meta = {
         "name": ir.name,
@@ -695,13 +695,16 @@ def plan_rowwise(d: Derivation) -> RowwisePlan:
                        [str(e) for e in ir.equations], pullback_text, list(params.values()), signature, call, doc)
 
 
-def _api(ir, levels, t_in, params, names: Names, has_reduction: bool) -> tuple[str, str, str]:
+def _api(ir, levels, has_reduction: bool) -> tuple[str, str, str]:
     """The public function's signature and the runtime call, as text.  Tensor
     arguments are the spec's inputs, in order; the reduced dims come from
     ``dim`` (an int or a tuple), or from the column weights' shapes (their
     trailing dims), or are the last dim for an elementwise op."""
-    args = [t_in[x.name].value for x in ir.inputs]
-    qs = [params[q.name] for q in ir.params]
+    # the wrapper's own scope: its parameters are the user's names wherever they are safe there
+    api = Names({"OP"}, builtins=False)
+    args = [api.take(x.name) for x in ir.inputs]
+    qs = [api.take(q.name) for q in ir.params]
+    names = api
     has_col = any(levels[x.name] == "col" for x in ir.inputs)
     sig = list(args)
     dim = keepdim = "None"
