@@ -28,6 +28,7 @@ class Derivation:
     source: str          # spec text
     ir: IR.OpIR
     steps: list[PB.AdjointStep]
+    spec: SP.OpSpec | None = None  # the parsed spec (declarations, defaults and their positions)
 
     @property
     def spec_hash(self) -> str:
@@ -101,7 +102,7 @@ def resolve(name_or_path: str) -> tuple[str, str]:
 def derive_text(text: str, path: str = "<spec>") -> Derivation:
     spec = SP.parse(text, path)
     ir = IR.build(spec)
-    return Derivation(spec.name, path, text, ir, PB.reverse(ir))
+    return Derivation(spec.name, path, text, ir, PB.reverse(ir), spec)
 
 
 def derive(name_or_path: str) -> Derivation:

@@ -221,7 +221,7 @@ class _Builder:
         return SpecError(msg, self.file, pos.line, pos.col)
 
     def check_name(self, name: str, pos: S.Pos, what: str):
-        if name in S.FUNCTIONS or name in S.REDUCTIONS or name == "op":
+        if name in S.FUNCTIONS or name in S.BINARY_FUNCTIONS or name in S.REDUCTIONS or name == "op":
             raise self.err(f"{name!r} is reserved and cannot name {what}", pos)
         if Symbol(name) in self.index_order:
             raise self.err(f"{name!r} is an index name and cannot name {what}", pos)
@@ -352,7 +352,8 @@ class _Builder:
             if node.op == "**" and free_indices(b):
                 raise self.err("an exponent must be a number or parameter, not a tensor", node.pos)
             return {"+": lambda: a + b, "-": lambda: a - b, "*": lambda: a * b,
-                    "/": lambda: a / b, "**": lambda: a ** b}[node.op]()
+                    "/": lambda: a / b, "**": lambda: a ** b,
+                    "maximum": lambda: sympy.Max(a, b), "minimum": lambda: sympy.Min(a, b)}[node.op]()
         if isinstance(node, S.Func):
             return getattr(sympy, node.name)(self.expr(node.arg))
         if isinstance(node, S.Reduce):

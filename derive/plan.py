@@ -185,12 +185,7 @@ def _decl_pos(d: Derivation, name: str) -> Pos | None:
     eq = ir.definition(name)
     if eq is not None:
         return eq.pos
-    from .spec import parse
-    try:
-        spec = parse(d.source, d.path)
-    except SpecError:  # pragma: no cover - it parsed once already
-        return None
-    for decl in spec.inputs + [spec.output]:
+    for decl in d.spec.inputs + [d.spec.output]:
         if decl.name == name:
             return decl.pos
     return None
@@ -672,12 +667,13 @@ def plan_rowwise(d: Derivation) -> RowwisePlan:
     bwd = k_bwd.build()
 
     fn = names.of(("fn", ir.name), ir.name)
-    signature, call, reduces = _api(ir, levels, has_reduction=bool(
+    signature, call, reduces = _api(ir, d.spec, levels, has_reduction=bool(
         [e for e in eqs if e.kind in ("sum", "max")]))
     meta = {
         "name": ir.name,
-        "inputs": [{"name": x.name, "level": levels[x.name]} for x in inputs],
-        "params": [q.name for q in ir.params],
+        "inputs": [{"name": x.name, "level": levels[x.name], "default": decl.default}
+                   for x, decl in zip(inputs, d.spec.inputs)],
+        "params": [{"name": q.name, "default": q.default} for q in d.spec.param_decls],
         "output": {"name": out.name, "level": levels[out.name]},
         "extras": [{"name": t.key, "level": "row", "kind": t.kind} for t in list(t_arg.values()) + list(t_stat.values())],
         "saved": saved_fwd + [t.key for t in list(t_arg.values()) + list(t_stat.values())],
@@ -695,7 +691,7 @@ def plan_rowwise(d: Derivation) -> RowwisePlan:
                        [str(e) for e in ir.equations], pullback_text, list(params.values()), signature, call, doc)
 
 
-def _api(ir, levels, has_reduction: bool) -> tuple[str, str, str]:
+def _api(ir, spec, levels, has_reduction: bool) -> tuple[str, str, str]:
     """The public function's signature and the runtime call, as text.  Tensor
     arguments are the spec's inputs, in order; the reduced dims come from
     ``dim`` (an int or a tuple), or from the column weights' shapes (their
@@ -706,10 +702,12 @@ def _api(ir, levels, has_reduction: bool) -> tuple[str, str, str]:
     qs = [api.take(q.name) for q in ir.params]
     names = api
     has_col = any(levels[x.name] == "col" for x in ir.inputs)
-    sig = list(args)
+    sig = [a if decl.default is None else f"{a}=None" for a, decl in zip(args, spec.inputs)]
+    qsig = [q if decl.default is None else f"{q}=None" if decl.default == "eps" else f"{q}={decl.default!r}"
+            for q, decl in zip(qs, spec.param_decls)]
     dim = keepdim = "None"
     if has_col or not has_reduction:
-        sig += qs
+        sig += qsig
         if levels[ir.output.name] == "row":
             keepdim = names.of(("api", "keepdim"), "keepdim")
             sig.append(f"{keepdim}: bool = False")
@@ -720,7 +718,16 @@ def _api(ir, levels, has_reduction: bool) -> tuple[str, str, str]:
             keepdim = names.of(("api", "keepdim"), "keepdim")
             sig.append(f"{keepdim}: bool = False")
         if qs:
-            sig += ["*"] + qs
+            sig += ["*"] + qsig
+    optional = False
+    for a in sig:
+        if a == "*":
+            break
+        if "=" in a:
+            optional = True
+        elif optional:
+            raise _located(ir, spec.inputs[0].pos, f"the argument {a} has no default but comes after one that "
+                                                   f"has; give it a default or move it first")
     call = f"[{', '.join(args)}], [{', '.join(qs)}], {dim}, {keepdim if keepdim != 'None' else 'False'}"
     reduces = "weights" if has_col else ("dim" if dim != "None" else "last")
     return ", ".join(sig), call, reduces

@@ -92,6 +92,12 @@ class TritonPrinter(CodePrinter):
             out = f"{func}({out}, {a})"
         return out
 
+    def _print_Heaviside(self, expr):
+        # the derivative of maximum/minimum: 1 above, 0 below, 1/2 at a tie (as torch splits ties)
+        x = self._print(expr.args[0])
+        half = self._print(expr.args[1]) if len(expr.args) > 1 else "0.5"
+        return f"tl.where(({x}) > 0, 1.0, tl.where(({x}) < 0, 0.0, {half}))"
+
     def _print_Max(self, expr):
         return self._fold("tl.maximum", expr)
 

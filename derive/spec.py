@@ -24,10 +24,12 @@ whitelist of node types: user text is never evaluated.  Every error is a
 from __future__ import annotations
 
 import ast
+import math
 import re
 from dataclasses import dataclass, field
 
 FUNCTIONS = ("exp", "log", "sqrt", "tanh")
+BINARY_FUNCTIONS = ("maximum", "minimum")  # elementwise, as torch.maximum / torch.minimum
 REDUCTIONS = ("sum", "mean", "max")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -96,6 +98,14 @@ class TensorDecl:
     name: str
     indices: tuple[str, ...]
     pos: Pos
+    default: float | None = None  # an optional input: None at the call means this constant
+
+
+@dataclass(frozen=True)
+class ParamDecl:
+    name: str
+    pos: Pos
+    default: float | str | None = None  # a number, "eps" (the dtype's machine epsilon) or None (required)
 
 
 @dataclass(frozen=True)
@@ -115,10 +125,12 @@ class OpSpec:
     equations: list[Equation] = field(default_factory=list)
     file: str = "<spec>"
     source: str = ""
+    param_decls: list[ParamDecl] = field(default_factory=list)
 
 
 # ---- header tokenizer ---------------------------------------------------------
-_TOKEN = re.compile(r"\s*(?:(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<arrow>->)|(?P<punct>[\[\](),;]))")
+_TOKEN = re.compile(r"\s*(?:(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<arrow>->)"
+                    r"|(?P<num>-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)|(?P<punct>[\[\](),;=]))")
 
 
 class _Header:
@@ -163,7 +175,31 @@ class _Header:
             self.i += 1
             indices.append(self.expect(kind="name", what="an index name")[1])
         self.expect("]", what="']' or ','")
-        return TensorDecl(name, tuple(indices), Pos(self.line, col))
+        default = None
+        if self.peek() and self.peek()[1] == "=":
+            self.i += 1
+            default = self.number(f"the default value of {name}")
+        return TensorDecl(name, tuple(indices), Pos(self.line, col), default)
+
+    def number(self, what: str) -> float:
+        _, text, col = self.expect(kind="num", what=f"a number ({what})")
+        value = float(text)
+        if not math.isfinite(value):
+            raise SpecError(f"{what} must be a finite number, got {text}", self.file, self.line, col)
+        return value
+
+    def param(self) -> ParamDecl:
+        _, name, col = self.expect(kind="name", what="a parameter name")
+        default = None
+        if self.peek() and self.peek()[1] == "=":
+            self.i += 1
+            tok = self.peek()
+            if tok is not None and tok[1] == "eps":
+                self.i += 1
+                default = "eps"
+            else:
+                default = self.number(f"the default value of {name}, or eps for the dtype's machine epsilon")
+        return ParamDecl(name, Pos(self.line, col), default)
 
 
 def _parse_header(text: str, offset: int, file: str, line: int) -> OpSpec:
@@ -174,23 +210,26 @@ def _parse_header(text: str, offset: int, file: str, line: int) -> OpSpec:
     _, name, _ = h.expect(kind="name", what="the op name")
     h.expect("(", what="'(' and the op's inputs")
     inputs = [h.tensor()]
-    params: list[str] = []
+    params: list[ParamDecl] = []
     while h.peek() and h.peek()[1] == ",":
         h.i += 1
         inputs.append(h.tensor())
     if h.peek() and h.peek()[1] == ";":
         h.i += 1
-        params.append(h.expect(kind="name", what="a parameter name")[1])
+        params.append(h.param())
         while h.peek() and h.peek()[1] == ",":
             h.i += 1
-            params.append(h.expect(kind="name", what="a parameter name")[1])
+            params.append(h.param())
     h.expect(")", what="')'")
     h.expect("->", what="'->' and the output")
     output = h.tensor()
+    if output.default is not None:
+        raise SpecError(f"the output {output.name} cannot have a default value", file, line, output.pos.col)
     if h.peek() is not None:
         tok = h.peek()
         raise SpecError(f"unexpected {tok[1]!r} after the output", file, line, tok[2])
-    return OpSpec(name=name, inputs=inputs, params=params, output=output, file=file)
+    return OpSpec(name=name, inputs=inputs, params=[q.name for q in params], output=output, file=file,
+                  param_decls=params)
 
 
 # ---- expressions through a whitelisted ast ----------------------------------
@@ -224,7 +263,7 @@ class _Expr:
                 raise self.err(f"only numbers may appear as constants, not {node.value!r}", node)
             return Num(node.value, self.pos(node))
         if isinstance(node, ast.Name):
-            if node.id in FUNCTIONS or node.id in REDUCTIONS:
+            if node.id in FUNCTIONS or node.id in BINARY_FUNCTIONS or node.id in REDUCTIONS:
                 raise self.err(f"{node.id} is a function: call it, e.g. {node.id}(x)", node)
             return Ref(node.id, self.pos(node))
         if isinstance(node, ast.Call):
@@ -262,8 +301,13 @@ class _Expr:
         if isinstance(func, ast.Name):
             if func.id in REDUCTIONS:
                 raise self.err(f"{func.id} needs the indices it reduces: {func.id}[i](x)", func)
+            if func.id in BINARY_FUNCTIONS:
+                if len(node.args) != 2:
+                    raise self.err(f"{func.id} takes exactly two arguments, got {len(node.args)}", node)
+                return Bin(func.id, self.convert(node.args[0]), self.convert(node.args[1]), self.pos(node))
             if func.id not in FUNCTIONS:
-                raise self.err(f"unknown function {func.id!r}; known: {', '.join(FUNCTIONS)}", func)
+                raise self.err(f"unknown function {func.id!r}; known: {', '.join(FUNCTIONS + BINARY_FUNCTIONS)}",
+                               func)
             if len(node.args) != 1:
                 raise self.err(f"{func.id} takes exactly one argument, got {len(node.args)}", node)
             return Func(func.id, self.convert(node.args[0]), self.pos(node))

@@ -196,7 +196,7 @@ def _max_bwd(
 
 # ---- what the shared runtime needs to launch, register and differentiate this op
 META = {'name': 'max',
- 'inputs': [{'name': 'A', 'level': 'elem'}],
+ 'inputs': [{'name': 'A', 'level': 'elem', 'default': None}],
  'params': [],
  'output': {'name': 'B', 'level': 'row'},
  'extras': [{'name': 'argmax:B', 'level': 'row', 'kind': 'index'}],

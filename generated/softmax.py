@@ -249,7 +249,7 @@ def _softmax_bwd(
 
 # ---- what the shared runtime needs to launch, register and differentiate this op
 META = {'name': 'softmax',
- 'inputs': [{'name': 'A', 'level': 'elem'}],
+ 'inputs': [{'name': 'A', 'level': 'elem', 'default': None}],
  'params': [],
  'output': {'name': 'B', 'level': 'elem'},
  'extras': [],
