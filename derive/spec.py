@@ -115,6 +115,7 @@ class OpSpec:
     equations: list[Equation] = field(default_factory=list)
     file: str = "<spec>"
     source: str = ""
+    name_pos: Pos = Pos(0, 0)  # where the op name stands in the header
 
 
 # ---- header tokenizer ---------------------------------------------------------
@@ -171,7 +172,7 @@ def _parse_header(text: str, offset: int, file: str, line: int) -> OpSpec:
     h.tokens = [(k, v, c + offset) for k, v, c in h.tokens]
     h.end_col += offset
     h.expect("op")
-    _, name, _ = h.expect(kind="name", what="the op name")
+    _, name, name_col = h.expect(kind="name", what="the op name")
     h.expect("(", what="'(' and the op's inputs")
     inputs = [h.tensor()]
     params: list[str] = []
@@ -190,7 +191,7 @@ def _parse_header(text: str, offset: int, file: str, line: int) -> OpSpec:
     if h.peek() is not None:
         tok = h.peek()
         raise SpecError(f"unexpected {tok[1]!r} after the output", file, line, tok[2])
-    return OpSpec(name=name, inputs=inputs, params=params, output=output, file=file)
+    return OpSpec(name=name, inputs=inputs, params=params, output=output, file=file, name_pos=Pos(line, name_col))
 
 
 # ---- expressions through a whitelisted ast ----------------------------------
