@@ -2,7 +2,7 @@
 
     pullback list                      built-in ops and their signatures
     pullback derive softmax            the derivation, as text (or --format markdown|latex)
-    pullback emit softmax -o out/      write the generated module (and its runtime) to out/
+    pullback emit softmax -o out/      add the op's module to the package out/ (with its runtime and __init__)
     pullback regen [--check]           rewrite generated/ from the built-in specs (or check it)
     pullback build                     compile every generated kernel for sm_80 and sm_90 (no GPU needed)
     pullback bench                     time against torch/SDPA on a GPU; count bytes moved on the CPU
@@ -63,7 +63,7 @@ def derive_cmd(op, fmt):
 
 @main.command("emit")
 @click.argument("op")
-@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), default=None,
+@click.option("-o", "--out", "out_dir", type=click.Path(), default=None,
               help="Package directory to write into (default: generated/); ops already there stay exported.")
 def emit_cmd(op, out_dir):
     """Derive OP and emit its Triton module (forward and backward kernels) into a

@@ -19,6 +19,7 @@ line and inert.
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 import keyword
 import os
@@ -145,11 +146,38 @@ def tidy(text: str) -> str:
     return "\n".join(out)
 
 
+def module_names(text: str, own: str) -> dict[str, str]:
+    """Top-level names a rendered module binds for itself (imports, assignments,
+    definitions other than the op ``own``): name -> how it is bound."""
+    try:
+        tree = ast.parse(text)
+    except SyntaxError:
+        return {}
+    names: dict[str, str] = {}
+    for node in tree.body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            for a in node.names:
+                names.setdefault(a.asname or a.name.split(".")[0], f"line {node.lineno}: an import")
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name != own:
+            names.setdefault(node.name, f"line {node.lineno}: a definition")
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                if isinstance(target, ast.Name):
+                    names.setdefault(target.id, f"line {node.lineno}: an assignment")
+    return names
+
+
 def render_op(d: Derivation) -> str:
     check_op_name(d)
     p = plan(d)
     template = environment().get_template(FAMILY_TEMPLATES[p.family])
-    return tidy(template.render(p=p, spec_path=d.path, header=header(d.path, d.spec_hash)))
+    text = tidy(template.render(p=p, spec_path=d.path, header=header(d.path, d.spec_hash)))
+    taken = module_names(text, d.name)
+    if d.name in taken:
+        pos = SP.parse(d.source, d.path).name_pos
+        raise SpecError(f"the op name {d.name!r} is taken in its generated module ({taken[d.name]}); "
+                        f"choose another", d.path, pos.line, pos.col)
+    return text
 
 
 def render_support(name: str, **context) -> str:

@@ -2,6 +2,7 @@
 ``__init__``, orphans, escaping of user text, and op names that cannot name a module."""
 import importlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -226,3 +227,18 @@ def test_the_longest_op_name_emits(tmp_path, monkeypatch):
     mod = import_fresh(tmp_path, monkeypatch, "userops_long")
     x = torch.randn(2, 7)
     torch.testing.assert_close(getattr(mod, name)(x, -1), x.sum(-1))
+
+
+@pytest.mark.parametrize("name", ["torch", "tl", "rt", "AOT_CONFIGS"])
+def test_an_op_name_the_module_uses_itself_is_a_spec_error(tmp_path, name):
+    """An op named like one of its module's own globals would shadow it (``def torch``)."""
+    header = f"op {name}(X[r, c]) -> Y[r]"
+    spec = tmp_path / "named.op"
+    spec.write_text(f"{header}\nY[r] = sum[c](X)\n")
+    with pytest.raises(SpecError) as info:
+        E.emit(str(spec), tmp_path / "pkg")
+    e = info.value
+    assert (e.line, e.col) == (1, col(header, name))
+    assert re.fullmatch(rf"the op name '{name}' is taken in its generated module \(line \d+: an "
+                        rf"(import|assignment)\); choose another", e.message), e.message
+    assert not (tmp_path / "pkg").exists()
