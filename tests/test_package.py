@@ -242,3 +242,36 @@ def test_an_op_name_the_module_uses_itself_is_a_spec_error(tmp_path, name):
     assert re.fullmatch(rf"the op name '{name}' is taken in its generated module \(line \d+: an "
                         rf"(import|assignment)\); choose another", e.message), e.message
     assert not (tmp_path / "pkg").exists()
+
+
+# ---- every template escapes what it places in comments and docstrings ---------------------
+_PLACEHOLDER = re.compile(r"\{\{(.*?)\}\}")
+
+
+def unescaped(text: str) -> list[str]:
+    """``{{ ... }}`` placeholders in a template that land in a ``#`` comment or a
+    docstring without the ``comment`` / ``docstring`` filter, as "line: placeholder"."""
+    text = re.sub(r"\{#.*?#\}", lambda m: "\n" * m.group().count("\n"), text, flags=re.S)  # Jinja comments
+    bad, in_doc = [], False
+    for n, line in enumerate(text.split("\n"), 1):
+        for k, part in enumerate(line.split('"""')):
+            in_doc = in_doc != (k > 0)
+            if in_doc:
+                filt, seg = "docstring", part
+            else:
+                m = re.search(r"(^|\s)#(\s|$)", part)
+                filt, seg = "comment", (part[m.start():] if m else "")
+            bad += [f"{n}: {{{{{ph}}}}} needs | {filt}" for ph in _PLACEHOLDER.findall(seg)
+                    if not re.search(rf"\|\s*{filt}\s*$", ph) and ph.strip() != "loop.index"]
+    return bad
+
+
+def test_the_template_check_finds_unescaped_text():
+    template = ('{{ header }}\n"""{{ p.name }}: kernels.\n\nForward ({{ spec_path | docstring }}):\n"""\n'
+                'x = {{ v.code }}  # {{ v.comment }}\ny = 1  # {{ v.doc | comment }}\n{# {{ jinja }} #}\n')
+    assert unescaped(template) == ["2: {{ p.name }} needs | docstring", "6: {{ v.comment }} needs | comment"]
+
+
+@pytest.mark.parametrize("template", sorted(p.name for p in (REPO / "templates").glob("*.j2")))
+def test_every_template_escapes_user_text(template):
+    assert unescaped((REPO / "templates" / template).read_text()) == []
