@@ -2,7 +2,7 @@
 
     pullback list                      built-in ops and their signatures
     pullback derive softmax            the derivation, as text (or --format markdown|latex)
-    pullback emit softmax -o out/      write the generated module (and its runtime) to out/
+    pullback emit softmax -o out/      add the op's module to the package out/ (with its runtime and __init__)
     pullback regen [--check]           rewrite generated/ from the built-in specs (or check it)
     pullback build                     compile every generated kernel for sm_80 and sm_90 (no GPU needed)
     pullback bench                     time against torch/SDPA on a GPU; count bytes moved on the CPU
@@ -63,28 +63,40 @@ def derive_cmd(op, fmt):
 
 @main.command("emit")
 @click.argument("op")
-@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), default=None,
-              help="Directory to write into (default: generated/).")
+@click.option("-o", "--out", "out_dir", type=click.Path(), default=None,
+              help="Package directory to write into (default: generated/); ops already there stay exported.")
 def emit_cmd(op, out_dir):
-    """Derive OP and emit its Triton module (forward and backward kernels)."""
+    """Derive OP and emit its Triton module (forward and backward kernels) into a
+    package, with the shared runtime and an __init__ exporting every op in it."""
     from derive import emit
     _derive(op)  # report spec errors before anything else
     try:
         fm = emit.emit(op, Path(out_dir) if out_dir else emit.GENERATED)
-    except (SpecError, PlanError, NotSupported) as e:
+    except (SpecError, PlanError, NotSupported, emit.PackageError) as e:
         _fail(e)
+    _report(fm, "up to date: nothing written")
+
+
+def _report(fm, unchanged: str):
+    for p in fm.cleaned:
+        click.echo(f"cleaned up after an interrupted run: {p}")
     for p in fm.written:
         click.echo(f"wrote {p}")
-    if not fm.written:
-        click.echo("up to date: nothing written")
+    for p in fm.removed:
+        click.echo(f"removed orphan {p}")
+    if not fm.written and not fm.removed:
+        click.echo(unchanged)
 
 
 @main.command("regen")
-@click.option("--check", is_flag=True, help="Write nothing; fail and name each stale or missing file.")
+@click.option("--check", is_flag=True, help="Write nothing; fail and name each stale, missing or orphan file.")
 def regen_cmd(check):
-    """Rewrite generated/ from the built-in specs."""
+    """Rewrite generated/ from the built-in specs; remove generated files no spec produces."""
     from derive import emit
-    fm = emit.regen(check=check, progress=lambda name: _progress(f"deriving and rendering {name} ..."))
+    try:
+        fm = emit.regen(check=check, progress=lambda name: _progress(f"deriving and rendering {name} ..."))
+    except emit.PackageError as e:
+        _fail(e)
     if check:
         if fm.stale:
             for path, why in fm.stale:
@@ -94,10 +106,7 @@ def regen_cmd(check):
             sys.exit(1)
         click.echo("generated/ is up to date")
         return
-    for p in fm.written:
-        click.echo(f"wrote {p}")
-    if not fm.written:
-        click.echo("generated/ is up to date: nothing written")
+    _report(fm, "generated/ is up to date: nothing written")
 
 
 @main.command("build")

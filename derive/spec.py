@@ -126,6 +126,7 @@ class OpSpec:
     file: str = "<spec>"
     source: str = ""
     param_decls: list[ParamDecl] = field(default_factory=list)
+    name_pos: Pos = Pos(0, 0)  # where the op name stands in the header
 
 
 # ---- header tokenizer ---------------------------------------------------------
@@ -207,7 +208,7 @@ def _parse_header(text: str, offset: int, file: str, line: int) -> OpSpec:
     h.tokens = [(k, v, c + offset) for k, v, c in h.tokens]
     h.end_col += offset
     h.expect("op")
-    _, name, _ = h.expect(kind="name", what="the op name")
+    _, name, name_col = h.expect(kind="name", what="the op name")
     h.expect("(", what="'(' and the op's inputs")
     inputs = [h.tensor()]
     params: list[ParamDecl] = []
@@ -229,7 +230,7 @@ def _parse_header(text: str, offset: int, file: str, line: int) -> OpSpec:
         tok = h.peek()
         raise SpecError(f"unexpected {tok[1]!r} after the output", file, line, tok[2])
     return OpSpec(name=name, inputs=inputs, params=[q.name for q in params], output=output, file=file,
-                  param_decls=params)
+                  param_decls=params, name_pos=Pos(line, name_col))
 
 
 # ---- expressions through a whitelisted ast ----------------------------------

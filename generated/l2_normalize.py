@@ -260,7 +260,7 @@ OP = rt.RowwiseOp(META, _l2_normalize_fwd, _l2_normalize_bwd, __package__)
 
 
 def l2_normalize(x, dim=-1, *, eps=1e-12) -> torch.Tensor:
-    """l2_normalize(x[r, c]; eps) -> y[r, c], from derive/ops/l2_normalize.op.\n\nThe reduced set c is ``dim``: an int or a tuple of ints (negative allowed).\nForward and backward run the generated Triton kernels above."""
+    """l2_normalize(x[r, c]; eps) -> y[r, c], from derive/ops/l2_normalize.op.\\n\\nThe reduced set c is ``dim``: an int or a tuple of ints (negative allowed).\\nForward and backward run the generated Triton kernels above."""
     return OP([x], [eps], dim, False)
 
 

@@ -361,7 +361,7 @@ OP = rt.RowwiseOp(META, _layer_norm_fwd, _layer_norm_bwd, __package__)
 
 
 def layer_norm(x, weight=None, bias=None, eps=1e-05) -> torch.Tensor:
-    """layer_norm(x[r, c], weight[c], bias[c]; eps) -> y[r, c], from derive/ops/layer_norm.op.\n\nThe reduced set c is the trailing dims of the inputs indexed [c] (like normalized_shape in torch's norms).\nForward and backward run the generated Triton kernels above."""
+    """layer_norm(x[r, c], weight[c], bias[c]; eps) -> y[r, c], from derive/ops/layer_norm.op.\\n\\nThe reduced set c is the trailing dims of the inputs indexed [c] (like normalized_shape in torch's norms).\\nForward and backward run the generated Triton kernels above."""
     return OP([x, weight, bias], [eps], None, False)
 
 

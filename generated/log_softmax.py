@@ -277,7 +277,7 @@ OP = rt.RowwiseOp(META, _log_softmax_fwd, _log_softmax_bwd, __package__)
 
 
 def log_softmax(x, dim=-1) -> torch.Tensor:
-    """log_softmax(x[r, c]) -> y[r, c], from derive/ops/log_softmax.op.\n\nThe reduced set c is ``dim``: an int or a tuple of ints (negative allowed).\nForward and backward run the generated Triton kernels above."""
+    """log_softmax(x[r, c]) -> y[r, c], from derive/ops/log_softmax.op.\\n\\nThe reduced set c is ``dim``: an int or a tuple of ints (negative allowed).\\nForward and backward run the generated Triton kernels above."""
     return OP([x], [], dim, False)
 
 

@@ -233,7 +233,7 @@ OP = rt.RowwiseOp(META, _logsumexp_fwd, _logsumexp_bwd, __package__)
 
 
 def logsumexp(x, dim=-1, keepdim: bool = False) -> torch.Tensor:
-    """logsumexp(x[r, c]) -> y[r], from derive/ops/logsumexp.op.\n\nThe reduced set c is ``dim``: an int or a tuple of ints (negative allowed). ``keepdim`` keeps the reduced dims with size 1.\nForward and backward run the generated Triton kernels above."""
+    """logsumexp(x[r, c]) -> y[r], from derive/ops/logsumexp.op.\\n\\nThe reduced set c is ``dim``: an int or a tuple of ints (negative allowed). ``keepdim`` keeps the reduced dims with size 1.\\nForward and backward run the generated Triton kernels above."""
     return OP([x], [], dim, keepdim)
 
 

@@ -293,7 +293,7 @@ OP = rt.RowwiseOp(META, _rms_norm_fwd, _rms_norm_bwd, __package__)
 
 
 def rms_norm(x, weight=None, eps=None) -> torch.Tensor:
-    """rms_norm(x[r, c], weight[c]; eps) -> y[r, c], from derive/ops/rms_norm.op.\n\nThe reduced set c is the trailing dims of the inputs indexed [c] (like normalized_shape in torch's norms).\nForward and backward run the generated Triton kernels above."""
+    """rms_norm(x[r, c], weight[c]; eps) -> y[r, c], from derive/ops/rms_norm.op.\\n\\nThe reduced set c is the trailing dims of the inputs indexed [c] (like normalized_shape in torch's norms).\\nForward and backward run the generated Triton kernels above."""
     return OP([x, weight], [eps], None, False)
 
 

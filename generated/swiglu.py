@@ -226,7 +226,7 @@ OP = rt.RowwiseOp(META, _swiglu_fwd, _swiglu_bwd, __package__)
 
 
 def swiglu(a, b) -> torch.Tensor:
-    """swiglu(a[r, c], b[r, c]) -> y[r, c], from derive/ops/swiglu.op.\n\nElementwise: c is the last dim, the other dims are rows.\nForward and backward run the generated Triton kernels above."""
+    """swiglu(a[r, c], b[r, c]) -> y[r, c], from derive/ops/swiglu.op.\\n\\nElementwise: c is the last dim, the other dims are rows.\\nForward and backward run the generated Triton kernels above."""
     return OP([a, b], [], None, False)
 
 

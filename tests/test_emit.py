@@ -60,12 +60,13 @@ def test_failed_write_leaves_the_old_file(tmp_path, monkeypatch):
     target.write_text("old contents\n")
 
     def boom(src, dst):
-        raise OSError("disk full")
+        raise OSError(28, "disk full")
 
     monkeypatch.setattr(os, "replace", boom)
     fm = E.FileManager(tmp_path)
-    with pytest.raises(OSError, match="disk full"):
-        fm.write("softmax.py", "new contents\n")
+    fm.write("softmax.py", "new contents\n")
+    with pytest.raises(E.PackageError, match=f"cannot write package to {tmp_path}: disk full"):
+        fm.commit()
     assert target.read_text() == "old contents\n"
     assert [p.name for p in tmp_path.iterdir()] == ["softmax.py"]  # no temporary file left behind
 
@@ -75,6 +76,12 @@ def test_refuses_to_write_a_file_twice(tmp_path):
     fm.write("a.py", "x = 1\n")
     with pytest.raises(RuntimeError, match="refusing to write .*a.py twice"):
         fm.write("a.py", "x = 2\n")
+
+
+@pytest.mark.parametrize("rel", ["sub/a.py", "..", "", ".pullback-staging-x"])
+def test_a_package_file_is_a_plain_name(tmp_path, rel):
+    with pytest.raises(ValueError, match="not a plain file name for a package"):
+        E.FileManager(tmp_path).write(rel, "x = 1\n")
 
 
 def test_emit_user_spec_into_a_directory(tmp_path):
