@@ -42,6 +42,7 @@ from .ir import ArgmaxIndicator, IndexMax, IndexSum, base_name, free_indices
 from .names import Names, template_names
 from .printer import NotSupported, triton_code
 from .report import display_indices
+from .simplify import rename_free
 from .spec import Pos, SpecError
 
 NEG_INF = sympy.S.NegativeInfinity
@@ -511,8 +512,8 @@ class _Kernel:
 
 
 # ---- from a derivation to the two kernels --------------------------------------------
-def _extract_sums(expr, red: Symbol, out: list, prefix: str, names: Names, ir, pos):
-    """Replace each sum over the reduced set by a named row value."""
+def _extract_sums(expr, red: Symbol, out: list, prefix: str, names: Names, ir, pos, kept=()):
+    """Replace each sum over the reduced set by a named row value (indexed by the kept set)."""
     def walk(e):
         if isinstance(e, IndexSum):
             if any(base_name(i) != red.name for i in e.indices) or len(e.indices) != 1:
@@ -521,14 +522,14 @@ def _extract_sums(expr, red: Symbol, out: list, prefix: str, names: Names, ir, p
             body = walk(e.body).xreplace({e.indices[0]: red})
             same = next((o for o in out if o.kind == "sum" and o.expr == body), None)
             if same is not None:  # the same sum twice: one reduction
-                return Indexed(same.name, *[i for i in free_indices(body) if i != red])
+                return Indexed(same.name, *(kept or [red]))
             tensors = sorted({str(t.base.label).replace(":", "_") for t in body.atoms(Indexed)})
             # a key no spec name can take (':'); the kernel's name is allocated from it
             name = f"{prefix}:{'_'.join(tensors)}" if tensors else f"{prefix}:{len(out)}"
             while any(o.name == name for o in out):
                 name += "_"
             out.append(_KEq(name, "row", "sum", body, f"sum[{red}]({body})"))
-            return Indexed(name, *[i for i in free_indices(body) if i != red])
+            return Indexed(name, *(kept or [red]))
         if not e.args or isinstance(e, Indexed):
             return e
         return e.func(*[walk(a) for a in e.args])
@@ -545,12 +546,19 @@ def _row_sum(expr, kept: tuple[Symbol, ...], ir, pos):
     for term in sympy.Add.make_args(sympy.expand(expr, deep=False, mul=True, multinomial=False,
                                                  power_exp=False, power_base=False, log=False)):
         sums = [f for f in sympy.Mul.make_args(term) if isinstance(f, IndexSum)
-                and {base_name(i) for i in f.indices} == kept_names]
+                and {base_name(i) for i in f.indices} >= kept_names]
         if len(sums) != 1:
             raise _located(ir, pos, "this gradient of a column weight is not a sum over the rows; "
                                     "the row-wise family cannot reduce it")
         s = sums[0]
         rest = term / s
+        inner = tuple(i for i in s.indices if base_name(i) not in kept_names)
+        if inner:  # sum[c', r](...) = sum[r](sum[c'](...)), factors free of c' taken out of the inner sum
+            out_f, in_f = [], []
+            for f in sympy.Mul.make_args(s.body):
+                (in_f if free_indices(f) & set(inner) else out_f).append(f)
+            s = IndexSum(sympy.Mul(*out_f) * IndexSum(sympy.Mul(*in_f), *inner),
+                         *[i for i in s.indices if i not in inner])
         if free_indices(rest) & set(s.indices) or any(base_name(i) in kept_names for i in free_indices(rest)):
             raise _located(ir, pos, "this gradient of a column weight mixes rows outside its sum")
         by_set = {base_name(i): i for i in s.indices}
@@ -580,7 +588,9 @@ def plan_rowwise(d: Derivation) -> RowwisePlan:
     for x in inputs:
         g = d.pullbacks[x.name]
         for _ in range(len(ir.equations) + 1):
-            subs = {t: fwd_defs[str(t.base.label)].rhs for t in g.atoms(Indexed)
+            subs = {t: rename_free(fwd_defs[str(t.base.label)].rhs,
+                                   dict(zip(fwd_defs[str(t.base.label)].target.indices, t.indices)))
+                    for t in g.atoms(Indexed)
                     if str(t.base.label) in fwd_defs and levels[str(t.base.label)] in ("elem", "col")
                     and str(t.base.label) != out.name}
             if not subs:
@@ -617,12 +627,12 @@ def plan_rowwise(d: Derivation) -> RowwisePlan:
     for eq in ir.equations:
         lvl = levels[eq.target.name]
         if isinstance(eq.rhs, IndexSum):
-            body = _extract_sums(eq.rhs.body, red, eqs, f"{eq.target.name}_sum", names, ir, eq.pos)
+            body = _extract_sums(eq.rhs.body, red, eqs, f"{eq.target.name}_sum", names, ir, eq.pos, kept)
             eqs.append(_KEq(eq.target.name, lvl, "sum", body, str(eq)))
         elif isinstance(eq.rhs, IndexMax):
             eqs.append(_KEq(eq.target.name, lvl, "max", eq.rhs.body, str(eq), argmax=eq.target.name in argmax_of))
         else:  # sums inside an expression (a mean, say) become row values of their own
-            rhs = _extract_sums(eq.rhs, red, eqs, f"{eq.target.name}_sum", names, ir, eq.pos)
+            rhs = _extract_sums(eq.rhs, red, eqs, f"{eq.target.name}_sum", names, ir, eq.pos, kept)
             eqs.append(_KEq(eq.target.name, lvl, "value", rhs, str(eq)))
     fwd_tensors = list(t_in.values()) + [t_out] + list(t_arg.values()) + list(t_stat.values())
     fwd_stores = [(t_out, out.name)] + [(t, f"argmax:{m}") for m, t in t_arg.items()] + \
@@ -650,7 +660,7 @@ def plan_rowwise(d: Derivation) -> RowwisePlan:
         pullback_text.append(text)
         pos = _decl_pos(d, x.name)
         if lvl == "col":
-            body = _extract_sums(_row_sum(g, kept, ir, pos), red, b_eqs, "sum", names, ir, pos)
+            body = _extract_sums(_row_sum(g, kept, ir, pos), red, b_eqs, "sum", names, ir, pos, kept)
             b_eqs.append(_KEq(gname, "elem", "acc", body, text))
             partials.append(tensor(f"partial:{gname}", "part", "stat",
                                    f"per-program partial sums of {gname} (summed in a second stage)",
@@ -658,7 +668,7 @@ def plan_rowwise(d: Derivation) -> RowwisePlan:
             continue
         if lvl == "row":
             g = sympy.sympify(g)
-        body = _extract_sums(g, red, b_eqs, "sum", names, ir, pos)
+        body = _extract_sums(g, red, b_eqs, "sum", names, ir, pos, kept)
         b_eqs.append(_KEq(gname, lvl, "value", body, text))
         b_stores.append((tensor(gname, lvl, "data", f"the gradient of {x.name}", gname), gname))
     bwd_tensors = saved_t + [t_grad] + [t for t, _ in b_stores] + partials
