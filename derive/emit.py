@@ -23,10 +23,23 @@ GENERATED = REPO_ROOT / "generated"
 FAMILY_TEMPLATES = {"rowwise": "rowwise.py.j2", "attention": "attention.py.j2"}
 
 
+def comment_text(text) -> str:
+    """User text for a ``#`` comment: one line, control characters escaped."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(text))
+
+
+def docstring_text(text) -> str:
+    """User text for a docstring: no backslash escapes, no closing quotes, one line."""
+    return comment_text(str(text).replace("\\", "\\\\")).replace('"', '\\"')
+
+
 def environment() -> jinja2.Environment:
-    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
-                              keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True,
-                              autoescape=False)
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
+                             keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True,
+                             autoescape=False)
+    env.filters["comment"] = comment_text
+    env.filters["docstring"] = docstring_text
+    return env
 
 
 def header(source: str, digest: str) -> str:
@@ -57,10 +70,12 @@ def tidy(text: str) -> str:
     return "\n".join(out)
 
 
-def render_op(d: Derivation) -> str:
+def render_op(d: Derivation) -> tuple[str, str]:
+    """The op's module text and the name of its public function there."""
     p = plan(d)
     template = environment().get_template(FAMILY_TEMPLATES[p.family])
-    return tidy(template.render(p=p, spec_path=d.path, header=header(d.path, d.spec_hash)))
+    return tidy(template.render(p=p, spec_path=d.path, header=header(d.path, d.spec_hash))), \
+        getattr(p, "fn", p.name)
 
 
 def render_support(name: str, **context) -> str:
@@ -72,11 +87,13 @@ def render_support(name: str, **context) -> str:
 
 def render_package(ops: list[str], progress=None) -> dict[str, str]:
     """Every file of a generated package for ``ops``: relative path -> text."""
-    files = {"_runtime.py": render_support("runtime"), "__init__.py": render_support("init", ops=sorted(ops))}
+    files = {"_runtime.py": render_support("runtime")}
+    functions = {}
     for name in sorted(ops):
         if progress:
             progress(name)
-        files[f"{name}.py"] = render_op(derive(name))
+        files[f"{name}.py"], functions[name] = render_op(derive(name))
+    files["__init__.py"] = render_support("init", ops=sorted(ops), functions=functions)
     return files
 
 
@@ -126,11 +143,11 @@ def regen(check: bool = False, root: Path = GENERATED, progress=None) -> FileMan
 def emit(name_or_path: str, out_dir: Path = GENERATED) -> FileManager:
     """Derive one op and write its module (and the shared runtime) into ``out_dir``."""
     d = derive(name_or_path)
-    text = render_op(d)  # render before touching the disk: a failure writes nothing
+    text, fn = render_op(d)  # render before touching the disk: a failure writes nothing
     runtime = render_support("runtime")
     fm = FileManager(Path(out_dir))
     fm.write(f"{d.name}.py", text)
     fm.write("_runtime.py", runtime)
     if not (Path(out_dir) / "__init__.py").exists():
-        fm.write("__init__.py", render_support("init", ops=[d.name]))
+        fm.write("__init__.py", render_support("init", ops=[d.name], functions={d.name: fn}))
     return fm

@@ -1,14 +1,21 @@
 """Stage 5: choose a kernel family and plan the fused forward and backward kernels.
 
-The **row-wise** family covers ops whose tensors are indexed by a kept set
-``s2`` and, for element-level tensors, one reduced set ``s1`` (max, softmax,
-and any op whose reductions share one index set).  One program handles one
-kept multi-index (a *row*); the reduced axes are walked as one flat column
-index through strides.
+The **row-wise** family covers every spec whose tensors are indexed by one
+*kept* set ``K`` (any number of index names: the rows) and one *reduced* set
+``c`` (the columns): row tensors ``X[K, c]``, per-row tensors ``b[K]`` and
+column weights ``W[c]``, any number of each, plus scalar parameters.  Sums and
+maxima run over ``c``; a spec with no reduction at all (an elementwise op)
+takes its output's last index set as ``c``.  Gradients of column weights are
+sums over the rows (``dW[c] = sum[K](...)``): each program accumulates its own
+rows and a second stage sums the per-program partials, so the same inputs
+always give bitwise-identical gradients.
 
-For each kernel the plan lists, in order, the values to compute: element
-values (a block of the row), reductions (``sum``/``max`` over the row) and
-row values (scalars).  It schedules two shapes of the same program:
+A program walks rows ``pid, pid + n_progs, ...``; the reduced axes of a row are
+one flat column index walked through strides.  For each kernel the plan lists
+the values to compute, in order, as printed statements: element values (a
+block of a row), reductions over the row (``sum``/``max``), row values
+(scalars), and column accumulators.  It schedules two shapes of the same
+program:
 
 * **single block** (the row fits one block): every input is read once and
   every output written once;
@@ -17,116 +24,36 @@ row values (scalars).  It schedules two shapes of the same program:
   factor that rescales (``exp(A - M)``) shares the max's pass: the rescale
   factor ``f(M_new) / f(M_old)`` is *derived* here, not written by hand.
 
-Everything mathematical is printed here with :mod:`derive.printer`; the
-template only places the printed text.
+Every formula and every policy (a max's NaN and tie rules, the online
+rescaling) is printed here as statements; every name in them comes from
+:class:`derive.names.Names`.  The template only places the text.
 """
 from __future__ import annotations
 
+import pprint
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import sympy
 from sympy import Indexed, Symbol
 
-from .derivation import Derivation
-from .ir import ArgmaxIndicator, IndexMax, IndexSum, base_name, free_indices, tensors_in
-from .printer import triton_code
+from .derivation import REPO_ROOT, Derivation
+from .ir import ArgmaxIndicator, IndexMax, IndexSum, base_name, free_indices
+from .names import Names, template_names
+from .printer import NotSupported, triton_code
 from .report import display_indices
+from .spec import Pos, SpecError
 
 NEG_INF = sympy.S.NegativeInfinity
-# names the row-wise template uses for its own values
-RESERVED = {"row", "col", "offs", "mask", "start", "n_cols", "tl", "triton", "ACC", "BLOCK", "SINGLE",
-            "RG", "IDX64", "nk1", "nk2", "nr1", "nr2", "c0", "c1", "c2", "k0", "k1", "k2"}
+TEMPLATES = REPO_ROOT / "templates"
 
 
-class PlanError(ValueError):
-    """The op does not fit a kernel family the generator knows."""
+class PlanError(SpecError):
+    """The op does not fit a kernel family the generator knows (located at the
+    spec's file:line:col when the cause is one equation or declaration)."""
 
-
-@dataclass
-class KTensor:
-    """A tensor a kernel reads or writes."""
-
-    name: str    # kernel name: "A", "dB", "B_argmax"
-    level: str   # "elem" (a row of the reduced axes) or "row" (one value per row)
-    kind: str    # "data" (the op's dtype), "stat" (the accumulation dtype) or "index" (int32)
-    doc: str = ""
-
-    @property
-    def is_elem(self) -> bool:
-        return self.level == "elem"
-
-
-@dataclass
-class Value:
-    name: str
-    level: str   # "elem" or "row"
-    code: str
-    comment: str
-
-
-@dataclass
-class Reduction:
-    name: str
-    kind: str            # "sum" or "max"
-    body: str            # summand, with element values by name
-    comment: str
-    argmax: bool = False
-    online: str | None = None   # the max this sum is rescaled with, in the looped shape
-    body_online: str = ""       # summand against the lane's running max
-    rescale_step: str = ""      # factor from the running max to the new one
-    rescale_final: str = ""     # factor from a lane's max to the row's max
-
-
-@dataclass
-class Pass:
-    loads: list[KTensor]
-    values: list[Value]
-    reductions: list[Reduction]
-    after: list[Value]
-
-
-@dataclass
-class RowKernel:
-    name: str
-    doc: str
-    loads: list[KTensor]          # all tensors read
-    stores: list[tuple[KTensor, str]]  # (tensor, value name)
-    row_loads: list[KTensor]
-    elem_loads: list[KTensor]
-    single: list[tuple[str, object]]   # ("value", Value) | ("reduce", Reduction), in order
-    before: list[Value]                # row values from row loads alone (looped shape)
-    passes: list[Pass]
-    final: Pass | None                 # computes and stores element outputs (looped shape)
-
-    @property
-    def tensors(self) -> list[KTensor]:
-        return self.loads + [t for t, _ in self.stores]
-
-    @property
-    def elem_stores(self):
-        return [(t, v) for t, v in self.stores if t.is_elem]
-
-    @property
-    def row_stores(self):
-        return [(t, v) for t, v in self.stores if not t.is_elem]
-
-
-@dataclass
-class RowwisePlan:
-    family: str
-    name: str
-    input: str
-    output: str
-    output_level: str
-    extras: list[KTensor]        # forward outputs saved for the backward only
-    saved: list[str]             # what the backward kernel reads from the forward, in order
-    grad: str                    # the incoming gradient's name, e.g. "dB"
-    grad_input: str              # "dA"
-    params: list[str]            # scalar parameters, passed to both kernels
-    fwd: RowKernel
-    bwd: RowKernel
-    forward_text: list[str] = field(default_factory=list)
-    pullback_text: list[str] = field(default_factory=list)
+    def __init__(self, message: str, file: str = "<spec>", line: int = 0, col: int = 0):
+        super().__init__(message, file, line, col)
 
 
 def rescale_ratio(body, m, old: Symbol, new: Symbol):
@@ -136,118 +63,424 @@ def rescale_ratio(body, m, old: Symbol, new: Symbol):
     return None if ratio.atoms(Indexed) else ratio
 
 
-# ---- the kernel equations -------------------------------------------------------------
+# ---- what the template places ----------------------------------------------------------
+@dataclass
+class KTensor:
+    """A tensor a kernel reads or writes, with every name the kernel uses for it."""
+
+    key: str      # the spec's name ("A", "dB"), "argmax:M" or "partial:dW"
+    level: str    # "elem" [K, c] | "row" [K] | "col" [c] | "part" [programs, c] (contiguous)
+    kind: str     # "data" (the op's dtype) | "stat" (accumulation dtype) | "index" (int32)
+    doc: str
+    value: str    # the kernel value loaded from / stored to it
+    ptr: str
+    base: str     # the pointer moved to this program's row
+    off: str      # the column offsets of the current block
+    sk: list[str] = field(default_factory=list)  # strides over the kept groups (outermost first)
+    sr: list[str] = field(default_factory=list)  # strides over the reduced groups
+
+    @property
+    def name(self) -> str:
+        return self.key
+
+    @property
+    def is_elem(self) -> bool:
+        return self.level == "elem"
+
+    @property
+    def blockwise(self) -> bool:
+        """Loaded or stored a block of columns at a time."""
+        return self.level in ("elem", "col", "part")
+
+
+@dataclass
+class Block:
+    """Code for one block of columns: the tensors it loads, then statements."""
+
+    loads: list[KTensor]
+    code: list[str]
+
+
+@dataclass
+class Loop:
+    """One pass over a long row: accumulators set up, updated per block, finished."""
+
+    names: list[str]
+    init: list[str]
+    block: Block
+    finish: list[str]
+
+
+@dataclass
+class Acc:
+    """A column accumulator: a sum over the rows a program handles (``dW[c]``)."""
+
+    tensor: KTensor   # the partial buffer it is stored to
+    name: str
+    init: str
+    update: str
+
+
+@dataclass
+class RowKernel:
+    name: str
+    doc: str
+    tensors: list[KTensor]                 # the signature, in order
+    row_loads: list[KTensor]
+    col_loads: list[KTensor]               # hoisted out of the row loop in the single-block shape
+    single: Block                          # elementwise loads and all statements (row fits a block)
+    elem_stores: list[tuple[KTensor, str]]
+    row_stores: list[tuple[KTensor, str]]
+    accs: list[Acc]
+    before: list[str]                      # row values from row loads alone (looped shape)
+    loops: list[Loop]
+    final: Block | None                    # computes element outputs and accumulators (looped shape)
+    n: dict[str, str]                      # the kernel's own names: "row", "col", ...
+
+    @property
+    def loads(self) -> list[KTensor]:
+        stored = {t.key for t, _ in self.elem_stores + self.row_stores} | {a.tensor.key for a in self.accs}
+        return [t for t in self.tensors if t.key not in stored]
+
+
+@dataclass
+class RowwisePlan:
+    family: str
+    name: str                  # the op (module) name
+    fn: str                    # the public function's name in the module
+    fwd: RowKernel
+    bwd: RowKernel
+    meta: dict                 # the op's description for the runtime (pure data)
+    saved: list[str]
+    extras: list[KTensor]
+    params: list[str]
+    forward_text: list[str] = field(default_factory=list)
+    pullback_text: list[str] = field(default_factory=list)
+    param_names: list[str] = field(default_factory=list)  # the parameters' names in generated code
+    signature: str = ""        # the public function's parameters
+    call: str = ""             # its call of the runtime
+    doc: str = ""
+
+    @property
+    def meta_text(self) -> str:
+        return pprint.pformat(self.meta, width=110, sort_dicts=False)
+
+
+# ---- structure: is this spec in the family? ----------------------------------------
+@dataclass
+class _Shape:
+    kept: tuple[Symbol, ...]
+    red: Symbol
+    levels: dict[str, str]
+
+
+def _located(ir, pos: Pos | None, msg: str) -> PlanError:
+    if pos is None:
+        return PlanError(f"op {ir.name}: {msg}", ir.file, 1, 1)
+    return PlanError(msg, ir.file, pos.line, pos.col)
+
+
+def _decl_pos(d: Derivation, name: str) -> Pos | None:
+    ir = d.ir
+    eq = ir.definition(name)
+    if eq is not None:
+        return eq.pos
+    from .spec import parse
+    try:
+        spec = parse(d.source, d.path)
+    except SpecError:  # pragma: no cover - it parsed once already
+        return None
+    for decl in spec.inputs + [spec.output]:
+        if decl.name == name:
+            return decl.pos
+    return None
+
+
+def match_rowwise(d: Derivation) -> _Shape:
+    """The kept and reduced sets of a row-wise spec, or a located PlanError."""
+    ir = d.ir
+    reduced: dict[str, Pos] = {}
+    for eq in ir.equations:
+        for r in list(eq.rhs.atoms(IndexSum)) + list(eq.rhs.atoms(IndexMax)):
+            for i in r.indices:
+                reduced.setdefault(base_name(i), eq.pos)
+    if len(reduced) > 1:
+        names = sorted(reduced)
+        raise _located(ir, reduced[names[1]], f"the row-wise family reduces over one index set, but this op "
+                       f"reduces over {', '.join(names)}")
+    if reduced:
+        red = Symbol(next(iter(reduced)))
+    elif ir.output.indices:
+        red = ir.output.indices[-1]  # elementwise: the last index set is the columns
+    else:
+        raise _located(ir, _decl_pos(d, ir.output.name), "the output has no indices")
+    row_like = [t for t in ir.tensors.values() if red in t.indices and len(t.indices) > 1]
+    kept_source = row_like[0] if row_like else ir.output
+    kept = tuple(i for i in kept_source.indices if i != red)
+    levels = {}
+    for t in ir.tensors.values():
+        if t.indices == kept + (red,):
+            levels[t.name] = "elem"
+        elif t.indices == kept and kept:
+            levels[t.name] = "row"
+        elif t.indices == (red,):
+            levels[t.name] = "col"
+        else:
+            want = ", ".join(i.name for i in kept + (red,))
+            raise _located(ir, _decl_pos(d, t.name),
+                           f"{t.name}[{', '.join(i.name for i in t.indices)}] does not fit the row-wise family: "
+                           f"every tensor is indexed [{want}], [{', '.join(i.name for i in kept)}] or [{red.name}]")
+    if not any(levels[t.name] == "elem" for t in ir.inputs):
+        raise _located(ir, _decl_pos(d, ir.inputs[0].name),
+                       f"the row-wise family needs an input indexed [{', '.join(i.name for i in kept + (red,))}]")
+    if levels[ir.output.name] == "col":
+        raise _located(ir, _decl_pos(d, ir.output.name),
+                       f"an output indexed [{red.name}] sums over rows; the row-wise family writes row or "
+                       f"per-row outputs")
+    return _Shape(kept, red, levels)
+
+
+# ---- kernel equations and their schedule -------------------------------------------
 @dataclass
 class _KEq:
-    name: str
-    level: str
-    kind: str       # "value", "sum", "max"
-    expr: object    # value, or the reduction body
+    name: str       # spec-level name
+    level: str      # "elem", "col" or "row"
+    kind: str       # "value", "sum", "max" or "acc" (a sum over the rows)
+    expr: object    # value, or the reduction's body
     comment: str
     argmax: bool = False
+
+
+def _comment(text: str) -> str:
+    """User text in a ``#`` comment: one line, no control characters."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(text))
 
 
 class _Kernel:
     """Schedules a list of kernel equations into the single and looped shapes."""
 
-    def __init__(self, name: str, doc: str, loads: list[KTensor], eqs: list[_KEq],
-                 stores: list[tuple[KTensor, str]], reduced: str):
-        self.name, self.doc, self.loads, self.eqs, self.stores = name, doc, loads, eqs, stores
-        self.reduced = reduced
+    def __init__(self, names: Names, n: dict, name: str, doc: str, tensors: list[KTensor], eqs: list[_KEq],
+                 stores: list[tuple[KTensor, str]], red: Symbol, params: dict[str, str]):
+        self.N, self.n = names, n
+        self.name, self.doc, self.eqs, self.red = name, doc, eqs, red
+        self.stored = {t.key for t, _ in stores}
+        self.tensors = tensors
+        self.loads = [t for t in tensors if t.key not in self.stored and t.level != "part"]
+        self.stores = stores
         self.by_name = {e.name: e for e in eqs}
-        for n in [t.name for t in loads] + [e.name for e in eqs]:
-            if n in RESERVED:
-                raise PlanError(f"the name {n!r} is reserved by the kernel template; rename it in the spec")
+        # spec name -> kernel value name
+        self.value_of = {t.key: t.value for t in tensors if not t.key.startswith(("argmax:", "partial:"))}
+        for e in eqs:
+            self.value_of.setdefault(e.name, names.of(("value", e.name), e.name.replace(":", "_")))
+        self.argmax_of = {t.key[len("argmax:"):]: t.value for t in tensors if t.key.startswith("argmax:")}
+        self.params = params
 
-    def code(self, expr) -> str:
-        return triton_code(expr, names={f"|{self.reduced}|": "n_cols"})
+    # -- printing
+    def code(self, expr, **extra) -> str:
+        names = dict(self.value_of)
+        names.update(self.params)
+        names[f"|{self.red.name}|"] = f"tl.cast({self.n['n_cols']}, {self.n['ACC']})"
+        names.update(extra)
+        argmax = {k: v for k, v in self.argmax_of.items()}
+        return triton_code(expr, names=names, column=self.n["col"], argmax=argmax)
 
     def names_in(self, expr) -> set[str]:
         out = {str(t.base.label) for t in expr.atoms(Indexed)} | {s.name for s in expr.atoms(Symbol)}
-        out |= {f"{a.reduced.base.label}_argmax" for a in expr.atoms(ArgmaxIndicator)}
+        out |= {f"argmax:{a.reduced.base.label}" for a in expr.atoms(ArgmaxIndicator)}
         return out
 
-    def inline_elem(self, expr):
+    def is_block(self, name: str) -> bool:
+        e = self.by_name.get(name)
+        return e is not None and e.level in ("elem", "col") and e.kind == "value"
+
+    def inline_block(self, expr):
         """Replace element values by their definitions, down to loads and row values."""
         for _ in range(len(self.eqs) + 1):
-            subs = {}
-            for t in expr.atoms(Indexed):
-                e = self.by_name.get(str(t.base.label))
-                if e is not None and e.level == "elem" and e.kind == "value":
-                    subs[t] = e.expr
+            subs = {t: self.by_name[str(t.base.label)].expr for t in expr.atoms(Indexed)
+                    if self.is_block(str(t.base.label))}
             if not subs:
                 return expr
             expr = expr.xreplace(subs)
         raise PlanError("element values depend on each other in a cycle")  # pragma: no cover
 
     def row_deps(self, expr) -> set[str]:
-        names = self.names_in(self.inline_elem(expr))
+        names = self.names_in(self.inline_block(expr))
         return {n for n in names if n in self.by_name and self.by_name[n].level == "row"}
 
-    def elem_deps(self, expr) -> list[str]:
+    def block_deps(self, expr) -> list[str]:
         """Element values ``expr`` needs, transitively, in equation order."""
         need: set[str] = set()
         todo = [expr]
         while todo:
-            for n in self.names_in(todo.pop()):
-                e = self.by_name.get(n)
-                if e is not None and e.level == "elem" and n not in need:
-                    need.add(n)
-                    todo.append(e.expr)
+            for nm in self.names_in(todo.pop()):
+                if self.is_block(nm) and nm not in need:
+                    need.add(nm)
+                    todo.append(self.by_name[nm].expr)
         return [e.name for e in self.eqs if e.name in need]
 
-    def elem_loads_of(self, exprs) -> list[KTensor]:
+    def block_loads(self, exprs, hoisted=()) -> list[KTensor]:
         names = set()
         for x in exprs:
             names |= self.names_in(x)
-        return [t for t in self.loads if t.is_elem and t.name in names]
+        return [t for t in self.loads if t.blockwise and t.key in names and t.key not in hoisted]
 
-    def value(self, e: _KEq) -> Value:
-        return Value(e.name, e.level, self.code(e.expr), e.comment)
+    # -- statements
+    def assign(self, e: _KEq) -> str:
+        return f"{self.value_of[e.name]} = {self.code(e.expr)}  # {_comment(e.comment)}"
 
-    def reduction(self, e: _KEq) -> Reduction:
-        return Reduction(e.name, e.kind, self.code(e.expr), e.comment, argmax=e.argmax)
+    def max_single(self, e: _KEq) -> list[str]:
+        n, v = self.n, self.value_of[e.name]
+        blk = self.N.of(("blk", e.name), f"{v}_blk")
+        nan = self.N.of(("nan", e.name), f"{v}_nan")
+        lines = [f"{blk} = tl.where({n['mask']}, {self.code(e.expr)}, float(\"-inf\"))  # {_comment(e.comment)}",
+                 "# a NaN anywhere makes the max NaN (as torch.amax); its index is the first NaN's",
+                 f"{nan} = tl.min(tl.where({blk} != {blk}, {n['col']}, {n['n_cols']}), axis=0)",
+                 f"{blk} = tl.where({blk} != {blk}, float(\"-inf\"), {blk})"]
+        if e.argmax:
+            arg = self.argmax_of[e.name]
+            lines += [f"{v}, {arg} = tl.max({blk}, axis=0, return_indices=True, "
+                      f"return_indices_tie_break_left=True)  # ties: the first index",
+                      f"{arg} = tl.where({nan} < {n['n_cols']}, {nan}, {arg})"]
+        else:
+            lines.append(f"{v} = tl.max({blk}, axis=0)")
+        lines.append(f"{v} = tl.where({nan} < {n['n_cols']}, float(\"nan\"), {v})")
+        return lines
 
-    def online_factor(self, e: _KEq, ready: dict[str, int], level: int) -> Reduction | None:
+    def sum_single(self, e: _KEq) -> list[str]:
+        v = self.value_of[e.name]
+        return [f"{v} = tl.sum(tl.where({self.n['mask']}, {self.code(e.expr)}, 0.0), axis=0)  "
+                f"# {_comment(e.comment)}"]
+
+    def acc_update(self, e: _KEq) -> str:
+        acc = self.N.of(("acc", e.name), f"{self.value_of[e.name]}_acc")
+        return f"{acc} += tl.where({self.n['mask']}, {self.code(e.expr)}, 0.0)  # {_comment(e.comment)}"
+
+    # -- the looped shape
+    def loop_for(self, reds: list[_KEq], online: dict[str, tuple]) -> Loop:
+        n = self.n
+        init, block, finish, names = [], [], [], []
+        exprs = [e.expr for e in reds if e.name not in online] + [self.inline_block(e.expr) for e in reds
+                                                                    if e.name in online]
+        values: list[str] = []
+        for x in exprs:
+            values += [nm for nm in self.block_deps(x) if nm not in values]
+        values = [e.name for e in self.eqs if e.name in values]
+        block_code = [self.assign(self.by_name[nm]) for nm in values]
+        maxes = [e for e in reds if e.kind == "max"]
+        sums = [e for e in reds if e.kind == "sum"]
+        run = {e.name: self.N.of(("run", e.name), f"{self.value_of[e.name]}_run") for e in reds}
+        for e in maxes:
+            v = self.value_of[e.name]
+            new, nan = self.N.of(("new", e.name), f"{v}_new"), self.N.of(("nan", e.name), f"{v}_nan")
+            blk, isnan = self.N.of(("blk", e.name), f"{v}_blk"), self.N.of(("isnan", e.name), f"{v}_isnan")
+            init += [f"{run[e.name]} = tl.full([{n['BLOCK']}], float(\"-inf\"), {n['ACC']})",
+                     f"{nan} = tl.zeros([{n['BLOCK']}], dtype=tl.int32) + {n['n_cols']}  # first NaN column per lane"]
+            block_code += [f"{blk} = tl.where({n['mask']}, {self.code(e.expr)}, float(\"-inf\"))  "
+                           f"# {_comment(e.comment)}",
+                           f"{isnan} = {blk} != {blk}",
+                           f"{nan} = tl.minimum({nan}, tl.where({isnan}, {n['col']}, {n['n_cols']}))",
+                           f"{blk} = tl.where({isnan}, float(\"-inf\"), {blk})"]
+            if e.argmax:
+                idx = self.N.of(("idx", e.name), f"{v}_idx")
+                init.append(f"{idx} = tl.zeros([{n['BLOCK']}], dtype=tl.int32)")
+                block_code.append(f"{idx} = tl.where({blk} > {run[e.name]}, {n['col']}, {idx})  "
+                                  f"# strict: the earlier index wins ties")
+            block_code.append(f"{new} = tl.maximum({run[e.name]}, {blk})")
+            if any(online.get(s.name, (None,))[0] == e.name for s in sums):
+                ref = self.N.of(("ref", e.name), f"{v}_ref")
+                block_code.append(f"{ref} = tl.where({new} == float(\"-inf\"), 0.0, {new})  "
+                                  f"# a lane with nothing yet measures against 0, never -inf - -inf")
+        for e in sums:
+            v = self.value_of[e.name]
+            init.append(f"{run[e.name]} = tl.zeros([{n['BLOCK']}], dtype={n['ACC']})")
+            if e.name in online:
+                m, body_online, step, final = online[e.name]
+                block_code.append(f"{run[e.name]} = {run[e.name]} * {step} + tl.where({n['mask']}, {body_online}, "
+                                  f"0.0)  # {_comment(e.comment)}, rescaled to the new running max")
+                finish_sum = f"{v} = tl.sum({run[e.name]} * {final}, axis=0)"
+            else:
+                block_code.append(f"{run[e.name]} += tl.where({n['mask']}, {self.code(e.expr)}, 0.0)  "
+                                  f"# {_comment(e.comment)}")
+                finish_sum = f"{v} = tl.sum({run[e.name]}, axis=0)"
+            finish.append(finish_sum)
+        for e in maxes:
+            block_code.append(f"{run[e.name]} = {self.N.given[('new', e.name)]}")
+        max_finish = []
+        for e in maxes:
+            v = self.value_of[e.name]
+            nan = self.N.given[("nan", e.name)]
+            first = self.N.of(("first_nan", e.name), f"{v}_first_nan")
+            max_finish.append(f"{v} = tl.max({run[e.name]}, axis=0)")
+            if e.argmax:
+                arg, idx = self.argmax_of[e.name], self.N.given[("idx", e.name)]
+                max_finish.append(f"{arg} = tl.min(tl.where({run[e.name]} == {v}, {idx}, {n['n_cols']}), axis=0)")
+            max_finish += ["# a NaN anywhere makes the max NaN (as torch.amax), at the first NaN",
+                           f"{first} = tl.min({nan}, axis=0)",
+                           f"{v} = tl.where({first} < {n['n_cols']}, float(\"nan\"), {v})"]
+            if e.argmax:
+                max_finish.append(f"{self.argmax_of[e.name]} = tl.where({first} < {n['n_cols']}, {first}, "
+                                  f"{self.argmax_of[e.name]})")
+        loads = self.block_loads(exprs + [self.by_name[nm].expr for nm in values])
+        return Loop([e.name for e in reds], init, Block(loads, block_code), max_finish + finish)
+
+    def online_factor(self, e: _KEq, ready: dict[str, int], level: int):
         """A sum whose summand depends on a max M of the same pass only through a
-        factor f(M): returns it with the derived rescale factors, else None."""
+        factor f(M): its printed online update, else None."""
         if e.kind != "sum":
             return None
-        late = [d for d in self.row_deps(e.expr) if ready[d] == level]
+        late = [x for x in self.row_deps(e.expr) if ready[x] == level]
         if len(late) != 1 or self.by_name[late[0]].kind != "max":
             return None
         m = late[0]
-        body = self.inline_elem(e.expr)
-        old, new = Symbol(f"{m}_run"), Symbol(f"{m}_new")
+        body = self.inline_block(e.expr)
+        old, new = Symbol(f"_{m}_run"), Symbol(f"_{m}_new")
         m_sym = next(t for t in body.atoms(Indexed) if str(t.base.label) == m)
         ratio = rescale_ratio(body, m_sym, old, new)
         if ratio is None:
             return None  # the summand does not rescale: schedule another pass
-        red = self.reduction(e)
-        red.online = m
+        v = self.value_of[m]
+        run = self.N.of(("run", m), f"{v}_run")
+        newn = self.N.of(("new", m), f"{v}_new")
+        ref = self.N.of(("ref", m), f"{v}_ref")
         # A lane whose running max is still -inf has summed nothing (its terms
         # were exp(-inf) = 0): its rescale is 0, and the new terms are measured
         # against 0 instead of -inf so that exp(-inf - -inf) never appears.
-        safe_new = Symbol(f"{m}_ref")
-        red.body_online = self.code(body.xreplace({m_sym: safe_new}))
-        red.rescale_step = self.code(sympy.Piecewise((0, sympy.Eq(old, NEG_INF)), (ratio, True)))
-        final = ratio.xreplace({new: Symbol(m)})
-        red.rescale_final = self.code(sympy.Piecewise((0, sympy.Eq(old, NEG_INF)), (final, True)))
-        return red
+        body_online = self.code(body.xreplace({m_sym: Symbol(f"_{m}_ref")}), **{f"_{m}_ref": ref})
+        step = self.code(sympy.Piecewise((0, sympy.Eq(old, NEG_INF)), (ratio, True)),
+                         **{old.name: run, new.name: newn})
+        final = self.code(sympy.Piecewise((0, sympy.Eq(old, NEG_INF)), (ratio.xreplace({new: Symbol(m)}), True)),
+                          **{old.name: run})
+        return m, body_online, step, final
 
     def build(self) -> RowKernel:
         eqs = self.eqs
-        single = [("value" if e.kind == "value" else "reduce",
-                   self.value(e) if e.kind == "value" else self.reduction(e)) for e in eqs]
-        # -- the looped shape: level of each row value = passes it waits for
-        ready: dict[str, int] = {t.name: 0 for t in self.loads if not t.is_elem}
+        col_loads = [t for t in self.loads if t.level == "col"]
+        single_code: list[str] = []
+        accs: list[Acc] = []
+        for e in eqs:
+            if e.kind == "value":
+                single_code.append(self.assign(e))
+            elif e.kind == "sum":
+                single_code += self.sum_single(e)
+            elif e.kind == "max":
+                single_code += self.max_single(e)
+            else:  # a sum over the rows: accumulated per program
+                single_code.append(self.acc_update(e))
+                part = next(t for t in self.tensors if t.key == f"partial:{e.name}")
+                acc = self.N.given[("acc", e.name)]
+                accs.append(Acc(part, acc, f"{acc} = tl.zeros([{self.n['BLOCK']}], dtype={self.n['ACC']})",
+                                self.acc_update(e)))
+        single_exprs = [e.expr for e in eqs]
+        single = Block(self.block_loads(single_exprs, hoisted={t.key for t in col_loads}), single_code)
+        # -- the looped shape: the level of each row value = the passes it waits for
+        ready: dict[str, int] = {t.key: 0 for t in self.loads if t.level == "row"}
         pass_of: dict[str, int] = {}
-        online: dict[str, Reduction] = {}
+        online: dict[str, tuple] = {}
         for e in eqs:
             if e.level != "row":
                 continue
             deps = self.row_deps(e.expr)
-            base = max([ready[d] for d in deps], default=0)
+            base = max([ready[x] for x in deps], default=0)
             if e.kind == "value":
                 ready[e.name] = base
                 continue
@@ -257,83 +490,50 @@ class _Kernel:
                 online[e.name] = red
             pass_of[e.name] = level
             ready[e.name] = level
-        n_passes = max(pass_of.values(), default=0)
-        passes = []
-        for p in range(1, n_passes + 1):
+        loops = []
+        for p in range(1, max(pass_of.values(), default=0) + 1):
             reds = [e for e in eqs if pass_of.get(e.name) == p]
-            exprs = [e.expr for e in reds if e.name not in online]
-            exprs += [self.inline_elem(e.expr) for e in reds if e.name in online]
-            values = []
-            for x in exprs:
-                values += [n for n in self.elem_deps(x) if n not in values]
-            values = [n for n in [e.name for e in eqs] if n in values]
-            passes.append(Pass(
-                loads=self.elem_loads_of(exprs + [self.by_name[n].expr for n in values]),
-                values=[self.value(self.by_name[n]) for n in values],
-                reductions=[online.get(e.name) or self.reduction(e) for e in reds],
-                after=[self.value(e) for e in eqs
-                       if e.level == "row" and e.kind == "value" and ready[e.name] == p]))
-        before = [self.value(e) for e in eqs if e.level == "row" and e.kind == "value" and ready[e.name] == 0]
+            loop = self.loop_for(reds, online)
+            loop.finish += [self.assign(e) for e in eqs
+                            if e.level == "row" and e.kind == "value" and ready[e.name] == p]
+            loops.append(loop)
+        before = [self.assign(e) for e in eqs if e.level == "row" and e.kind == "value" and ready[e.name] == 0]
         final = None
-        elem_out = [(t, v) for t, v in self.stores if t.is_elem]
-        if elem_out:
-            outs = [Indexed(v, Symbol("_")) for _, v in elem_out]
-            names = []
+        elem_out = [(t, v) for t, v in self.stores if t.level == "elem"]
+        acc_eqs = [e for e in eqs if e.kind == "acc"]
+        if elem_out or acc_eqs:
+            outs = [Indexed(v, Symbol("_")) for _, v in elem_out] + [e.expr for e in acc_eqs]
+            need: list[str] = []
             for o in outs:
-                names += [n for n in self.elem_deps(o) if n not in names]
-            names = [e.name for e in eqs if e.name in names]
-            final = Pass(loads=self.elem_loads_of(outs + [self.by_name[n].expr for n in names]),
-                         values=[self.value(self.by_name[n]) for n in names], reductions=[], after=[])
-        return RowKernel(self.name, self.doc, self.loads, self.stores,
-                         [t for t in self.loads if not t.is_elem], [t for t in self.loads if t.is_elem],
-                         single, before, passes, final)
+                need += [nm for nm in self.block_deps(o) if nm not in need]
+            need = [e.name for e in eqs if e.name in need]
+            final = Block(self.block_loads(outs + [self.by_name[nm].expr for nm in need]),
+                          [self.assign(self.by_name[nm]) for nm in need] + [self.acc_update(e) for e in acc_eqs])
+        stores = [(t, self.value_of[v]) for t, v in self.stores]
+        return RowKernel(self.name, self.doc, self.tensors, [t for t in self.loads if t.level == "row"], col_loads,
+                         single, [(t, v) for t, v in stores if t.level == "elem"],
+                         [(t, v) for t, v in stores if t.level == "row"], accs, before, loops, final, self.n)
 
 
-# ---- from a derivation to the two kernels ---------------------------------------------------
-def _levels(d: Derivation):
-    ir = d.ir
-    if len(ir.inputs) != 1:
-        raise PlanError(f"op {ir.name}: the row-wise family takes one input tensor")
-    x = ir.inputs[0]
-    reduced: set[Symbol] = set()
-    for eq in ir.equations:
-        for r in list(eq.rhs.atoms(IndexSum)) + list(eq.rhs.atoms(IndexMax)):
-            reduced |= set(r.indices)
-    if len(reduced) != 1:
-        raise PlanError(f"op {ir.name}: the row-wise family needs every reduction over one index set, "
-                        f"found {sorted(s.name for s in reduced) or 'none'}")
-    s1 = next(iter(reduced))
-    kept = tuple(i for i in x.indices if i != s1)
-    if x.indices != kept + (s1,):
-        raise PlanError(f"op {ir.name}: declare the input as {x.name}[{', '.join(i.name for i in kept)}, {s1}]")
-    levels = {}
-    for t in ir.tensors.values():
-        if t.indices == kept + (s1,):
-            levels[t.name] = "elem"
-        elif t.indices == kept:
-            levels[t.name] = "row"
-        else:
-            raise PlanError(f"op {ir.name}: {t.name}[{', '.join(i.name for i in t.indices)}] is neither "
-                            f"indexed like the input nor like a row of it")
-    return x, kept, s1, levels
-
-
-def _extract_sums(expr, s1: Symbol, out: list, prefix: str):
+# ---- from a derivation to the two kernels --------------------------------------------
+def _extract_sums(expr, red: Symbol, out: list, prefix: str, names: Names, ir, pos):
     """Replace each sum over the reduced set by a named row value."""
     def walk(e):
         if isinstance(e, IndexSum):
-            if any(base_name(i) != base_name(s1) for i in e.indices) or len(e.indices) != 1:
-                raise PlanError(f"a sum over {[i.name for i in e.indices]} does not fit the row-wise family")
-            body = walk(e.body).xreplace({e.indices[0]: s1})
+            if any(base_name(i) != red.name for i in e.indices) or len(e.indices) != 1:
+                raise _located(ir, pos, f"a sum over {', '.join(i.name for i in e.indices)} inside this "
+                               f"expression does not fit the row-wise family (sums run over {red.name})")
+            body = walk(e.body).xreplace({e.indices[0]: red})
             same = next((o for o in out if o.kind == "sum" and o.expr == body), None)
             if same is not None:  # the same sum twice: one reduction
-                return Indexed(same.name, *[i for i in free_indices(body) if i != s1])
-            names = sorted(str(t.base.label) for t in body.atoms(Indexed))
-            name = f"{prefix}_{'_'.join(names)}" if names else f"{prefix}{len(out)}"
+                return Indexed(same.name, *[i for i in free_indices(body) if i != red])
+            tensors = sorted({str(t.base.label).replace(":", "_") for t in body.atoms(Indexed)})
+            # a key no spec name can take (':'); the kernel's name is allocated from it
+            name = f"{prefix}:{'_'.join(tensors)}" if tensors else f"{prefix}:{len(out)}"
             while any(o.name == name for o in out):
                 name += "_"
-            out.append(_KEq(name, "row", "sum", body, f"{name} = sum[{s1}]({body})"))
-            return Indexed(name, *[i for i in free_indices(body) if i != s1])
+            out.append(_KEq(name, "row", "sum", body, f"sum[{red}]({body})"))
+            return Indexed(name, *[i for i in free_indices(body) if i != red])
         if not e.args or isinstance(e, Indexed):
             return e
         return e.func(*[walk(a) for a in e.args])
@@ -341,72 +541,216 @@ def _extract_sums(expr, s1: Symbol, out: list, prefix: str):
     return walk(expr)
 
 
+def _row_sum(expr, kept: tuple[Symbol, ...], ir, pos):
+    """``dW[c]`` as one sum over the kept set: ``sum[K](body)``.  The pullback of a
+    column weight is a sum over the rows (or a sum of such sums with factors
+    free of the rows); anything else does not fit."""
+    kept_names = {k.name for k in kept}
+    body_terms = []
+    for term in sympy.Add.make_args(sympy.expand(expr, deep=False, mul=True, multinomial=False,
+                                                 power_exp=False, power_base=False, log=False)):
+        sums = [f for f in sympy.Mul.make_args(term) if isinstance(f, IndexSum)
+                and {base_name(i) for i in f.indices} == kept_names]
+        if len(sums) != 1:
+            raise _located(ir, pos, "this gradient of a column weight is not a sum over the rows; "
+                                    "the row-wise family cannot reduce it")
+        s = sums[0]
+        rest = term / s
+        if free_indices(rest) & set(s.indices) or any(base_name(i) in kept_names for i in free_indices(rest)):
+            raise _located(ir, pos, "this gradient of a column weight mixes rows outside its sum")
+        by_set = {base_name(i): i for i in s.indices}
+        body = s.body.xreplace({by_set[k.name]: k for k in kept})
+        body_terms.append(rest * body)
+    return sympy.Add(*body_terms)
+
+
+def _role_names(ir, shape: _Shape) -> set[str]:
+    return {t.name for t in ir.tensors.values()} | {p.name for p in ir.params} | \
+        {i.name for i in ir.index_order} | {ir.name}
+
+
 def plan_rowwise(d: Derivation) -> RowwisePlan:
     ir = d.ir
-    x, kept, s1, levels = _levels(d)
+    shape = match_rowwise(d)
+    kept, red, levels = shape.kept, shape.red, shape.levels
+    names = Names(template_names(TEMPLATES / "rowwise.py.j2"))
+    # the template's own identifiers, by role (its text uses these exact words)
+    n = {w: w for w in ("row", "col", "mask", "n_cols", "ACC", "BLOCK")}
     out = ir.output
-    grad, grad_input = f"d{out.name}", f"d{x.name}"
-    dx = d.pullbacks[x.name]
-    # what the backward reads: forward tensors, argmax indicators
-    argmax_of = sorted({str(a.reduced.base.label) for a in dx.atoms(ArgmaxIndicator)})
     fwd_defs = {eq.target.name: eq for eq in ir.equations}
-    bwd_expr = dx
-    for _ in range(len(ir.equations) + 1):  # element intermediates are recomputed, not saved
-        subs = {t: fwd_defs[str(t.base.label)].rhs for t in bwd_expr.atoms(Indexed)
-                if str(t.base.label) in fwd_defs and levels[str(t.base.label)] == "elem"
-                and str(t.base.label) != out.name}
-        if not subs:
-            break
-        bwd_expr = bwd_expr.xreplace(subs)
-    without_indicators = bwd_expr.replace(lambda e: isinstance(e, ArgmaxIndicator), lambda e: Symbol("_pick"))
-    fwd_reads = sorted(tensors_in(without_indicators) - {grad})
-    extras = [KTensor(f"{m}_argmax", "row", "index", f"first argmax of {m}'s row") for m in argmax_of]
-    extras += [KTensor(n, "row", "stat", f"{n} saved for the backward") for n in fwd_reads
-               if n not in (x.name, out.name) and levels[n] == "row"]
-    saved = [n for n in fwd_reads if n in (x.name, out.name)] + [t.name for t in extras]
+    inputs = list(ir.inputs)
+
+    # -- the backward's expressions: block-level forward values are recomputed, row values saved
+    grads: dict[str, object] = {}
+    for x in inputs:
+        g = d.pullbacks[x.name]
+        for _ in range(len(ir.equations) + 1):
+            subs = {t: fwd_defs[str(t.base.label)].rhs for t in g.atoms(Indexed)
+                    if str(t.base.label) in fwd_defs and levels[str(t.base.label)] in ("elem", "col")
+                    and str(t.base.label) != out.name}
+            if not subs:
+                break
+            g = g.xreplace(subs)
+        grads[x.name] = g
+    grad_out = f"d{out.name}"
+    argmax_of = sorted({str(a.reduced.base.label) for g in grads.values() for a in g.atoms(ArgmaxIndicator)})
+    reads: set[str] = set()
+    for g in grads.values():
+        reads |= {str(t.base.label) for t in g.atoms(Indexed)}
+    reads -= {grad_out}
+    saved_fwd = [t.name for t in inputs if t.name in reads] + ([out.name] if out.name in reads else [])
+    stat_names = sorted(r for r in reads if r in fwd_defs and r != out.name and levels[r] == "row")
+    pos_out = _decl_pos(d, out.name)
+
+    def tensor(key, level, kind, doc, want) -> KTensor:
+        v = names.of(("value", key), want)
+        ptr, base, off = names.take(f"{v}_ptr"), names.take(f"{v}_row"), names.take(f"{v}_off")
+        sk = [names.take(f"{v}_sk{k}") for k in range(3)] if level in ("elem", "row") else []
+        sr = [names.take(f"{v}_sr{k}") for k in range(3)] if level in ("elem", "col") else []
+        return KTensor(key, level, kind, doc, v, ptr, base, off, sk, sr)
+
+    params = {q.name: names.of(("param", q.name), q.name) for q in ir.params}
+    t_in = {x.name: tensor(x.name, levels[x.name], "data", f"the input {x.indexed}", x.name) for x in inputs}
+    t_out = tensor(out.name, levels[out.name], "data", f"the output {out.indexed}", out.name)
+    t_arg = {m: tensor(f"argmax:{m}", "row", "index", f"first argmax of {m}'s row", f"{m}_argmax")
+             for m in argmax_of}
+    t_stat = {s: tensor(s, "row", "stat", f"{s} saved for the backward", s) for s in stat_names}
 
     # -- forward kernel
-    eqs = []
+    eqs: list[_KEq] = []
     for eq in ir.equations:
         lvl = levels[eq.target.name]
         if isinstance(eq.rhs, IndexSum):
-            eqs.append(_KEq(eq.target.name, lvl, "sum", eq.rhs.body, str(eq)))
+            body = _extract_sums(eq.rhs.body, red, eqs, f"{eq.target.name}_sum", names, ir, eq.pos)
+            eqs.append(_KEq(eq.target.name, lvl, "sum", body, str(eq)))
         elif isinstance(eq.rhs, IndexMax):
             eqs.append(_KEq(eq.target.name, lvl, "max", eq.rhs.body, str(eq), argmax=eq.target.name in argmax_of))
         else:  # sums inside an expression (a mean, say) become row values of their own
-            rhs = _extract_sums(eq.rhs, s1, eqs, f"{eq.target.name}_sum")
+            rhs = _extract_sums(eq.rhs, red, eqs, f"{eq.target.name}_sum", names, ir, eq.pos)
             eqs.append(_KEq(eq.target.name, lvl, "value", rhs, str(eq)))
-    loads = [KTensor(x.name, "elem", "data", f"the input {x.indexed}")]
-    stores = [(KTensor(out.name, levels[out.name], "data", f"the output {out.indexed}"), out.name)]
-    stores += [(t, t.name) for t in extras]
-    fwd = _Kernel(f"_{ir.name}_fwd", f"forward of {ir.name}", loads, eqs, stores, s1.name).build()
+    fwd_tensors = list(t_in.values()) + [t_out] + list(t_arg.values()) + list(t_stat.values())
+    fwd_stores = [(t_out, out.name)] + [(t, f"argmax:{m}") for m, t in t_arg.items()] + \
+        [(t, s) for s, t in t_stat.items()]
+    k_fwd = _Kernel(names, n, names.take(f"_{ir.name}_fwd"), f"forward of {ir.name}", fwd_tensors, eqs,
+                    fwd_stores, red, params)
+    # argmax stores carry the index value, not a spec tensor
+    for m, t in t_arg.items():
+        k_fwd.value_of[f"argmax:{m}"] = t.value
+    fwd = k_fwd.build()
 
     # -- backward kernel
-    b_loads = []
-    for n in saved:
-        t = next((e for e in extras if e.name == n), None)
-        b_loads.append(t or KTensor(n, levels[n], "data", f"{n} saved from the forward"))
-    b_loads.append(KTensor(grad, levels[out.name], "data", f"the gradient of {out.name}"))
+    t_grad = tensor(grad_out, levels[out.name], "data", f"the gradient of {out.name}", grad_out)
+    saved_t = [t_in[s] if s in t_in else t_out for s in saved_fwd] + list(t_arg.values()) + list(t_stat.values())
     b_eqs: list[_KEq] = []
-    body = _extract_sums(bwd_expr, s1, b_eqs, "sum")
-    # indices drop out of the printed code: name the indicator's reduction by its saved argmax
-    idx, shown = display_indices(list(x.indices), dx)
-    pullback_text = f"{grad_input}[{', '.join(i.name for i in idx)}] = {sympy.sstr(shown)}"
-    b_eqs.append(_KEq(grad_input, "elem", "value", body, pullback_text))
-    b_stores = [(KTensor(grad_input, "elem", "data", f"the gradient of {x.name}"), grad_input)]
-    bwd = _Kernel(f"_{ir.name}_bwd", f"backward of {ir.name}", b_loads, b_eqs, b_stores, s1.name).build()
-    params = [q.name for q in ir.params]
-    reserved = set(RESERVED) | {t.name for t in fwd.tensors} | {t.name for t in bwd.tensors}
-    for q in params:
-        if q in reserved:
-            raise PlanError(f"the parameter name {q!r} is taken in the row-wise kernels; rename it in the spec")
-    return RowwisePlan("rowwise", ir.name, x.name, out.name, levels[out.name], extras, saved, grad, grad_input,
-                       params, fwd, bwd, [str(e) for e in ir.equations], [pullback_text])
+    b_stores: list[tuple[KTensor, str]] = []
+    partials: list[KTensor] = []
+    pullback_text = []
+    for x in inputs:
+        lvl = levels[x.name]
+        gname = f"d{x.name}"
+        g = grads[x.name]
+        idx, shown = display_indices(list(x.indices), d.pullbacks[x.name])
+        text = f"{gname}[{', '.join(i.name for i in idx)}] = {sympy.sstr(shown)}"
+        pullback_text.append(text)
+        pos = _decl_pos(d, x.name)
+        if lvl == "col":
+            body = _extract_sums(_row_sum(g, kept, ir, pos), red, b_eqs, "sum", names, ir, pos)
+            b_eqs.append(_KEq(gname, "elem", "acc", body, text))
+            partials.append(tensor(f"partial:{gname}", "part", "stat",
+                                   f"per-program partial sums of {gname} (summed in a second stage)",
+                                   f"{gname}_partial"))
+            continue
+        if lvl == "row":
+            g = sympy.sympify(g)
+        body = _extract_sums(g, red, b_eqs, "sum", names, ir, pos)
+        b_eqs.append(_KEq(gname, lvl, "value", body, text))
+        b_stores.append((tensor(gname, lvl, "data", f"the gradient of {x.name}", gname), gname))
+    bwd_tensors = saved_t + [t_grad] + [t for t, _ in b_stores] + partials
+    k_bwd = _Kernel(names, n, names.take(f"_{ir.name}_bwd"), f"backward of {ir.name}", bwd_tensors, b_eqs,
+                    b_stores, red, params)
+    bwd = k_bwd.build()
+
+    fn = names.of(("fn", ir.name), ir.name)
+    signature, call, reduces = _api(ir, levels, t_in, params, names, has_reduction=bool(
+        [e for e in eqs if e.kind in ("sum", "max")]))
+    meta = {
+        "name": ir.name,
+        "inputs": [{"name": x.name, "level": levels[x.name]} for x in inputs],
+        "params": [q.name for q in ir.params],
+        "output": {"name": out.name, "level": levels[out.name]},
+        "extras": [{"name": t.key, "level": "row", "kind": t.kind} for t in list(t_arg.values()) + list(t_stat.values())],
+        "saved": saved_fwd + [t.key for t in list(t_arg.values()) + list(t_stat.values())],
+        "grads": [{"name": f"d{x.name}", "of": x.name, "level": levels[x.name]} for x in inputs],
+        "forward": {"kernel": fwd.name, "tensors": [t.key for t in fwd.tensors]},
+        "backward": {"kernel": bwd.name, "tensors": [t.key for t in bwd.tensors]},
+    }
+    meta["reduces"] = reduces
+    extras = list(t_arg.values()) + list(t_stat.values())
+    doc = (f"{ir.name}({', '.join(str(x.indexed) for x in inputs)}"
+           f"{'; ' + ', '.join(q.name for q in ir.params) if ir.params else ''}) -> {out.indexed}, "
+           f"from {d.path}.\n\n{_api_doc(ir, levels, red, meta['reduces'])}\n"
+           f"Forward and backward run the generated Triton kernels above.")
+    return RowwisePlan("rowwise", ir.name, fn, fwd, bwd, meta, meta["saved"], extras, [q.name for q in ir.params],
+                       [str(e) for e in ir.equations], pullback_text, list(params.values()), signature, call, doc)
+
+
+def _api(ir, levels, t_in, params, names: Names, has_reduction: bool) -> tuple[str, str, str]:
+    """The public function's signature and the runtime call, as text.  Tensor
+    arguments are the spec's inputs, in order; the reduced dims come from
+    ``dim`` (an int or a tuple), or from the column weights' shapes (their
+    trailing dims), or are the last dim for an elementwise op."""
+    args = [t_in[x.name].value for x in ir.inputs]
+    qs = [params[q.name] for q in ir.params]
+    has_col = any(levels[x.name] == "col" for x in ir.inputs)
+    sig = list(args)
+    dim = keepdim = "None"
+    if has_col or not has_reduction:
+        sig += qs
+        if levels[ir.output.name] == "row":
+            keepdim = names.of(("api", "keepdim"), "keepdim")
+            sig.append(f"{keepdim}: bool = False")
+    else:
+        dim = names.of(("api", "dim"), "dim")
+        sig.append(f"{dim}=-1")
+        if levels[ir.output.name] == "row":
+            keepdim = names.of(("api", "keepdim"), "keepdim")
+            sig.append(f"{keepdim}: bool = False")
+        if qs:
+            sig += ["*"] + qs
+    call = f"[{', '.join(args)}], [{', '.join(qs)}], {dim}, {keepdim if keepdim != 'None' else 'False'}"
+    reduces = "weights" if has_col else ("dim" if dim != "None" else "last")
+    return ", ".join(sig), call, reduces
+
+
+def _api_doc(ir, levels, red, reduces: str) -> str:
+    if reduces == "weights":
+        where = (f"The reduced set {red.name} is the trailing dims of the inputs indexed [{red.name}] "
+                 f"(like normalized_shape in torch's norms).")
+    elif reduces == "dim":
+        where = f"The reduced set {red.name} is ``dim``: an int or a tuple of ints (negative allowed)."
+    else:
+        where = f"Elementwise: {red.name} is the last dim, the other dims are rows."
+    if levels[ir.output.name] == "row":
+        where += " ``keepdim`` keeps the reduced dims with size 1."
+    return where
 
 
 def plan(d: Derivation):
-    """The kernel plan for a derivation (the family is chosen from its shape)."""
-    if len(d.ir.inputs) == 3 and any(isinstance(eq.rhs, IndexMax) for eq in d.ir.equations):
+    """The kernel plan for a derivation.  The family is chosen by structure: a
+    spec whose tensors are all rows, row values or column weights of one
+    kept/reduced split is row-wise; one with contractions between two inputs
+    is attention; anything else gets the row-wise family's located error."""
+    try:
+        return plan_rowwise(d)
+    except PlanError as rowwise_error:
+        from .pullback import contraction_tensors
+        if not (contraction_tensors(d.ir) & {t.name for t in d.ir.inputs}):
+            raise
         from .plan_attention import plan_attention
-        return plan_attention(d)
-    return plan_rowwise(d)
+        try:
+            return plan_attention(d)
+        except PlanError as attention_error:
+            raise PlanError(f"{rowwise_error.message}; as attention: {attention_error.message}",
+                            rowwise_error.file, rowwise_error.line, rowwise_error.col) from None
+    except NotSupported as e:
+        raise PlanError(f"op {d.ir.name}: {e}", d.ir.file, 1, 1) from None

@@ -28,7 +28,7 @@ class NotSupported(ValueError):
 class TritonPrinter(CodePrinter):
     printmethod = "_tritoncode"
     language = "Triton"
-    _default_settings = dict(CodePrinter._default_settings, names={}, column="col", strict=True,
+    _default_settings = dict(CodePrinter._default_settings, names={}, column="col", argmax={}, strict=True,
                              contract=False, allow_unknown_functions=False)
 
     def __init__(self, settings=None):
@@ -119,8 +119,10 @@ class TritonPrinter(CodePrinter):
         return super()._print_Mul(expr)
 
     def _print_ArgmaxIndicator(self, expr):
-        name = self._print(expr.reduced)
-        return f"({self._settings['column']} == {name}_argmax)"
+        label = str(expr.reduced.base.label)
+        if label not in self._settings["argmax"]:
+            raise NotSupported(f"the kernel has no saved argmax for {label}")
+        return f"({self._settings['column']} == {self._settings['argmax'][label]})"
 
     # -- refusals -----------------------------------------------------------------------
     def _print_IndexSum(self, expr):
@@ -238,9 +240,11 @@ def tile_code(expr, axes: dict, target, computed=(), batch=(), names=None, dot_o
                         "batch": tuple(batch), "dot_options": dot_options}).doprint(expr)
 
 
-def triton_code(expr, names: dict | None = None, column: str = "col") -> str:
-    """Print one expression as Triton code."""
-    return TritonPrinter({"names": names or {}, "column": column}).doprint(expr)
+def triton_code(expr, names: dict | None = None, column: str = "col", argmax: dict | None = None) -> str:
+    """Print one expression as Triton code.  ``names`` maps tensor, parameter and
+    size names to the kernel's names; ``argmax`` maps a max's name to the kernel
+    value holding its saved argmax."""
+    return TritonPrinter({"names": names or {}, "column": column, "argmax": argmax or {}}).doprint(expr)
 
 
 

@@ -5,7 +5,7 @@
 
 Forward (derive/ops/max.op):
     B[s2] = max[s1](A[s2, s1])
-Pullback (derived; see `pullback derive max`):
+Pullbacks (derived; see `pullback derive max`):
     dA[s2, s1] = 1[s1 = argmax B[s2]]*dB[s2]
 """
 import torch
@@ -14,7 +14,7 @@ import triton.language as tl
 
 from . import _runtime as rt
 
-__all__ = ["max"]
+__all__ = ["max_1"]
 
 
 @triton.jit
@@ -22,29 +22,23 @@ def _max_fwd(
     A_ptr, A_sk0, A_sk1, A_sk2, A_sr0, A_sr1, A_sr2,  # the input A[s2, s1]
     B_ptr, B_sk0, B_sk1, B_sk2,  # the output B[s2]
     B_argmax_ptr, B_argmax_sk0, B_argmax_sk1, B_argmax_sk2,  # first argmax of B's row
-    n_cols, nk1, nk2, nr1, nr2,  # row length; sizes of the inner kept and reduced groups
+    n_rows, n_cols, nk1, nk2, nr1, nr2,  # rows, row length; sizes of the inner kept and reduced groups
     ACC: tl.constexpr,     # accumulation dtype: fp32, or fp64 for fp64 inputs
     BLOCK: tl.constexpr,   # columns held at once (a power of two)
     SINGLE: tl.constexpr,  # the whole row fits one block: read once, write once
     RG: tl.constexpr,      # number of strided groups of the reduced axes (1..3)
     IDX64: tl.constexpr,   # offsets need 64 bits
 ):
-    """forward of max: one program per row.
+    """forward of max: each program walks rows pid, pid + n_progs, ...
     Each tensor comes as a pointer and its strides over the kept groups
-    (``_sk0.._sk2``, outermost first) and, for tensors with the reduced axes,
-    over the reduced groups (``_sr0.._sr2``).
+    (``_sk0.._sk2``, outermost first) and/or over the reduced groups
+    (``_sr0.._sr2``); per-program partials are contiguous [n_progs, n_cols].
     """
-    # ---- this program's row, split over the kept groups (outermost first)
-    row = tl.program_id(0).to(tl.int64)
-    k2 = row % nk2
-    k1 = (row // nk2) % nk1
-    k0 = row // (nk2 * nk1)
-    A_row = A_ptr + k0 * A_sk0 + k1 * A_sk1 + k2 * A_sk2
-    B_row = B_ptr + k0 * B_sk0 + k1 * B_sk1 + k2 * B_sk2
-    B_argmax_row = B_argmax_ptr + k0 * B_argmax_sk0 + k1 * B_argmax_sk1 + k2 * B_argmax_sk2
+    pid = tl.program_id(0)
+    n_progs = tl.num_programs(0)
     offs = tl.arange(0, BLOCK)
     if SINGLE:
-        # ---- the row fits one block: every input read once, every output written once
+        # ---- each row fits one block: every input read once, every output written once
         col = offs
         mask = col < n_cols
         if IDX64:
@@ -58,82 +52,93 @@ def _max_fwd(
             c1 = (cc // nr2) % nr1
             c0 = cc // (nr2 * nr1)
             A_off = c0 * A_sr0 + c1 * A_sr1 + c2 * A_sr2
-        A = tl.load(A_row + A_off, mask=mask, other=0.0).to(ACC)  # the input A[s2, s1]
-        B_blk = tl.where(mask, A, float("-inf"))  # B[s2] = max[s1](A[s2, s1])
-        B, B_argmax = tl.max(B_blk, axis=0, return_indices=True,
-                                    return_indices_tie_break_left=True)  # ties: the first index
-        # a NaN anywhere makes the max NaN (as torch.amax), at the first NaN
-        B_nan = tl.min(tl.where(B_blk != B_blk, col, n_cols), axis=0)
-        B = tl.where(B_nan < n_cols, float("nan"), B)
-        B_argmax = tl.where(B_nan < n_cols, B_nan, B_argmax)
-        tl.store(B_row, B.to(B_ptr.dtype.element_ty))  # the output B[s2]
-        tl.store(B_argmax_row, B_argmax)  # first argmax of B's row
-    else:
-        # ---- long rows: passes over blocks, lane-wise accumulators reduced at the end
-        # pass 1: B
-        B_run = tl.full([BLOCK], float("-inf"), ACC)
-        B_nan = tl.zeros([BLOCK], dtype=tl.int32) + n_cols  # first NaN column per lane
-        B_idx = tl.zeros([BLOCK], dtype=tl.int32)
-        for start in range(0, n_cols, BLOCK):
-            col = start + offs
-            mask = col < n_cols
-            if IDX64:
-                cc = col.to(tl.int64)
-            else:
-                cc = col
-            if RG == 1:  # the reduced axes are one strided run
-                A_off = cc * A_sr2
-            else:  # split the flat column over the reduced groups
-                c2 = cc % nr2
-                c1 = (cc // nr2) % nr1
-                c0 = cc // (nr2 * nr1)
-                A_off = c0 * A_sr0 + c1 * A_sr1 + c2 * A_sr2
+        for row in range(pid, n_rows, n_progs):
+            r64 = tl.cast(row, tl.int64)
+            k2 = r64 % nk2
+            k1 = (r64 // nk2) % nk1
+            k0 = r64 // (nk2 * nk1)
+            A_row = A_ptr + k0 * A_sk0 + k1 * A_sk1 + k2 * A_sk2
+            B_row = B_ptr + k0 * B_sk0 + k1 * B_sk1 + k2 * B_sk2
+            B_argmax_row = B_argmax_ptr + k0 * B_argmax_sk0 + k1 * B_argmax_sk1 + k2 * B_argmax_sk2
             A = tl.load(A_row + A_off, mask=mask, other=0.0).to(ACC)  # the input A[s2, s1]
             B_blk = tl.where(mask, A, float("-inf"))  # B[s2] = max[s1](A[s2, s1])
-            B_new = tl.maximum(B_run, B_blk)
-            B_nan = tl.minimum(B_nan, tl.where(B_blk != B_blk, col, n_cols))
-            B_idx = tl.where(B_blk > B_run, col, B_idx)  # strict: earlier index wins ties
-            B_run = B_new
-        B = tl.max(B_run, axis=0)
-        B_argmax = tl.min(tl.where(B_run == B, B_idx, n_cols), axis=0)
-        # a NaN anywhere makes the max NaN (as torch.amax), at the first NaN
-        B_first_nan = tl.min(B_nan, axis=0)
-        B = tl.where(B_first_nan < n_cols, float("nan"), B)
-        B_argmax = tl.where(B_first_nan < n_cols, B_first_nan, B_argmax)
-        tl.store(B_row, B.to(B_ptr.dtype.element_ty))  # the output B[s2]
-        tl.store(B_argmax_row, B_argmax)  # first argmax of B's row
+            # a NaN anywhere makes the max NaN (as torch.amax); its index is the first NaN's
+            B_nan = tl.min(tl.where(B_blk != B_blk, col, n_cols), axis=0)
+            B_blk = tl.where(B_blk != B_blk, float("-inf"), B_blk)
+            B, B_argmax = tl.max(B_blk, axis=0, return_indices=True, return_indices_tie_break_left=True)  # ties: the first index
+            B_argmax = tl.where(B_nan < n_cols, B_nan, B_argmax)
+            B = tl.where(B_nan < n_cols, float("nan"), B)
+            tl.store(B_row, B.to(B_ptr.dtype.element_ty))  # the output B[s2]
+            tl.store(B_argmax_row, B_argmax)  # first argmax of B's row
+    else:
+        # ---- long rows: passes over blocks, lane-wise accumulators reduced at the end
+        for row in range(pid, n_rows, n_progs):
+            r64 = tl.cast(row, tl.int64)
+            k2 = r64 % nk2
+            k1 = (r64 // nk2) % nk1
+            k0 = r64 // (nk2 * nk1)
+            A_row = A_ptr + k0 * A_sk0 + k1 * A_sk1 + k2 * A_sk2
+            B_row = B_ptr + k0 * B_sk0 + k1 * B_sk1 + k2 * B_sk2
+            B_argmax_row = B_argmax_ptr + k0 * B_argmax_sk0 + k1 * B_argmax_sk1 + k2 * B_argmax_sk2
+            # pass 1: B
+            B_run = tl.full([BLOCK], float("-inf"), ACC)
+            B_nan = tl.zeros([BLOCK], dtype=tl.int32) + n_cols  # first NaN column per lane
+            B_idx = tl.zeros([BLOCK], dtype=tl.int32)
+            for start in range(0, n_cols, BLOCK):
+                col = start + offs
+                mask = col < n_cols
+                if IDX64:
+                    cc = col.to(tl.int64)
+                else:
+                    cc = col
+                if RG == 1:  # the reduced axes are one strided run
+                    A_off = cc * A_sr2
+                else:  # split the flat column over the reduced groups
+                    c2 = cc % nr2
+                    c1 = (cc // nr2) % nr1
+                    c0 = cc // (nr2 * nr1)
+                    A_off = c0 * A_sr0 + c1 * A_sr1 + c2 * A_sr2
+                A = tl.load(A_row + A_off, mask=mask, other=0.0).to(ACC)  # the input A[s2, s1]
+                B_blk = tl.where(mask, A, float("-inf"))  # B[s2] = max[s1](A[s2, s1])
+                B_isnan = B_blk != B_blk
+                B_nan = tl.minimum(B_nan, tl.where(B_isnan, col, n_cols))
+                B_blk = tl.where(B_isnan, float("-inf"), B_blk)
+                B_idx = tl.where(B_blk > B_run, col, B_idx)  # strict: the earlier index wins ties
+                B_new = tl.maximum(B_run, B_blk)
+                B_run = B_new
+            B = tl.max(B_run, axis=0)
+            B_argmax = tl.min(tl.where(B_run == B, B_idx, n_cols), axis=0)
+            # a NaN anywhere makes the max NaN (as torch.amax), at the first NaN
+            B_first_nan = tl.min(B_nan, axis=0)
+            B = tl.where(B_first_nan < n_cols, float("nan"), B)
+            B_argmax = tl.where(B_first_nan < n_cols, B_first_nan, B_argmax)
+            tl.store(B_row, B.to(B_ptr.dtype.element_ty))  # the output B[s2]
+            tl.store(B_argmax_row, B_argmax)  # first argmax of B's row
 
 
 @triton.jit
 def _max_bwd(
+    B_ptr, B_sk0, B_sk1, B_sk2,  # the output B[s2]
     B_argmax_ptr, B_argmax_sk0, B_argmax_sk1, B_argmax_sk2,  # first argmax of B's row
     dB_ptr, dB_sk0, dB_sk1, dB_sk2,  # the gradient of B
     dA_ptr, dA_sk0, dA_sk1, dA_sk2, dA_sr0, dA_sr1, dA_sr2,  # the gradient of A
-    n_cols, nk1, nk2, nr1, nr2,  # row length; sizes of the inner kept and reduced groups
+    n_rows, n_cols, nk1, nk2, nr1, nr2,  # rows, row length; sizes of the inner kept and reduced groups
     ACC: tl.constexpr,     # accumulation dtype: fp32, or fp64 for fp64 inputs
     BLOCK: tl.constexpr,   # columns held at once (a power of two)
     SINGLE: tl.constexpr,  # the whole row fits one block: read once, write once
     RG: tl.constexpr,      # number of strided groups of the reduced axes (1..3)
     IDX64: tl.constexpr,   # offsets need 64 bits
 ):
-    """backward of max: one program per row.
+    """backward of max: each program walks rows pid, pid + n_progs, ...
     Each tensor comes as a pointer and its strides over the kept groups
-    (``_sk0.._sk2``, outermost first) and, for tensors with the reduced axes,
-    over the reduced groups (``_sr0.._sr2``).
+    (``_sk0.._sk2``, outermost first) and/or over the reduced groups
+    (``_sr0.._sr2``); per-program partials are contiguous [n_progs, n_cols].
     """
-    # ---- this program's row, split over the kept groups (outermost first)
-    row = tl.program_id(0).to(tl.int64)
-    k2 = row % nk2
-    k1 = (row // nk2) % nk1
-    k0 = row // (nk2 * nk1)
-    B_argmax_row = B_argmax_ptr + k0 * B_argmax_sk0 + k1 * B_argmax_sk1 + k2 * B_argmax_sk2
-    dB_row = dB_ptr + k0 * dB_sk0 + k1 * dB_sk1 + k2 * dB_sk2
-    dA_row = dA_ptr + k0 * dA_sk0 + k1 * dA_sk1 + k2 * dA_sk2
+    pid = tl.program_id(0)
+    n_progs = tl.num_programs(0)
     offs = tl.arange(0, BLOCK)
-    B_argmax = tl.load(B_argmax_row)  # first argmax of B's row
-    dB = tl.load(dB_row).to(ACC)  # the gradient of B
     if SINGLE:
-        # ---- the row fits one block: every input read once, every output written once
+        # ---- each row fits one block: every input read once, every output written once
         col = offs
         mask = col < n_cols
         if IDX64:
@@ -147,134 +152,71 @@ def _max_bwd(
             c1 = (cc // nr2) % nr1
             c0 = cc // (nr2 * nr1)
             dA_off = c0 * dA_sr0 + c1 * dA_sr1 + c2 * dA_sr2
-        dA = tl.where((col == B_argmax), dB, 0.0)  # dA[s2, s1] = 1[s1 = argmax B[s2]]*dB[s2]
-        tl.store(dA_row + dA_off, dA.to(dA_ptr.dtype.element_ty), mask=mask)  # the gradient of A
-    else:
-        # ---- long rows: passes over blocks, lane-wise accumulators reduced at the end
-        # final pass: compute and store the outputs
-        for start in range(0, n_cols, BLOCK):
-            col = start + offs
-            mask = col < n_cols
-            if IDX64:
-                cc = col.to(tl.int64)
-            else:
-                cc = col
-            if RG == 1:  # the reduced axes are one strided run
-                dA_off = cc * dA_sr2
-            else:  # split the flat column over the reduced groups
-                c2 = cc % nr2
-                c1 = (cc // nr2) % nr1
-                c0 = cc // (nr2 * nr1)
-                dA_off = c0 * dA_sr0 + c1 * dA_sr1 + c2 * dA_sr2
+        for row in range(pid, n_rows, n_progs):
+            r64 = tl.cast(row, tl.int64)
+            k2 = r64 % nk2
+            k1 = (r64 // nk2) % nk1
+            k0 = r64 // (nk2 * nk1)
+            B_row = B_ptr + k0 * B_sk0 + k1 * B_sk1 + k2 * B_sk2
+            B_argmax_row = B_argmax_ptr + k0 * B_argmax_sk0 + k1 * B_argmax_sk1 + k2 * B_argmax_sk2
+            dB_row = dB_ptr + k0 * dB_sk0 + k1 * dB_sk1 + k2 * dB_sk2
+            dA_row = dA_ptr + k0 * dA_sk0 + k1 * dA_sk1 + k2 * dA_sk2
+            B = tl.load(B_row).to(ACC)  # the output B[s2]
+            B_argmax = tl.load(B_argmax_row)  # first argmax of B's row
+            dB = tl.load(dB_row).to(ACC)  # the gradient of B
             dA = tl.where((col == B_argmax), dB, 0.0)  # dA[s2, s1] = 1[s1 = argmax B[s2]]*dB[s2]
             tl.store(dA_row + dA_off, dA.to(dA_ptr.dtype.element_ty), mask=mask)  # the gradient of A
+    else:
+        # ---- long rows: passes over blocks, lane-wise accumulators reduced at the end
+        for row in range(pid, n_rows, n_progs):
+            r64 = tl.cast(row, tl.int64)
+            k2 = r64 % nk2
+            k1 = (r64 // nk2) % nk1
+            k0 = r64 // (nk2 * nk1)
+            B_row = B_ptr + k0 * B_sk0 + k1 * B_sk1 + k2 * B_sk2
+            B_argmax_row = B_argmax_ptr + k0 * B_argmax_sk0 + k1 * B_argmax_sk1 + k2 * B_argmax_sk2
+            dB_row = dB_ptr + k0 * dB_sk0 + k1 * dB_sk1 + k2 * dB_sk2
+            dA_row = dA_ptr + k0 * dA_sk0 + k1 * dA_sk1 + k2 * dA_sk2
+            B = tl.load(B_row).to(ACC)  # the output B[s2]
+            B_argmax = tl.load(B_argmax_row)  # first argmax of B's row
+            dB = tl.load(dB_row).to(ACC)  # the gradient of B
+            # final pass: compute and store the outputs
+            for start in range(0, n_cols, BLOCK):
+                col = start + offs
+                mask = col < n_cols
+                if IDX64:
+                    cc = col.to(tl.int64)
+                else:
+                    cc = col
+                if RG == 1:  # the reduced axes are one strided run
+                    dA_off = cc * dA_sr2
+                else:  # split the flat column over the reduced groups
+                    c2 = cc % nr2
+                    c1 = (cc // nr2) % nr1
+                    c0 = cc // (nr2 * nr1)
+                    dA_off = c0 * dA_sr0 + c1 * dA_sr1 + c2 * dA_sr2
+                dA = tl.where((col == B_argmax), dB, 0.0)  # dA[s2, s1] = 1[s1 = argmax B[s2]]*dB[s2]
+                tl.store(dA_row + dA_off, dA.to(dA_ptr.dtype.element_ty), mask=mask)  # the gradient of A
 
 
-# ---- launchers: allocate, lay out the row geometry, launch one program per row
-def _row_shape(x: torch.Tensor, dims: list[int]) -> list[int]:
-    return [n for d, n in enumerate(x.shape) if d not in dims]
+# ---- what the shared runtime needs to launch, register and differentiate this op
+META = {'name': 'max',
+ 'inputs': [{'name': 'A', 'level': 'elem'}],
+ 'params': [],
+ 'output': {'name': 'B', 'level': 'row'},
+ 'extras': [{'name': 'argmax:B', 'level': 'row', 'kind': 'index'}],
+ 'saved': ['B', 'argmax:B'],
+ 'grads': [{'name': 'dA', 'of': 'A', 'level': 'elem'}],
+ 'forward': {'kernel': '_max_fwd', 'tensors': ['A', 'B', 'argmax:B']},
+ 'backward': {'kernel': '_max_bwd', 'tensors': ['B', 'argmax:B', 'dB', 'dA']},
+ 'reduces': 'dim'}
+
+OP = rt.RowwiseOp(META, _max_fwd, _max_bwd, __package__)
 
 
-def _allocate_forward(x: torch.Tensor, dims: list[int]):
-    """The forward's outputs, contiguous: B, B_argmax."""
-    rows = _row_shape(x, dims)
-    B = torch.empty(rows, dtype=x.dtype, device=x.device)
-    B_argmax = torch.empty(rows, dtype=torch.int32, device=x.device)
-    return B, B_argmax
-
-def _launch(kernel, x: torch.Tensor, dims: list[int], tensors, params=()) -> bool:
-    """Launch ``kernel`` over the rows of ``x``; False if the layout needs the copy fallback."""
-    geo = rt.RowGeometry(list(x.shape), dims, tensors)
-    if not geo.fits:
-        return False
-    if geo.n_rows == 0 or geo.n_cols == 0:
-        return True
-    cfg = rt.block_config(geo.n_cols, x.dtype)
-    kernel[(geo.n_rows,)](*geo.args, *params, ACC=rt.acc_dtype(x.dtype), BLOCK=cfg["BLOCK"], SINGLE=cfg["SINGLE"],
-                          RG=geo.RG, IDX64=geo.IDX64, num_warps=cfg["num_warps"])
-    return True
-
-
-def _forward(x: torch.Tensor, dims: list[int]):
-    outs = _allocate_forward(x, dims)
-    B, B_argmax = outs
-    tensors = [(x, True), (B, False)] + [(B_argmax, False)]
-    if not _launch(_max_fwd, x, dims, tensors):
-        xc, dc, inverse = rt.movedim_last(x, dims)
-        res = _forward(xc, dc)
-        return res
-    return outs
-
-
-def _backward(x_shape, dims: list[int], B_argmax, dB):
-    dA = torch.empty(x_shape, dtype=dB.dtype, device=dB.device)
-    tensors = [(B_argmax, False), (dB, False), (dA, True)]
-    if not _launch(_max_bwd, dA, dims, tensors):
-        moved = []
-        for t, elem in tensors[:-1]:
-            moved.append(rt.movedim_last(t, dims)[0] if elem else t.contiguous())
-        _, dc, inverse = rt.movedim_last(dA, dims)
-        res = _backward([x_shape[d] for d in range(len(x_shape)) if d not in dims] + [x_shape[d] for d in dims],
-                        dc, *moved)
-        return res.permute(inverse).contiguous()
-    return dA
-
-
-# ---- torch.library ops: traced by torch.compile, differentiated by autograd
-@torch.library.custom_op(f"{rt.library(__package__)}::max_forward", mutates_args=())
-def _forward_op(x: torch.Tensor, dims: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(x, dims)
-
-
-@_forward_op.register_fake
-def _(x, dims):
-    return _allocate_forward(x, dims)
-
-
-@torch.library.custom_op(f"{rt.library(__package__)}::max_backward", mutates_args=())
-def _backward_op(x_shape: list[int], dims: list[int], B_argmax: torch.Tensor, dB: torch.Tensor) -> torch.Tensor:
-    return _backward(x_shape, dims, B_argmax, dB)
-
-
-@_backward_op.register_fake
-def _(x_shape, dims, B_argmax, dB):
-    return dB.new_empty(x_shape)
-
-
-def _setup_context(ctx, inputs, output):
-    x, dims = inputs
-    B, B_argmax = output
-    ctx.x_shape, ctx.dims = list(x.shape), dims
-    ctx.params = ()
-    ctx.save_for_backward(B_argmax, )
-
-
-def _backward_rule(ctx, dB, *unused):
-    dA = _backward_op(ctx.x_shape, ctx.dims, *ctx.saved_tensors, dB, *ctx.params)
-    return (dA, None) + (None,) * len(ctx.params)
-
-
-_forward_op.register_autograd(_backward_rule, setup_context=_setup_context)
-_forward_call = getattr(getattr(torch.ops, rt.library(__package__)), "max_forward")
-
-
-# ---- the user-facing op
-def max(x: torch.Tensor, dim=-1, keepdim: bool = False) -> torch.Tensor:
-    """max of ``x`` over ``dim`` (an int or a tuple of ints, the reduced
-    index set s1), like ``torch.amax``; ``keepdim`` keeps the reduced dims with
-    size 1.  Forward and backward run the generated Triton kernels above."""
-    rt.check_tensor("max", x)
-    dims = rt.normalize_dims("max", dim, x.dim())
-    if x.dim() == 0:
-        return max(x.reshape(1), 0, keepdim).reshape(())
-    for d in dims:
-        if x.shape[d] == 0:
-            raise ValueError(f"max: cannot reduce over dimension {d} of size 0 "
-                             f"(the input has shape {tuple(x.shape)})")
-    out = _forward_call(x, dims)[0]
-    if keepdim:
-        out = out.reshape([1 if d in dims else n for d, n in enumerate(x.shape)])
-    return out
+def max_1(A, dim=-1, keepdim: bool = False) -> torch.Tensor:
+    """max(A[s2, s1]) -> B[s2], from derive/ops/max.op.\n\nThe reduced set s1 is ``dim``: an int or a tuple of ints (negative allowed). ``keepdim`` keeps the reduced dims with size 1.\nForward and backward run the generated Triton kernels above."""
+    return OP([A], [], dim, keepdim)
 
 
 # ---- ahead-of-time builds (`pullback build`): one config per kernel shape
@@ -283,28 +225,30 @@ AOT_CONFIGS = [
         "A_ptr": "*fp32", "A_sk0": "i32", "A_sk1": "i32", "A_sk2": "i32", "A_sr0": "i32", "A_sr1": "i32", "A_sr2": "i32",
         "B_ptr": "*fp32", "B_sk0": "i32", "B_sk1": "i32", "B_sk2": "i32",
         "B_argmax_ptr": "*i32", "B_argmax_sk0": "i32", "B_argmax_sk1": "i32", "B_argmax_sk2": "i32",
-        "n_cols": "i32", "nk1": "i32", "nk2": "i32", "nr1": "i32", "nr2": "i32",
+        "n_rows": "i32", "n_cols": "i32", "nk1": "i32", "nk2": "i32", "nr1": "i32", "nr2": "i32",
         "ACC": "constexpr", "BLOCK": "constexpr", "SINGLE": "constexpr", "RG": "constexpr", "IDX64": "constexpr"},
      "constexprs": {"ACC": "tl.float32", "BLOCK": 4096, "SINGLE": True, "RG": 1, "IDX64": False}},
     {"kernel": "_max_fwd", "num_warps": 8, "signature": {
         "A_ptr": "*fp32", "A_sk0": "i32", "A_sk1": "i32", "A_sk2": "i32", "A_sr0": "i32", "A_sr1": "i32", "A_sr2": "i32",
         "B_ptr": "*fp32", "B_sk0": "i32", "B_sk1": "i32", "B_sk2": "i32",
         "B_argmax_ptr": "*i32", "B_argmax_sk0": "i32", "B_argmax_sk1": "i32", "B_argmax_sk2": "i32",
-        "n_cols": "i32", "nk1": "i32", "nk2": "i32", "nr1": "i32", "nr2": "i32",
+        "n_rows": "i32", "n_cols": "i32", "nk1": "i32", "nk2": "i32", "nr1": "i32", "nr2": "i32",
         "ACC": "constexpr", "BLOCK": "constexpr", "SINGLE": "constexpr", "RG": "constexpr", "IDX64": "constexpr"},
      "constexprs": {"ACC": "tl.float32", "BLOCK": 4096, "SINGLE": False, "RG": 1, "IDX64": False}},
     {"kernel": "_max_bwd", "num_warps": 8, "signature": {
+        "B_ptr": "*fp32", "B_sk0": "i32", "B_sk1": "i32", "B_sk2": "i32",
         "B_argmax_ptr": "*i32", "B_argmax_sk0": "i32", "B_argmax_sk1": "i32", "B_argmax_sk2": "i32",
         "dB_ptr": "*fp32", "dB_sk0": "i32", "dB_sk1": "i32", "dB_sk2": "i32",
         "dA_ptr": "*fp32", "dA_sk0": "i32", "dA_sk1": "i32", "dA_sk2": "i32", "dA_sr0": "i32", "dA_sr1": "i32", "dA_sr2": "i32",
-        "n_cols": "i32", "nk1": "i32", "nk2": "i32", "nr1": "i32", "nr2": "i32",
+        "n_rows": "i32", "n_cols": "i32", "nk1": "i32", "nk2": "i32", "nr1": "i32", "nr2": "i32",
         "ACC": "constexpr", "BLOCK": "constexpr", "SINGLE": "constexpr", "RG": "constexpr", "IDX64": "constexpr"},
      "constexprs": {"ACC": "tl.float32", "BLOCK": 4096, "SINGLE": True, "RG": 1, "IDX64": False}},
     {"kernel": "_max_bwd", "num_warps": 8, "signature": {
+        "B_ptr": "*fp32", "B_sk0": "i32", "B_sk1": "i32", "B_sk2": "i32",
         "B_argmax_ptr": "*i32", "B_argmax_sk0": "i32", "B_argmax_sk1": "i32", "B_argmax_sk2": "i32",
         "dB_ptr": "*fp32", "dB_sk0": "i32", "dB_sk1": "i32", "dB_sk2": "i32",
         "dA_ptr": "*fp32", "dA_sk0": "i32", "dA_sk1": "i32", "dA_sk2": "i32", "dA_sr0": "i32", "dA_sr1": "i32", "dA_sr2": "i32",
-        "n_cols": "i32", "nk1": "i32", "nk2": "i32", "nr1": "i32", "nr2": "i32",
+        "n_rows": "i32", "n_cols": "i32", "nk1": "i32", "nk2": "i32", "nr1": "i32", "nr2": "i32",
         "ACC": "constexpr", "BLOCK": "constexpr", "SINGLE": "constexpr", "RG": "constexpr", "IDX64": "constexpr"},
      "constexprs": {"ACC": "tl.float32", "BLOCK": 4096, "SINGLE": False, "RG": 1, "IDX64": False}},
 ]

@@ -8,7 +8,7 @@ Forward (derive/ops/softmax.op):
     E[s2, s1] = exp(A[s2, s1] - M[s2])
     Z[s2] = sum[s1](E[s2, s1])
     B[s2, s1] = E[s2, s1]/Z[s2]
-Pullback (derived; see `pullback derive softmax`):
+Pullbacks (derived; see `pullback derive softmax`):
     dA[s2, s1'] = (-sum[s1](B[s2, s1]*dB[s2, s1]) + dB[s2, s1'])*B[s2, s1']
 """
 import torch
@@ -24,28 +24,23 @@ __all__ = ["softmax"]
 def _softmax_fwd(
     A_ptr, A_sk0, A_sk1, A_sk2, A_sr0, A_sr1, A_sr2,  # the input A[s2, s1]
     B_ptr, B_sk0, B_sk1, B_sk2, B_sr0, B_sr1, B_sr2,  # the output B[s2, s1]
-    n_cols, nk1, nk2, nr1, nr2,  # row length; sizes of the inner kept and reduced groups
+    n_rows, n_cols, nk1, nk2, nr1, nr2,  # rows, row length; sizes of the inner kept and reduced groups
     ACC: tl.constexpr,     # accumulation dtype: fp32, or fp64 for fp64 inputs
     BLOCK: tl.constexpr,   # columns held at once (a power of two)
     SINGLE: tl.constexpr,  # the whole row fits one block: read once, write once
     RG: tl.constexpr,      # number of strided groups of the reduced axes (1..3)
     IDX64: tl.constexpr,   # offsets need 64 bits
 ):
-    """forward of softmax: one program per row.
+    """forward of softmax: each program walks rows pid, pid + n_progs, ...
     Each tensor comes as a pointer and its strides over the kept groups
-    (``_sk0.._sk2``, outermost first) and, for tensors with the reduced axes,
-    over the reduced groups (``_sr0.._sr2``).
+    (``_sk0.._sk2``, outermost first) and/or over the reduced groups
+    (``_sr0.._sr2``); per-program partials are contiguous [n_progs, n_cols].
     """
-    # ---- this program's row, split over the kept groups (outermost first)
-    row = tl.program_id(0).to(tl.int64)
-    k2 = row % nk2
-    k1 = (row // nk2) % nk1
-    k0 = row // (nk2 * nk1)
-    A_row = A_ptr + k0 * A_sk0 + k1 * A_sk1 + k2 * A_sk2
-    B_row = B_ptr + k0 * B_sk0 + k1 * B_sk1 + k2 * B_sk2
+    pid = tl.program_id(0)
+    n_progs = tl.num_programs(0)
     offs = tl.arange(0, BLOCK)
     if SINGLE:
-        # ---- the row fits one block: every input read once, every output written once
+        # ---- each row fits one block: every input read once, every output written once
         col = offs
         mask = col < n_cols
         if IDX64:
@@ -61,102 +56,110 @@ def _softmax_fwd(
             c0 = cc // (nr2 * nr1)
             A_off = c0 * A_sr0 + c1 * A_sr1 + c2 * A_sr2
             B_off = c0 * B_sr0 + c1 * B_sr1 + c2 * B_sr2
-        A = tl.load(A_row + A_off, mask=mask, other=0.0).to(ACC)  # the input A[s2, s1]
-        M_blk = tl.where(mask, A, float("-inf"))  # M[s2] = max[s1](A[s2, s1])
-        M = tl.max(M_blk, axis=0)
-        # a NaN anywhere makes the max NaN (as torch.amax), at the first NaN
-        M_nan = tl.min(tl.where(M_blk != M_blk, col, n_cols), axis=0)
-        M = tl.where(M_nan < n_cols, float("nan"), M)
-        E = tl.exp(A - M)  # E[s2, s1] = exp(A[s2, s1] - M[s2])
-        Z = tl.sum(tl.where(mask, E, 0.0), axis=0)  # Z[s2] = sum[s1](E[s2, s1])
-        B = E/Z  # B[s2, s1] = E[s2, s1]/Z[s2]
-        tl.store(B_row + B_off, B.to(B_ptr.dtype.element_ty), mask=mask)  # the output B[s2, s1]
-    else:
-        # ---- long rows: passes over blocks, lane-wise accumulators reduced at the end
-        # pass 1: M, Z
-        M_run = tl.full([BLOCK], float("-inf"), ACC)
-        M_nan = tl.zeros([BLOCK], dtype=tl.int32) + n_cols  # first NaN column per lane
-        Z_run = tl.zeros([BLOCK], dtype=ACC)
-        for start in range(0, n_cols, BLOCK):
-            col = start + offs
-            mask = col < n_cols
-            if IDX64:
-                cc = col.to(tl.int64)
-            else:
-                cc = col
-            if RG == 1:  # the reduced axes are one strided run
-                A_off = cc * A_sr2
-                B_off = cc * B_sr2
-            else:  # split the flat column over the reduced groups
-                c2 = cc % nr2
-                c1 = (cc // nr2) % nr1
-                c0 = cc // (nr2 * nr1)
-                A_off = c0 * A_sr0 + c1 * A_sr1 + c2 * A_sr2
-                B_off = c0 * B_sr0 + c1 * B_sr1 + c2 * B_sr2
+        for row in range(pid, n_rows, n_progs):
+            r64 = tl.cast(row, tl.int64)
+            k2 = r64 % nk2
+            k1 = (r64 // nk2) % nk1
+            k0 = r64 // (nk2 * nk1)
+            A_row = A_ptr + k0 * A_sk0 + k1 * A_sk1 + k2 * A_sk2
+            B_row = B_ptr + k0 * B_sk0 + k1 * B_sk1 + k2 * B_sk2
             A = tl.load(A_row + A_off, mask=mask, other=0.0).to(ACC)  # the input A[s2, s1]
             M_blk = tl.where(mask, A, float("-inf"))  # M[s2] = max[s1](A[s2, s1])
-            M_new = tl.maximum(M_run, M_blk)
-            M_nan = tl.minimum(M_nan, tl.where(M_blk != M_blk, col, n_cols))
-            M_ref = tl.where(M_new == float("-inf"), 0.0, M_new)
-            # Z[s2] = sum[s1](E[s2, s1]), rescaled online to the new running max
-            Z_run = Z_run * tl.where((M_run == float("-inf")), 0.0, tl.exp(-M_new + M_run)) + tl.where(mask, tl.exp(-M_ref + A), 0.0)
-            M_run = M_new
-        M = tl.max(M_run, axis=0)
-        # a NaN anywhere makes the max NaN (as torch.amax), at the first NaN
-        M_first_nan = tl.min(M_nan, axis=0)
-        M = tl.where(M_first_nan < n_cols, float("nan"), M)
-        Z = tl.sum(Z_run * tl.where((M_run == float("-inf")), 0.0, tl.exp(-M + M_run)), axis=0)
-        # final pass: compute and store the outputs
-        for start in range(0, n_cols, BLOCK):
-            col = start + offs
-            mask = col < n_cols
-            if IDX64:
-                cc = col.to(tl.int64)
-            else:
-                cc = col
-            if RG == 1:  # the reduced axes are one strided run
-                A_off = cc * A_sr2
-                B_off = cc * B_sr2
-            else:  # split the flat column over the reduced groups
-                c2 = cc % nr2
-                c1 = (cc // nr2) % nr1
-                c0 = cc // (nr2 * nr1)
-                A_off = c0 * A_sr0 + c1 * A_sr1 + c2 * A_sr2
-                B_off = c0 * B_sr0 + c1 * B_sr1 + c2 * B_sr2
-            A = tl.load(A_row + A_off, mask=mask, other=0.0).to(ACC)  # the input A[s2, s1]
+            # a NaN anywhere makes the max NaN (as torch.amax); its index is the first NaN's
+            M_nan = tl.min(tl.where(M_blk != M_blk, col, n_cols), axis=0)
+            M_blk = tl.where(M_blk != M_blk, float("-inf"), M_blk)
+            M = tl.max(M_blk, axis=0)
+            M = tl.where(M_nan < n_cols, float("nan"), M)
             E = tl.exp(A - M)  # E[s2, s1] = exp(A[s2, s1] - M[s2])
+            Z = tl.sum(tl.where(mask, E, 0.0), axis=0)  # Z[s2] = sum[s1](E[s2, s1])
             B = E/Z  # B[s2, s1] = E[s2, s1]/Z[s2]
             tl.store(B_row + B_off, B.to(B_ptr.dtype.element_ty), mask=mask)  # the output B[s2, s1]
+    else:
+        # ---- long rows: passes over blocks, lane-wise accumulators reduced at the end
+        for row in range(pid, n_rows, n_progs):
+            r64 = tl.cast(row, tl.int64)
+            k2 = r64 % nk2
+            k1 = (r64 // nk2) % nk1
+            k0 = r64 // (nk2 * nk1)
+            A_row = A_ptr + k0 * A_sk0 + k1 * A_sk1 + k2 * A_sk2
+            B_row = B_ptr + k0 * B_sk0 + k1 * B_sk1 + k2 * B_sk2
+            # pass 1: M, Z
+            M_run = tl.full([BLOCK], float("-inf"), ACC)
+            M_nan = tl.zeros([BLOCK], dtype=tl.int32) + n_cols  # first NaN column per lane
+            Z_run = tl.zeros([BLOCK], dtype=ACC)
+            for start in range(0, n_cols, BLOCK):
+                col = start + offs
+                mask = col < n_cols
+                if IDX64:
+                    cc = col.to(tl.int64)
+                else:
+                    cc = col
+                if RG == 1:  # the reduced axes are one strided run
+                    A_off = cc * A_sr2
+                else:  # split the flat column over the reduced groups
+                    c2 = cc % nr2
+                    c1 = (cc // nr2) % nr1
+                    c0 = cc // (nr2 * nr1)
+                    A_off = c0 * A_sr0 + c1 * A_sr1 + c2 * A_sr2
+                A = tl.load(A_row + A_off, mask=mask, other=0.0).to(ACC)  # the input A[s2, s1]
+                M_blk = tl.where(mask, A, float("-inf"))  # M[s2] = max[s1](A[s2, s1])
+                M_isnan = M_blk != M_blk
+                M_nan = tl.minimum(M_nan, tl.where(M_isnan, col, n_cols))
+                M_blk = tl.where(M_isnan, float("-inf"), M_blk)
+                M_new = tl.maximum(M_run, M_blk)
+                M_ref = tl.where(M_new == float("-inf"), 0.0, M_new)  # a lane with nothing yet measures against 0, never -inf - -inf
+                Z_run = Z_run * tl.where((M_run == float("-inf")), 0.0, tl.exp(-M_new + M_run)) + tl.where(mask, tl.exp(-M_ref + A), 0.0)  # Z[s2] = sum[s1](E[s2, s1]), rescaled to the new running max
+                M_run = M_new
+            M = tl.max(M_run, axis=0)
+            # a NaN anywhere makes the max NaN (as torch.amax), at the first NaN
+            M_first_nan = tl.min(M_nan, axis=0)
+            M = tl.where(M_first_nan < n_cols, float("nan"), M)
+            Z = tl.sum(Z_run * tl.where((M_run == float("-inf")), 0.0, tl.exp(-M + M_run)), axis=0)
+            # final pass: compute and store the outputs
+            for start in range(0, n_cols, BLOCK):
+                col = start + offs
+                mask = col < n_cols
+                if IDX64:
+                    cc = col.to(tl.int64)
+                else:
+                    cc = col
+                if RG == 1:  # the reduced axes are one strided run
+                    A_off = cc * A_sr2
+                    B_off = cc * B_sr2
+                else:  # split the flat column over the reduced groups
+                    c2 = cc % nr2
+                    c1 = (cc // nr2) % nr1
+                    c0 = cc // (nr2 * nr1)
+                    A_off = c0 * A_sr0 + c1 * A_sr1 + c2 * A_sr2
+                    B_off = c0 * B_sr0 + c1 * B_sr1 + c2 * B_sr2
+                A = tl.load(A_row + A_off, mask=mask, other=0.0).to(ACC)  # the input A[s2, s1]
+                E = tl.exp(A - M)  # E[s2, s1] = exp(A[s2, s1] - M[s2])
+                B = E/Z  # B[s2, s1] = E[s2, s1]/Z[s2]
+                tl.store(B_row + B_off, B.to(B_ptr.dtype.element_ty), mask=mask)  # the output B[s2, s1]
 
 
 @triton.jit
 def _softmax_bwd(
-    B_ptr, B_sk0, B_sk1, B_sk2, B_sr0, B_sr1, B_sr2,  # B saved from the forward
+    B_ptr, B_sk0, B_sk1, B_sk2, B_sr0, B_sr1, B_sr2,  # the output B[s2, s1]
     dB_ptr, dB_sk0, dB_sk1, dB_sk2, dB_sr0, dB_sr1, dB_sr2,  # the gradient of B
     dA_ptr, dA_sk0, dA_sk1, dA_sk2, dA_sr0, dA_sr1, dA_sr2,  # the gradient of A
-    n_cols, nk1, nk2, nr1, nr2,  # row length; sizes of the inner kept and reduced groups
+    n_rows, n_cols, nk1, nk2, nr1, nr2,  # rows, row length; sizes of the inner kept and reduced groups
     ACC: tl.constexpr,     # accumulation dtype: fp32, or fp64 for fp64 inputs
     BLOCK: tl.constexpr,   # columns held at once (a power of two)
     SINGLE: tl.constexpr,  # the whole row fits one block: read once, write once
     RG: tl.constexpr,      # number of strided groups of the reduced axes (1..3)
     IDX64: tl.constexpr,   # offsets need 64 bits
 ):
-    """backward of softmax: one program per row.
+    """backward of softmax: each program walks rows pid, pid + n_progs, ...
     Each tensor comes as a pointer and its strides over the kept groups
-    (``_sk0.._sk2``, outermost first) and, for tensors with the reduced axes,
-    over the reduced groups (``_sr0.._sr2``).
+    (``_sk0.._sk2``, outermost first) and/or over the reduced groups
+    (``_sr0.._sr2``); per-program partials are contiguous [n_progs, n_cols].
     """
-    # ---- this program's row, split over the kept groups (outermost first)
-    row = tl.program_id(0).to(tl.int64)
-    k2 = row % nk2
-    k1 = (row // nk2) % nk1
-    k0 = row // (nk2 * nk1)
-    B_row = B_ptr + k0 * B_sk0 + k1 * B_sk1 + k2 * B_sk2
-    dB_row = dB_ptr + k0 * dB_sk0 + k1 * dB_sk1 + k2 * dB_sk2
-    dA_row = dA_ptr + k0 * dA_sk0 + k1 * dA_sk1 + k2 * dA_sk2
+    pid = tl.program_id(0)
+    n_progs = tl.num_programs(0)
     offs = tl.arange(0, BLOCK)
     if SINGLE:
-        # ---- the row fits one block: every input read once, every output written once
+        # ---- each row fits one block: every input read once, every output written once
         col = offs
         mask = col < n_cols
         if IDX64:
@@ -174,187 +177,122 @@ def _softmax_bwd(
             B_off = c0 * B_sr0 + c1 * B_sr1 + c2 * B_sr2
             dB_off = c0 * dB_sr0 + c1 * dB_sr1 + c2 * dB_sr2
             dA_off = c0 * dA_sr0 + c1 * dA_sr1 + c2 * dA_sr2
-        B = tl.load(B_row + B_off, mask=mask, other=0.0).to(ACC)  # B saved from the forward
-        dB = tl.load(dB_row + dB_off, mask=mask, other=0.0).to(ACC)  # the gradient of B
-        sum_B_dB = tl.sum(tl.where(mask, B*dB, 0.0), axis=0)  # sum_B_dB = sum[s1](B[s2, s1]*dB[s2, s1])
-        dA = (dB - sum_B_dB)*B  # dA[s2, s1'] = (-sum[s1](B[s2, s1]*dB[s2, s1]) + dB[s2, s1'])*B[s2, s1']
-        tl.store(dA_row + dA_off, dA.to(dA_ptr.dtype.element_ty), mask=mask)  # the gradient of A
-    else:
-        # ---- long rows: passes over blocks, lane-wise accumulators reduced at the end
-        # pass 1: sum_B_dB
-        sum_B_dB_run = tl.zeros([BLOCK], dtype=ACC)
-        for start in range(0, n_cols, BLOCK):
-            col = start + offs
-            mask = col < n_cols
-            if IDX64:
-                cc = col.to(tl.int64)
-            else:
-                cc = col
-            if RG == 1:  # the reduced axes are one strided run
-                B_off = cc * B_sr2
-                dB_off = cc * dB_sr2
-                dA_off = cc * dA_sr2
-            else:  # split the flat column over the reduced groups
-                c2 = cc % nr2
-                c1 = (cc // nr2) % nr1
-                c0 = cc // (nr2 * nr1)
-                B_off = c0 * B_sr0 + c1 * B_sr1 + c2 * B_sr2
-                dB_off = c0 * dB_sr0 + c1 * dB_sr1 + c2 * dB_sr2
-                dA_off = c0 * dA_sr0 + c1 * dA_sr1 + c2 * dA_sr2
-            B = tl.load(B_row + B_off, mask=mask, other=0.0).to(ACC)  # B saved from the forward
+        for row in range(pid, n_rows, n_progs):
+            r64 = tl.cast(row, tl.int64)
+            k2 = r64 % nk2
+            k1 = (r64 // nk2) % nk1
+            k0 = r64 // (nk2 * nk1)
+            B_row = B_ptr + k0 * B_sk0 + k1 * B_sk1 + k2 * B_sk2
+            dB_row = dB_ptr + k0 * dB_sk0 + k1 * dB_sk1 + k2 * dB_sk2
+            dA_row = dA_ptr + k0 * dA_sk0 + k1 * dA_sk1 + k2 * dA_sk2
+            B = tl.load(B_row + B_off, mask=mask, other=0.0).to(ACC)  # the output B[s2, s1]
             dB = tl.load(dB_row + dB_off, mask=mask, other=0.0).to(ACC)  # the gradient of B
-            sum_B_dB_run += tl.where(mask, B*dB, 0.0)  # sum_B_dB = sum[s1](B[s2, s1]*dB[s2, s1])
-        sum_B_dB = tl.sum(sum_B_dB_run, axis=0)
-        # final pass: compute and store the outputs
-        for start in range(0, n_cols, BLOCK):
-            col = start + offs
-            mask = col < n_cols
-            if IDX64:
-                cc = col.to(tl.int64)
-            else:
-                cc = col
-            if RG == 1:  # the reduced axes are one strided run
-                B_off = cc * B_sr2
-                dB_off = cc * dB_sr2
-                dA_off = cc * dA_sr2
-            else:  # split the flat column over the reduced groups
-                c2 = cc % nr2
-                c1 = (cc // nr2) % nr1
-                c0 = cc // (nr2 * nr1)
-                B_off = c0 * B_sr0 + c1 * B_sr1 + c2 * B_sr2
-                dB_off = c0 * dB_sr0 + c1 * dB_sr1 + c2 * dB_sr2
-                dA_off = c0 * dA_sr0 + c1 * dA_sr1 + c2 * dA_sr2
-            B = tl.load(B_row + B_off, mask=mask, other=0.0).to(ACC)  # B saved from the forward
-            dB = tl.load(dB_row + dB_off, mask=mask, other=0.0).to(ACC)  # the gradient of B
+            sum_B_dB = tl.sum(tl.where(mask, B*dB, 0.0), axis=0)  # sum[s1](B[s2, s1]*dB[s2, s1])
             dA = (dB - sum_B_dB)*B  # dA[s2, s1'] = (-sum[s1](B[s2, s1]*dB[s2, s1]) + dB[s2, s1'])*B[s2, s1']
             tl.store(dA_row + dA_off, dA.to(dA_ptr.dtype.element_ty), mask=mask)  # the gradient of A
+    else:
+        # ---- long rows: passes over blocks, lane-wise accumulators reduced at the end
+        for row in range(pid, n_rows, n_progs):
+            r64 = tl.cast(row, tl.int64)
+            k2 = r64 % nk2
+            k1 = (r64 // nk2) % nk1
+            k0 = r64 // (nk2 * nk1)
+            B_row = B_ptr + k0 * B_sk0 + k1 * B_sk1 + k2 * B_sk2
+            dB_row = dB_ptr + k0 * dB_sk0 + k1 * dB_sk1 + k2 * dB_sk2
+            dA_row = dA_ptr + k0 * dA_sk0 + k1 * dA_sk1 + k2 * dA_sk2
+            # pass 1: sum:B_dB
+            sum_B_dB_run = tl.zeros([BLOCK], dtype=ACC)
+            for start in range(0, n_cols, BLOCK):
+                col = start + offs
+                mask = col < n_cols
+                if IDX64:
+                    cc = col.to(tl.int64)
+                else:
+                    cc = col
+                if RG == 1:  # the reduced axes are one strided run
+                    B_off = cc * B_sr2
+                    dB_off = cc * dB_sr2
+                else:  # split the flat column over the reduced groups
+                    c2 = cc % nr2
+                    c1 = (cc // nr2) % nr1
+                    c0 = cc // (nr2 * nr1)
+                    B_off = c0 * B_sr0 + c1 * B_sr1 + c2 * B_sr2
+                    dB_off = c0 * dB_sr0 + c1 * dB_sr1 + c2 * dB_sr2
+                B = tl.load(B_row + B_off, mask=mask, other=0.0).to(ACC)  # the output B[s2, s1]
+                dB = tl.load(dB_row + dB_off, mask=mask, other=0.0).to(ACC)  # the gradient of B
+                sum_B_dB_run += tl.where(mask, B*dB, 0.0)  # sum[s1](B[s2, s1]*dB[s2, s1])
+            sum_B_dB = tl.sum(sum_B_dB_run, axis=0)
+            # final pass: compute and store the outputs
+            for start in range(0, n_cols, BLOCK):
+                col = start + offs
+                mask = col < n_cols
+                if IDX64:
+                    cc = col.to(tl.int64)
+                else:
+                    cc = col
+                if RG == 1:  # the reduced axes are one strided run
+                    B_off = cc * B_sr2
+                    dB_off = cc * dB_sr2
+                    dA_off = cc * dA_sr2
+                else:  # split the flat column over the reduced groups
+                    c2 = cc % nr2
+                    c1 = (cc // nr2) % nr1
+                    c0 = cc // (nr2 * nr1)
+                    B_off = c0 * B_sr0 + c1 * B_sr1 + c2 * B_sr2
+                    dB_off = c0 * dB_sr0 + c1 * dB_sr1 + c2 * dB_sr2
+                    dA_off = c0 * dA_sr0 + c1 * dA_sr1 + c2 * dA_sr2
+                B = tl.load(B_row + B_off, mask=mask, other=0.0).to(ACC)  # the output B[s2, s1]
+                dB = tl.load(dB_row + dB_off, mask=mask, other=0.0).to(ACC)  # the gradient of B
+                dA = (dB - sum_B_dB)*B  # dA[s2, s1'] = (-sum[s1](B[s2, s1]*dB[s2, s1]) + dB[s2, s1'])*B[s2, s1']
+                tl.store(dA_row + dA_off, dA.to(dA_ptr.dtype.element_ty), mask=mask)  # the gradient of A
 
 
-# ---- launchers: allocate, lay out the row geometry, launch one program per row
-def _row_shape(x: torch.Tensor, dims: list[int]) -> list[int]:
-    return [n for d, n in enumerate(x.shape) if d not in dims]
+# ---- what the shared runtime needs to launch, register and differentiate this op
+META = {'name': 'softmax',
+ 'inputs': [{'name': 'A', 'level': 'elem'}],
+ 'params': [],
+ 'output': {'name': 'B', 'level': 'elem'},
+ 'extras': [],
+ 'saved': ['B'],
+ 'grads': [{'name': 'dA', 'of': 'A', 'level': 'elem'}],
+ 'forward': {'kernel': '_softmax_fwd', 'tensors': ['A', 'B']},
+ 'backward': {'kernel': '_softmax_bwd', 'tensors': ['B', 'dB', 'dA']},
+ 'reduces': 'dim'}
+
+OP = rt.RowwiseOp(META, _softmax_fwd, _softmax_bwd, __package__)
 
 
-def _allocate_forward(x: torch.Tensor, dims: list[int]):
-    """The forward's outputs, contiguous: B."""
-    rows = _row_shape(x, dims)
-    B = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    return B
+def softmax(A, dim=-1) -> torch.Tensor:
+    """softmax(A[s2, s1]) -> B[s2, s1], from derive/ops/softmax.op.\n\nThe reduced set s1 is ``dim``: an int or a tuple of ints (negative allowed).\nForward and backward run the generated Triton kernels above."""
+    return OP([A], [], dim, False)
 
-def _launch(kernel, x: torch.Tensor, dims: list[int], tensors, params=()) -> bool:
-    """Launch ``kernel`` over the rows of ``x``; False if the layout needs the copy fallback."""
-    geo = rt.RowGeometry(list(x.shape), dims, tensors)
-    if not geo.fits:
-        return False
-    if geo.n_rows == 0 or geo.n_cols == 0:
-        return True
-    cfg = rt.block_config(geo.n_cols, x.dtype)
-    kernel[(geo.n_rows,)](*geo.args, *params, ACC=rt.acc_dtype(x.dtype), BLOCK=cfg["BLOCK"], SINGLE=cfg["SINGLE"],
-                          RG=geo.RG, IDX64=geo.IDX64, num_warps=cfg["num_warps"])
-    return True
-
-
-def _forward(x: torch.Tensor, dims: list[int]):
-    outs = _allocate_forward(x, dims)
-    B = outs
-    tensors = [(x, True), (B, True)]
-    if not _launch(_softmax_fwd, x, dims, tensors):
-        xc, dc, inverse = rt.movedim_last(x, dims)
-        res = _forward(xc, dc)
-        return res.permute(inverse).contiguous()
-    return outs
-
-
-def _backward(x_shape, dims: list[int], B, dB):
-    dA = torch.empty(x_shape, dtype=dB.dtype, device=dB.device)
-    tensors = [(B, True), (dB, True), (dA, True)]
-    if not _launch(_softmax_bwd, dA, dims, tensors):
-        moved = []
-        for t, elem in tensors[:-1]:
-            moved.append(rt.movedim_last(t, dims)[0] if elem else t.contiguous())
-        _, dc, inverse = rt.movedim_last(dA, dims)
-        res = _backward([x_shape[d] for d in range(len(x_shape)) if d not in dims] + [x_shape[d] for d in dims],
-                        dc, *moved)
-        return res.permute(inverse).contiguous()
-    return dA
-
-
-# ---- torch.library ops: traced by torch.compile, differentiated by autograd
-@torch.library.custom_op(f"{rt.library(__package__)}::softmax_forward", mutates_args=())
-def _forward_op(x: torch.Tensor, dims: list[int]) -> torch.Tensor:
-    return _forward(x, dims)
-
-
-@_forward_op.register_fake
-def _(x, dims):
-    return _allocate_forward(x, dims)
-
-
-@torch.library.custom_op(f"{rt.library(__package__)}::softmax_backward", mutates_args=())
-def _backward_op(x_shape: list[int], dims: list[int], B: torch.Tensor, dB: torch.Tensor) -> torch.Tensor:
-    return _backward(x_shape, dims, B, dB)
-
-
-@_backward_op.register_fake
-def _(x_shape, dims, B, dB):
-    return dB.new_empty(x_shape)
-
-
-def _setup_context(ctx, inputs, output):
-    x, dims = inputs
-    B = output
-    ctx.x_shape, ctx.dims = list(x.shape), dims
-    ctx.params = ()
-    ctx.save_for_backward(B, )
-
-
-def _backward_rule(ctx, dB, *unused):
-    dA = _backward_op(ctx.x_shape, ctx.dims, *ctx.saved_tensors, dB, *ctx.params)
-    return (dA, None) + (None,) * len(ctx.params)
-
-
-_forward_op.register_autograd(_backward_rule, setup_context=_setup_context)
-_forward_call = getattr(getattr(torch.ops, rt.library(__package__)), "softmax_forward")
-
-
-# ---- the user-facing op
-def softmax(x: torch.Tensor, dim=-1) -> torch.Tensor:
-    """softmax of ``x`` over ``dim`` (an int or a tuple of ints, the reduced
-    index set s1); the output has the shape of ``x``.  Forward and backward run
-    the generated Triton kernels above."""
-    rt.check_tensor("softmax", x)
-    dims = rt.normalize_dims("softmax", dim, x.dim())
-    if x.dim() == 0:
-        return softmax(x.reshape(1), 0).reshape(())
-    out = _forward_call(x, dims)
-    return out
 
 # ---- ahead-of-time builds (`pullback build`): one config per kernel shape
 AOT_CONFIGS = [
     {"kernel": "_softmax_fwd", "num_warps": 8, "signature": {
         "A_ptr": "*fp32", "A_sk0": "i32", "A_sk1": "i32", "A_sk2": "i32", "A_sr0": "i32", "A_sr1": "i32", "A_sr2": "i32",
         "B_ptr": "*fp32", "B_sk0": "i32", "B_sk1": "i32", "B_sk2": "i32", "B_sr0": "i32", "B_sr1": "i32", "B_sr2": "i32",
-        "n_cols": "i32", "nk1": "i32", "nk2": "i32", "nr1": "i32", "nr2": "i32",
+        "n_rows": "i32", "n_cols": "i32", "nk1": "i32", "nk2": "i32", "nr1": "i32", "nr2": "i32",
         "ACC": "constexpr", "BLOCK": "constexpr", "SINGLE": "constexpr", "RG": "constexpr", "IDX64": "constexpr"},
      "constexprs": {"ACC": "tl.float32", "BLOCK": 4096, "SINGLE": True, "RG": 1, "IDX64": False}},
     {"kernel": "_softmax_fwd", "num_warps": 8, "signature": {
         "A_ptr": "*fp32", "A_sk0": "i32", "A_sk1": "i32", "A_sk2": "i32", "A_sr0": "i32", "A_sr1": "i32", "A_sr2": "i32",
         "B_ptr": "*fp32", "B_sk0": "i32", "B_sk1": "i32", "B_sk2": "i32", "B_sr0": "i32", "B_sr1": "i32", "B_sr2": "i32",
-        "n_cols": "i32", "nk1": "i32", "nk2": "i32", "nr1": "i32", "nr2": "i32",
+        "n_rows": "i32", "n_cols": "i32", "nk1": "i32", "nk2": "i32", "nr1": "i32", "nr2": "i32",
         "ACC": "constexpr", "BLOCK": "constexpr", "SINGLE": "constexpr", "RG": "constexpr", "IDX64": "constexpr"},
      "constexprs": {"ACC": "tl.float32", "BLOCK": 4096, "SINGLE": False, "RG": 1, "IDX64": False}},
     {"kernel": "_softmax_bwd", "num_warps": 8, "signature": {
         "B_ptr": "*fp32", "B_sk0": "i32", "B_sk1": "i32", "B_sk2": "i32", "B_sr0": "i32", "B_sr1": "i32", "B_sr2": "i32",
         "dB_ptr": "*fp32", "dB_sk0": "i32", "dB_sk1": "i32", "dB_sk2": "i32", "dB_sr0": "i32", "dB_sr1": "i32", "dB_sr2": "i32",
         "dA_ptr": "*fp32", "dA_sk0": "i32", "dA_sk1": "i32", "dA_sk2": "i32", "dA_sr0": "i32", "dA_sr1": "i32", "dA_sr2": "i32",
-        "n_cols": "i32", "nk1": "i32", "nk2": "i32", "nr1": "i32", "nr2": "i32",
+        "n_rows": "i32", "n_cols": "i32", "nk1": "i32", "nk2": "i32", "nr1": "i32", "nr2": "i32",
         "ACC": "constexpr", "BLOCK": "constexpr", "SINGLE": "constexpr", "RG": "constexpr", "IDX64": "constexpr"},
      "constexprs": {"ACC": "tl.float32", "BLOCK": 4096, "SINGLE": True, "RG": 1, "IDX64": False}},
     {"kernel": "_softmax_bwd", "num_warps": 8, "signature": {
         "B_ptr": "*fp32", "B_sk0": "i32", "B_sk1": "i32", "B_sk2": "i32", "B_sr0": "i32", "B_sr1": "i32", "B_sr2": "i32",
         "dB_ptr": "*fp32", "dB_sk0": "i32", "dB_sk1": "i32", "dB_sk2": "i32", "dB_sr0": "i32", "dB_sr1": "i32", "dB_sr2": "i32",
         "dA_ptr": "*fp32", "dA_sk0": "i32", "dA_sk1": "i32", "dA_sk2": "i32", "dA_sr0": "i32", "dA_sr1": "i32", "dA_sr2": "i32",
-        "n_cols": "i32", "nk1": "i32", "nk2": "i32", "nr1": "i32", "nr2": "i32",
+        "n_rows": "i32", "n_cols": "i32", "nk1": "i32", "nk2": "i32", "nr1": "i32", "nr2": "i32",
         "ACC": "constexpr", "BLOCK": "constexpr", "SINGLE": "constexpr", "RG": "constexpr", "IDX64": "constexpr"},
      "constexprs": {"ACC": "tl.float32", "BLOCK": 4096, "SINGLE": False, "RG": 1, "IDX64": False}},
 ]

@@ -227,11 +227,11 @@ def test_torch_compile_fullgraph(device):
 @pytest.mark.parametrize("op,name", [(softmax, "softmax"), (pmax, "max")])
 def test_bad_inputs(op, name, device):
     x = torch.randn(3, 4, device=device)
-    with pytest.raises(TypeError, match=rf"{name}: expected x to be a floating-point tensor .* got torch.int64"):
+    with pytest.raises(TypeError, match=rf"{name}: expected A to be a floating-point tensor .* got torch.int64"):
         op(torch.ones(3, 4, dtype=torch.int64, device=device))
-    with pytest.raises(TypeError, match=rf"{name}: expected x to be a floating-point tensor .* got torch.bool"):
+    with pytest.raises(TypeError, match=rf"{name}: expected A to be a floating-point tensor .* got torch.bool"):
         op(torch.ones(3, 4, dtype=torch.bool, device=device))
-    with pytest.raises(TypeError, match=rf"{name}: expected x to be a torch.Tensor, got list"):
+    with pytest.raises(TypeError, match=rf"{name}: expected A to be a torch.Tensor, got list"):
         op([1.0, 2.0])
     with pytest.raises(IndexError, match=rf"{name}: dim 2 is out of range for a tensor with 2 dimensions"):
         op(x, 2)
@@ -272,7 +272,7 @@ def test_triton_imported_without_interpreter_is_an_error():
 def test_cpu_tensor_without_interpreter_is_an_error():
     r = _run_python("import torch, generated\ngenerated.softmax(torch.zeros(2, 3))", {"TRITON_INTERPRET": "0"})
     assert r.returncode != 0
-    assert "softmax: x is on cpu, but pullback's Triton kernels run on CUDA devices" in r.stderr
+    assert "softmax: A is on cpu, but pullback's Triton kernels run on CUDA devices" in r.stderr
 
 
 @pytest.mark.parametrize("block", [4096, 16])
@@ -289,3 +289,36 @@ def test_nan_propagates_like_torch(block, device, monkeypatch):
     m.sum().backward()
     assert x.grad[0, 5] == 1 and x.grad[2, 39] == 1 and x.grad.sum() == 3  # the first NaN takes the gradient
     torch.testing.assert_close(softmax(x.detach(), 1), torch.softmax(x.detach(), 1), equal_nan=True)
+
+
+def test_keepdim_must_be_a_bool(device):
+    x = torch.randn(3, 4, device=device)
+    with pytest.raises(TypeError, match=r"max: keepdim must be a bool, got str 'no'"):
+        pmax(x, -1, keepdim="no")
+
+
+def test_raw_ops_validate_their_arguments(device):
+    """The torch.library ops normalise dims themselves: a negative dim is the
+    same as its positive twin, and a bad one is an error, never a crash."""
+    x = torch.randn(3, 5, device=device)
+    torch.testing.assert_close(torch.ops.pullback.softmax_forward(x, [-1]), torch.softmax(x, -1))
+    torch.library.opcheck(torch.ops.pullback.softmax_forward, (x, [-1]))
+    with pytest.raises(IndexError, match=r"softmax: dim 2 is out of range"):
+        torch.ops.pullback.softmax_forward(x, [2])
+    with pytest.raises(ValueError, match=r"softmax: dim \(1, -1\) names dimension 1 more than once"):
+        torch.ops.pullback.softmax_forward(x, [1, -1])
+    b = torch.softmax(x, -1)
+    with pytest.raises(ValueError, match=r"softmax: dB has shape \(3, 4\), expected \(3, 5\)"):
+        torch.ops.pullback.softmax_backward([3, 5], [1], b, torch.randn(3, 4, device=device))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("block", [4096, 4])
+def test_all_nan_rows_give_nan(dtype, block, device, monkeypatch):
+    import generated._runtime as rt
+    monkeypatch.setattr(rt, "MAX_BLOCK", block)
+    x = torch.full((2, 9), float("nan"), dtype=dtype, device=device)
+    x[1] = torch.arange(9, dtype=dtype)
+    y = pmax(x, -1)
+    assert torch.isnan(y[0]) and y[1].item() == 8.0
+    assert torch.isnan(softmax(x, -1)[0]).all()
