@@ -166,10 +166,8 @@ def _attention_bwd_dkdv(
         dP = tl.dot(dO, tl.trans(V), input_precision=PREC)  # dP = sum[e](V[z, j, e]*dO[z, i, e])
         dS = (-Delta[:, None] + dP)*P  # dS = P * (dP - Delta)
         acc_dK += tl.dot(tl.trans(dS.to(DT)), Q, input_precision=PREC)  # dK[z, j, d] = scale*sum[i](Q[z, i, d]*dS[z, i, j])
-    acc = acc_dK
-    dK = scale*acc
-    acc = acc_dV
-    dV = acc
+    dK = scale*acc_dK
+    dV = acc_dV
     rows = z * n_j + offs_j[:, None]
     tl.store(dK_ptr + rows * n_d + offs_d[None, :], dK.to(dK_ptr.dtype.element_ty),
              mask=col_ok[:, None] & (offs_d[None, :] < n_d))
@@ -221,8 +219,7 @@ def _attention_bwd_dq(
         dP = tl.dot(dO, tl.trans(V), input_precision=PREC)
         dS = (-Delta[:, None] + dP)*P
         acc_dQ += tl.dot(dS.to(DT), K, input_precision=PREC)  # dQ[z, i, d] = scale*sum[j](K[z, j, d]*dS[z, i, j])
-    acc = acc_dQ
-    dQ = scale*acc
+    dQ = scale*acc_dQ
     tl.store(dQ_ptr + (z * n_i + offs_i[:, None]) * n_d + offs_d[None, :],
              dQ.to(dQ_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < n_d))
 

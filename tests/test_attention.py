@@ -362,3 +362,58 @@ def test_torch_compile_with_a_symbolic_scale(device):
         torch.testing.assert_close(out, ref)
         for a, b in zip(torch.autograd.grad(out, (q, k, v)), torch.autograd.grad(ref, (q, k, v))):
             torch.testing.assert_close(a, b)
+
+
+NAMED_SPEC = """op {op}(Q[z, {i}, d], K[z, {j}, d], V[z, {j}, e]; {scale}) -> O[z, {i}, e]
+{S}[z, {i}, {j}] = {scale} * sum[d](Q * K)
+{M}[z, {i}] = max[{j}]({S})
+E[z, {i}, {j}] = exp({S} - {M})
+{L}[z, {i}] = sum[{j}](E)
+{P}[z, {i}, {j}] = E / {L}
+O[z, {i}, e] = sum[{j}]({P} * V)
+"""
+DEFAULT_NAMES = dict(i="i", j="j", S="S", M="M", L="L", P="P", scale="scale")
+
+
+@pytest.mark.parametrize("tag,names", [
+    ("a", dict(S="alpha", scale="pid", i="blocks", L="acc", M="LSE")),
+    ("b", dict(S="valid", scale="start_n", j="offs_j", P="Delta", M="DT")),
+    ("c", dict(op="torch", scale="old", S="rows", L="n_i", P="acc_dQ", i="row_ok")),
+])
+def test_spec_names_that_the_kernels_use_too(tag, names, tmp_path, monkeypatch, device):
+    """Spec names equal to the template's own (alpha, valid, pid, start_n, n_blocks
+    from an index named blocks, the plan's acc/LSE/Delta tiles, the module's torch)
+    are renamed in the kernels, never shadowed: the emitted op matches SDPA."""
+    import importlib
+    from derive import emit as E
+    spec = {**DEFAULT_NAMES, "op": f"att_{tag}", **names}
+    path = tmp_path / f"{spec['op']}.op"
+    path.write_text(NAMED_SPEC.format(**spec))
+    E.emit(str(path), tmp_path / f"named_{tag}")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mod = importlib.import_module(f"named_{tag}")
+    op = getattr(mod, spec["op"])  # the package exports the op under its name (torch_1 in its module)
+    q, k, v = make((2, 70, 16), 33, 8, torch.float64, device)
+    for causal in (False, True):
+        o = op(q, k, v, causal=causal, scale=0.4)
+        ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=0.4)
+        torch.testing.assert_close(o, ref)
+        g = torch.randn_like(o)
+        for a, b in zip(torch.autograd.grad(o, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+            torch.testing.assert_close(a, b)
+
+
+def test_plan_allocates_the_kernel_names():
+    """The spec's names are kept where free (the built-in spec's kernels read
+    Q, S, scale, n_i) and renamed where the kernels use the word themselves."""
+    from derive import derive_text
+    from derive.plan import plan
+    p = plan(derive("attention"))
+    assert (p.fn, p.n["q"], p.n["s"], p.n["scale"], p.n["n_i"], p.n["lse"]) == \
+        ("attention", "Q", "S", "scale", "n_i", "LSE")
+    spec = NAMED_SPEC.format(**{**DEFAULT_NAMES, "op": "att", "S": "alpha", "scale": "pid", "i": "blocks",
+                                "M": "LSE"})
+    p = plan(derive_text(spec, "att.op"))
+    assert (p.n["s"], p.n["scale"], p.n["n_i"], p.n["m"], p.n["lse"]) == \
+        ("alpha_1", "pid_1", "n_blocks_1", "LSE", "LSE_1")
+    assert p.score == "pid_1*tl.dot(Q, tl.trans(K), input_precision=PREC)"
