@@ -32,10 +32,15 @@ __all__ = ["attention"]
 
 
 @triton.jit
-def _tile(base, rows, row_stride, n_rows, cols, col_stride, n_cols):
-    """Load the [rows, cols] tile of a matrix at ``base``; zero outside it."""
+def _tile(base, rows, row_stride, n_rows, cols, col_stride, n_cols, DT: tl.constexpr, IDX64: tl.constexpr):
+    """Load the [rows, cols] tile of a matrix at ``base``; zero outside it; as ``DT``
+    (the dtype of tl.dot's operands).  ``IDX64``: the offsets within the matrix
+    need 64 bits (the launcher decides from the strides, rt.attention_idx64)."""
+    if IDX64:
+        rows = rows.to(tl.int64)
+        cols = cols.to(tl.int64)
     return tl.load(base + rows[:, None] * row_stride + cols[None, :] * col_stride,
-                   mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
+                   mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0).to(DT)
 
 
 @triton.jit
@@ -49,9 +54,10 @@ def _attention_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # query rows and key columns per tile
     BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,  # head dims padded to powers of two
     CAUSAL: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    DOT_FP32: tl.constexpr, IDX64: tl.constexpr,  # upcast dot operands; 64-bit offsets (see _config)
 ):
     """One program per (batch, block of queries); streams blocks of keys."""
-    DT = Q_ptr.dtype.element_ty
+    DT = tl.float32 if DOT_FP32 else Q_ptr.dtype.element_ty  # tl.dot operands (see _config)
     n_blocks = tl.cdiv(n_i, BLOCK_M)
     pid = tl.program_id(0)
     z = (pid // n_blocks).to(tl.int64)
@@ -61,7 +67,7 @@ def _attention_fwd(
     offs_e = tl.arange(0, BLOCK_E)
     row_ok = offs_i < n_i
     # the query tile stays in registers for the whole sweep
-    Q = _tile(Q_ptr + z * Q_sz, offs_i, Q_si, n_i, offs_d, Q_sd, n_d)
+    Q = _tile(Q_ptr + z * Q_sz, offs_i, Q_si, n_i, offs_d, Q_sd, n_d, DT, IDX64)
     M_run = tl.full([BLOCK_M], float("-inf"), ACC)  # running max of each row
     L = tl.zeros([BLOCK_M], dtype=ACC)  # running normaliser
     acc = tl.zeros([BLOCK_M, BLOCK_E], dtype=ACC)  # running unnormalised output
@@ -71,8 +77,8 @@ def _attention_fwd(
     for start_n in range(0, end_n, BLOCK_N):
         offs_j = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_j < n_j
-        K = _tile(K_ptr + z * K_sz, offs_j, K_sj, n_j, offs_d, K_sd, n_d)
-        V = _tile(V_ptr + z * V_sz, offs_j, V_sj, n_j, offs_e, V_se, n_e)
+        K = _tile(K_ptr + z * K_sz, offs_j, K_sj, n_j, offs_d, K_sd, n_d, DT, IDX64)
+        V = _tile(V_ptr + z * V_sz, offs_j, V_sj, n_j, offs_e, V_se, n_e, DT, IDX64)
         S = scale*tl.dot(Q, tl.trans(K), input_precision=PREC)  # S[z, i, j] = scale*sum[d](K[z, j, d]*Q[z, i, d])
         valid = col_ok[None, :]
         if CAUSAL:
@@ -86,8 +92,8 @@ def _attention_fwd(
         M_run = M_new
     M = M_run
     O = acc/L[:, None]  # O[z, i, e] = sum[j](P[z, i, j]*V[z, j, e])
-    tl.store(O_ptr + (z * n_i + offs_i[:, None]) * n_e + offs_e[None, :], O.to(DT),
-             mask=row_ok[:, None] & (offs_e[None, :] < n_e))
+    tl.store(O_ptr + (z * n_i + offs_i[:, None]) * n_e + offs_e[None, :],
+             O.to(O_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_e[None, :] < n_e))
     LSE = tl.log(L) + M  # saved for the backward
     tl.store(LSE_ptr + z * n_i + offs_i, LSE, mask=row_ok)
 
@@ -96,10 +102,13 @@ def _attention_fwd(
 def _attention_bwd_delta(
     O_ptr, dO_ptr, Delta_ptr,  # O and dO [Z*M, Dv] contiguous; Delta [Z*M]
     n_rows, n_e,
-    BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, ACC: tl.constexpr, IDX64: tl.constexpr,
 ):
     """Delta = sum[e](O[z, i, e]*dO[z, i, e]): the row sum left in dS after folding."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    start = tl.program_id(0)
+    if IDX64:  # Z * M rows past 2**31
+        start = start.to(tl.int64)
+    rows = start * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_e = tl.arange(0, BLOCK_E)
     ok = (rows[:, None] < n_rows) & (offs_e[None, :] < n_e)
     offs = rows[:, None].to(tl.int64) * n_e + offs_e[None, :]
@@ -120,10 +129,11 @@ def _attention_bwd_dkdv(
     scale, n_i, n_j, n_d, n_e,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
     CAUSAL: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    DOT_FP32: tl.constexpr, IDX64: tl.constexpr,  # upcast dot operands; 64-bit offsets (see _config)
 ):
     """One program per (batch, block of keys); streams blocks of queries to
     accumulate dK and dV (sums over i)."""
-    DT = Q_ptr.dtype.element_ty
+    DT = tl.float32 if DOT_FP32 else Q_ptr.dtype.element_ty  # tl.dot operands (see _config)
     n_blocks = tl.cdiv(n_j, BLOCK_N)
     pid = tl.program_id(0)
     z = (pid // n_blocks).to(tl.int64)
@@ -132,8 +142,8 @@ def _attention_bwd_dkdv(
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = tl.arange(0, BLOCK_E)
     col_ok = offs_j < n_j
-    K = _tile(K_ptr + z * K_sz, offs_j, K_sj, n_j, offs_d, K_sd, n_d)
-    V = _tile(V_ptr + z * V_sz, offs_j, V_sj, n_j, offs_e, V_se, n_e)
+    K = _tile(K_ptr + z * K_sz, offs_j, K_sj, n_j, offs_d, K_sd, n_d, DT, IDX64)
+    V = _tile(V_ptr + z * V_sz, offs_j, V_sj, n_j, offs_e, V_se, n_e, DT, IDX64)
     acc_dK = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     acc_dV = tl.zeros([BLOCK_N, BLOCK_E], dtype=ACC)
     start_i = 0
@@ -142,8 +152,8 @@ def _attention_bwd_dkdv(
     for start_m in range(start_i, n_i, BLOCK_M):
         offs_i = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_i < n_i
-        Q = _tile(Q_ptr + z * Q_sz, offs_i, Q_si, n_i, offs_d, Q_sd, n_d)
-        dO = _tile(dO_ptr + z * n_i * n_e, offs_i, n_e, n_i, offs_e, 1, n_e)
+        Q = _tile(Q_ptr + z * Q_sz, offs_i, Q_si, n_i, offs_d, Q_sd, n_d, DT, IDX64)
+        dO = _tile(dO_ptr + z * n_i * n_e, offs_i, n_e, n_i, offs_e, 1, n_e, DT, IDX64)
         LSE = tl.load(LSE_ptr + z * n_i + offs_i, mask=row_ok, other=0.0)
         Delta = tl.load(Delta_ptr + z * n_i + offs_i, mask=row_ok, other=0.0)
         S = scale*tl.dot(Q, tl.trans(K), input_precision=PREC)
@@ -156,14 +166,12 @@ def _attention_bwd_dkdv(
         dP = tl.dot(dO, tl.trans(V), input_precision=PREC)  # dP = sum[e](V[z, j, e]*dO[z, i, e])
         dS = (-Delta[:, None] + dP)*P  # dS = P * (dP - Delta)
         acc_dK += tl.dot(tl.trans(dS.to(DT)), Q, input_precision=PREC)  # dK[z, j, d] = scale*sum[i](Q[z, i, d]*dS[z, i, j])
-    acc = acc_dK
-    dK = scale*acc
-    acc = acc_dV
-    dV = acc
+    dK = scale*acc_dK
+    dV = acc_dV
     rows = z * n_j + offs_j[:, None]
-    tl.store(dK_ptr + rows * n_d + offs_d[None, :], dK.to(DT),
+    tl.store(dK_ptr + rows * n_d + offs_d[None, :], dK.to(dK_ptr.dtype.element_ty),
              mask=col_ok[:, None] & (offs_d[None, :] < n_d))
-    tl.store(dV_ptr + rows * n_e + offs_e[None, :], dV.to(DT),
+    tl.store(dV_ptr + rows * n_e + offs_e[None, :], dV.to(dV_ptr.dtype.element_ty),
              mask=col_ok[:, None] & (offs_e[None, :] < n_e))
 
 
@@ -176,10 +184,11 @@ def _attention_bwd_dq(
     scale, n_i, n_j, n_d, n_e,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
     CAUSAL: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    DOT_FP32: tl.constexpr, IDX64: tl.constexpr,  # upcast dot operands; 64-bit offsets (see _config)
 ):
     """One program per (batch, block of queries); streams blocks of keys to
     accumulate dQ (a sum over j)."""
-    DT = Q_ptr.dtype.element_ty
+    DT = tl.float32 if DOT_FP32 else Q_ptr.dtype.element_ty  # tl.dot operands (see _config)
     n_blocks = tl.cdiv(n_i, BLOCK_M)
     pid = tl.program_id(0)
     z = (pid // n_blocks).to(tl.int64)
@@ -188,8 +197,8 @@ def _attention_bwd_dq(
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = tl.arange(0, BLOCK_E)
     row_ok = offs_i < n_i
-    Q = _tile(Q_ptr + z * Q_sz, offs_i, Q_si, n_i, offs_d, Q_sd, n_d)
-    dO = _tile(dO_ptr + z * n_i * n_e, offs_i, n_e, n_i, offs_e, 1, n_e)
+    Q = _tile(Q_ptr + z * Q_sz, offs_i, Q_si, n_i, offs_d, Q_sd, n_d, DT, IDX64)
+    dO = _tile(dO_ptr + z * n_i * n_e, offs_i, n_e, n_i, offs_e, 1, n_e, DT, IDX64)
     LSE = tl.load(LSE_ptr + z * n_i + offs_i, mask=row_ok, other=0.0)
     Delta = tl.load(Delta_ptr + z * n_i + offs_i, mask=row_ok, other=0.0)
     acc_dQ = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
@@ -199,8 +208,8 @@ def _attention_bwd_dq(
     for start_n in range(0, end_n, BLOCK_N):
         offs_j = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_j < n_j
-        K = _tile(K_ptr + z * K_sz, offs_j, K_sj, n_j, offs_d, K_sd, n_d)
-        V = _tile(V_ptr + z * V_sz, offs_j, V_sj, n_j, offs_e, V_se, n_e)
+        K = _tile(K_ptr + z * K_sz, offs_j, K_sj, n_j, offs_d, K_sd, n_d, DT, IDX64)
+        V = _tile(V_ptr + z * V_sz, offs_j, V_sj, n_j, offs_e, V_se, n_e, DT, IDX64)
         S = scale*tl.dot(Q, tl.trans(K), input_precision=PREC)
         valid = row_ok[:, None] & col_ok[None, :]
         if CAUSAL:
@@ -210,10 +219,9 @@ def _attention_bwd_dq(
         dP = tl.dot(dO, tl.trans(V), input_precision=PREC)
         dS = (-Delta[:, None] + dP)*P
         acc_dQ += tl.dot(dS.to(DT), K, input_precision=PREC)  # dQ[z, i, d] = scale*sum[j](K[z, j, d]*dS[z, i, j])
-    acc = acc_dQ
-    dQ = scale*acc
-    tl.store(dQ_ptr + (z * n_i + offs_i[:, None]) * n_d + offs_d[None, :], dQ.to(DT),
-             mask=row_ok[:, None] & (offs_d[None, :] < n_d))
+    dQ = scale*acc_dQ
+    tl.store(dQ_ptr + (z * n_i + offs_i[:, None]) * n_d + offs_d[None, :],
+             dQ.to(dQ_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < n_d))
 
 
 # ---- launchers
@@ -222,10 +230,15 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(math.prod(t.shape[:-2]), t.shape[-2], t.shape[-1])
 
 
-def _config(n_d: int, n_e: int, dtype: torch.dtype, kernel: str) -> dict:
+def _config(n_d: int, n_e: int, dtype: torch.dtype, kernel: str, idx64: bool) -> dict:
     cfg = rt.attention_config(n_d, n_e, dtype, kernel)
     cfg["ACC"] = rt.acc_dtype(dtype)
     cfg["PREC"] = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+    # Triton's interpreter multiplies bf16 tl.dot operands as raw bit patterns
+    # (numpy has no bf16): interpreted, the kernels upcast them to fp32, which
+    # holds every product of two bf16 values exactly.  Compiled kernels are unchanged.
+    cfg["DOT_FP32"] = rt.INTERPRET and dtype == torch.bfloat16
+    cfg["IDX64"] = idx64
     return cfg
 
 
@@ -238,7 +251,7 @@ def _forward(q, k, v, scale: float, causal: bool):
     lse = torch.empty(list(lead) + [n_i], dtype=rt.torch_acc_dtype(q.dtype), device=q.device)
     if o.numel() == 0:
         return o, lse
-    cfg = _config(n_d, n_e, q.dtype, "fwd")
+    cfg = _config(n_d, n_e, q.dtype, "fwd", rt.attention_idx64(qf, kf, vf, _flat(o)))
     grid = (z * triton.cdiv(n_i, cfg["BLOCK_M"]),)
     _attention_fwd[grid](qf, *qf.stride(), kf, *kf.stride(), vf, *vf.stride(), o, lse,
                      scale, n_i, n_j, n_d, n_e, CAUSAL=causal, **cfg)
@@ -258,10 +271,11 @@ def _backward(q, k, v, o, lse, do, scale: float, causal: bool):
     dof = _flat(do).contiguous()
     of = _flat(o).contiguous()
     delta = torch.empty(z * n_i, dtype=lse.dtype, device=q.device)
-    kv_cfg, q_cfg = _config(n_d, n_e, q.dtype, "dkdv"), _config(n_d, n_e, q.dtype, "dq")
+    idx64 = rt.attention_idx64(qf, kf, vf, of, _flat(dq), _flat(dk), _flat(dv))
+    kv_cfg, q_cfg = _config(n_d, n_e, q.dtype, "dkdv", idx64), _config(n_d, n_e, q.dtype, "dq", idx64)
     if z * n_i:
         _attention_bwd_delta[(triton.cdiv(z * n_i, 64),)](
-            of, dof, delta, z * n_i, n_e, BLOCK_M=64, BLOCK_E=q_cfg["BLOCK_E"], ACC=q_cfg["ACC"])
+            of, dof, delta, z * n_i, n_e, BLOCK_M=64, BLOCK_E=q_cfg["BLOCK_E"], ACC=q_cfg["ACC"], IDX64=idx64)
     lse = lse.reshape(-1).contiguous()
     common = (qf, *qf.stride(), kf, *kf.stride(), vf, *vf.stride())
     if z * n_j:
@@ -273,28 +287,40 @@ def _backward(q, k, v, o, lse, do, scale: float, causal: bool):
     return dq, dk, dv
 
 
-# ---- torch.library ops: traced by torch.compile, differentiated by autograd
-@torch.library.custom_op(f"{rt.library(__package__)}::attention_forward", mutates_args=())
+# ---- torch.library ops: traced by torch.compile, differentiated by autograd.
+# Each checks its own arguments (a direct torch.ops call or opcheck skips the
+# user-facing function), in its fake implementation too.
+_FORWARD_OP = f"{rt.library(__package__)}::attention_forward"
+_BACKWARD_OP = f"{rt.library(__package__)}::attention_backward"
+
+
+@torch.library.custom_op(_FORWARD_OP, mutates_args=())
 def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                 causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    scale, causal = rt.check_attention(_FORWARD_OP, q, k, v, scale, causal)
     return _forward(q, k, v, scale, causal)
 
 
 @_forward_op.register_fake
 def _(q, k, v, scale, causal):
+    rt.check_attention(_FORWARD_OP, q, k, v, scale, causal)
     lead, n_i = q.shape[:-2], q.shape[-2]
     return (q.new_empty(list(lead) + [n_i, v.shape[-1]]),
             q.new_empty(list(lead) + [n_i], dtype=rt.torch_acc_dtype(q.dtype)))
 
 
-@torch.library.custom_op(f"{rt.library(__package__)}::attention_backward", mutates_args=())
+@torch.library.custom_op(_BACKWARD_OP, mutates_args=())
 def _backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
                  do: torch.Tensor, scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    scale, causal = rt.check_attention(_BACKWARD_OP, q, k, v, scale, causal)
+    rt.check_attention_backward(_BACKWARD_OP, q, k, v, o, lse, do)
     return _backward(q, k, v, o, lse, do, scale, causal)
 
 
 @_backward_op.register_fake
 def _(q, k, v, o, lse, do, scale, causal):
+    rt.check_attention(_BACKWARD_OP, q, k, v, scale, causal)
+    rt.check_attention_backward(_BACKWARD_OP, q, k, v, o, lse, do)
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
@@ -323,13 +349,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
               scale: float | None = None) -> torch.Tensor:
     """Scaled dot-product attention with the semantics of
     ``torch.nn.functional.scaled_dot_product_attention``: q ``[..., M, D]``,
-    k ``[..., N, D]``, v ``[..., N, Dv]`` -> ``[..., M, Dv]``; ``scale`` defaults
-    to ``1/sqrt(D)``; ``causal`` masks key j > query i (SDPA's ``is_causal``,
-    aligned to the top left when M != N)."""
-    rt.check_attention("attention", q, k, v)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    return _forward_call(q, k, v, float(scale), bool(causal))[0]
+    k ``[..., N, D]``, v ``[..., N, Dv]`` -> ``[..., M, Dv]``; ``scale`` (a
+    finite real number, not a tensor: no gradient flows to it) defaults to
+    ``1/sqrt(D)``; ``causal`` (a bool) masks key j > query i (SDPA's
+    ``is_causal``, aligned to the top left when M != N)."""
+    scale, causal = rt.check_attention("attention", q, k, v, scale, causal)
+    return _forward_call(q, k, v, scale, causal)[0]
 
 
 # ---- ahead-of-time builds (`pullback build`): the default configs
@@ -350,7 +375,8 @@ def _aot(kernel: str, extra: list[str], d: int, dtype: str) -> dict:
             sig[name] = "*fp32"
     sig.update({"scale": "fp32", **{n: "i32" for n in _SIZES}})
     const = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_D": cfg["BLOCK_D"],
-             "BLOCK_E": cfg["BLOCK_E"], "CAUSAL": False, "PREC": "tf32", "ACC": "tl.float32"}
+             "BLOCK_E": cfg["BLOCK_E"], "CAUSAL": False, "PREC": "tf32", "ACC": "tl.float32",
+             "DOT_FP32": False, "IDX64": False}
     sig.update({n: "constexpr" for n in const})
     return {"kernel": kernel, "signature": sig, "constexprs": const, "num_warps": cfg["num_warps"],
             "label": f"{dtype}, D={d}"}
