@@ -182,6 +182,19 @@ def _unify(pattern: Indexed, target: Indexed, mapping: dict) -> dict | None:
     return out
 
 
+def _alpha(expr):
+    """``expr`` with every sum's bound indices renamed by position (``sum[c''](x)``
+    and ``sum[c](x)`` become the same expression), for matching definitions."""
+    def walk(e, depth):
+        if isinstance(e, IndexSum):
+            names = {i: Symbol(f"{base_name(i)}#bound{depth}_{k}") for k, i in enumerate(e.indices)}
+            return IndexSum(walk(e.body.xreplace(names), depth + 1), *names.values())
+        if not e.args or isinstance(e, Indexed):
+            return e
+        return e.func(*[walk(a, depth) for a in e.args])
+    return walk(expr, 0)
+
+
 class Folder:
     """Rewrites terms with the names of the forward definitions of an op."""
 
@@ -197,9 +210,11 @@ class Folder:
                 pw = _powers(rhs)
                 if all(isinstance(b, Indexed) and e.is_Integer for b, e in pw):
                     self.product_defs.append((eq, pw))
-            elif isinstance(rhs, sympy.Function) and not rhs.has(IndexSum):
+            elif isinstance(rhs, sympy.Function) or (isinstance(rhs, Pow) and not rhs.exp.is_Integer
+                                                       and rhs.exp.is_Rational):
+                # exp(A - M) -> E; sqrt(V + eps) -> R (also 1/sqrt(V + eps) -> 1/R), sums inside included
                 wilds = {i: Wild(f"w_{i.name}") for i in eq.target.indices}
-                self.function_defs.append((eq, rhs.xreplace(wilds), wilds))
+                self.function_defs.append((eq, _alpha(rhs).xreplace(wilds), wilds))
         # Identities that follow from two definitions: with P = E / L and
         # L = sum_j E, sum_j P = (sum_j E) / L = 1.
         for eq, pw in self.product_defs:
@@ -213,10 +228,17 @@ class Folder:
     def fold_functions(self, mono):
         for eq, pattern, wilds in self.function_defs:
             for sub in list(mono.atoms(type(pattern))):
-                m = sub.match(pattern)
+                power = sympy.S.One
+                if isinstance(pattern, Pow):  # (V + eps)**(-1/2) is R**-1 when R = (V + eps)**(1/2)
+                    power = sub.exp / pattern.exp
+                    if not power.is_Integer or power == 0:
+                        continue
+                    m = _alpha(sub.base).match(pattern.base)
+                else:
+                    m = _alpha(sub).match(pattern)
                 if m is not None and all(w in m for w in wilds.values()):
                     idx = [m[wilds[i]] for i in eq.target.indices]
-                    mono = mono.xreplace({sub: eq.target.at(idx)})
+                    mono = mono.xreplace({sub: eq.target.at(idx) ** power})
         return mono
 
     # -- E / Z -> B ------------------------------------------------------------------

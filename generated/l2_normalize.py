@@ -7,7 +7,7 @@ Forward (derive/ops/l2_normalize.op):
     norm[r] = sqrt(sum[c](x[r, c]**2))
     y[r, c] = x[r, c]/Max(eps, norm[r])
 Pullbacks (derived; see `pullback derive l2_normalize`):
-    dx[r, c'] = (-Heaviside(-eps + norm[r])*sum[c](dy[r, c]*x[r, c])*x[r, c']/(sqrt(sum[c''](x[r, c'']**2))*Max(eps, norm[r])) + dy[r, c'])/Max(eps, norm[r])
+    dx[r, c'] = (-Heaviside(-eps + norm[r])*sum[c](dy[r, c]*x[r, c])*x[r, c']/(norm[r]*Max(eps, norm[r])) + dy[r, c'])/Max(eps, norm[r])
 """
 import torch
 import triton
@@ -178,9 +178,8 @@ def _l2_normalize_bwd(
             norm = tl.load(norm_row).to(ACC)  # norm saved for the backward
             x = tl.load(x_row + x_off, mask=mask, other=0.0).to(ACC)  # the input x[r, c]
             dy = tl.load(dy_row + dy_off, mask=mask, other=0.0).to(ACC)  # the gradient of y
-            sum_x = tl.sum(tl.where(mask, (x * x), 0.0), axis=0)  # sum[c](x[r, c]**2)
             sum_dy_x = tl.sum(tl.where(mask, dy*x, 0.0), axis=0)  # sum[c](dy[r, c]*x[r, c])
-            dx = (-tl.where((-eps + norm) > 0, 1.0, tl.where((-eps + norm) < 0, 0.0, 0.5))*sum_dy_x*x/(tl.sqrt(sum_x)*tl.maximum(eps, norm)) + dy)/tl.maximum(eps, norm)  # dx[r, c'] = (-Heaviside(-eps + norm[r])*sum[c](dy[r, c]*x[r, c])*x[r, c']/(sqrt(sum[c''](x[r, c'']**2))*Max(eps, norm[r])) + dy[r, c'])/Max(eps, norm[r])
+            dx = (-tl.where((-eps + norm) > 0, 1.0, tl.where((-eps + norm) < 0, 0.0, 0.5))*sum_dy_x*x/(norm*tl.maximum(eps, norm)) + dy)/tl.maximum(eps, norm)  # dx[r, c'] = (-Heaviside(-eps + norm[r])*sum[c](dy[r, c]*x[r, c])*x[r, c']/(norm[r]*Max(eps, norm[r])) + dy[r, c'])/Max(eps, norm[r])
             tl.store(dx_row + dx_off, dx.to(dx_ptr.dtype.element_ty), mask=mask)  # the gradient of x
     else:
         # ---- long rows: passes over blocks, lane-wise accumulators reduced at the end
@@ -194,8 +193,7 @@ def _l2_normalize_bwd(
             dy_row = dy_ptr + k0 * dy_sk0 + k1 * dy_sk1 + k2 * dy_sk2
             dx_row = dx_ptr + k0 * dx_sk0 + k1 * dx_sk1 + k2 * dx_sk2
             norm = tl.load(norm_row).to(ACC)  # norm saved for the backward
-            # pass 1: sum:x, sum:dy_x
-            sum_x_run = tl.zeros([BLOCK], dtype=ACC)
+            # pass 1: sum:dy_x
             sum_dy_x_run = tl.zeros([BLOCK], dtype=ACC)
             for start in range(0, n_cols, BLOCK):
                 col = start + offs
@@ -215,9 +213,7 @@ def _l2_normalize_bwd(
                     dy_off = c0 * dy_sr0 + c1 * dy_sr1 + c2 * dy_sr2
                 x = tl.load(x_row + x_off, mask=mask, other=0.0).to(ACC)  # the input x[r, c]
                 dy = tl.load(dy_row + dy_off, mask=mask, other=0.0).to(ACC)  # the gradient of y
-                sum_x_run += tl.where(mask, (x * x), 0.0)  # sum[c](x[r, c]**2)
                 sum_dy_x_run += tl.where(mask, dy*x, 0.0)  # sum[c](dy[r, c]*x[r, c])
-            sum_x = tl.sum(sum_x_run, axis=0)
             sum_dy_x = tl.sum(sum_dy_x_run, axis=0)
             # final pass: compute and store the outputs
             for start in range(0, n_cols, BLOCK):
@@ -240,7 +236,7 @@ def _l2_normalize_bwd(
                     dx_off = c0 * dx_sr0 + c1 * dx_sr1 + c2 * dx_sr2
                 x = tl.load(x_row + x_off, mask=mask, other=0.0).to(ACC)  # the input x[r, c]
                 dy = tl.load(dy_row + dy_off, mask=mask, other=0.0).to(ACC)  # the gradient of y
-                dx = (-tl.where((-eps + norm) > 0, 1.0, tl.where((-eps + norm) < 0, 0.0, 0.5))*sum_dy_x*x/(tl.sqrt(sum_x)*tl.maximum(eps, norm)) + dy)/tl.maximum(eps, norm)  # dx[r, c'] = (-Heaviside(-eps + norm[r])*sum[c](dy[r, c]*x[r, c])*x[r, c']/(sqrt(sum[c''](x[r, c'']**2))*Max(eps, norm[r])) + dy[r, c'])/Max(eps, norm[r])
+                dx = (-tl.where((-eps + norm) > 0, 1.0, tl.where((-eps + norm) < 0, 0.0, 0.5))*sum_dy_x*x/(norm*tl.maximum(eps, norm)) + dy)/tl.maximum(eps, norm)  # dx[r, c'] = (-Heaviside(-eps + norm[r])*sum[c](dy[r, c]*x[r, c])*x[r, c']/(norm[r]*Max(eps, norm[r])) + dy[r, c'])/Max(eps, norm[r])
                 tl.store(dx_row + dx_off, dx.to(dx_ptr.dtype.element_ty), mask=mask)  # the gradient of x
 
 

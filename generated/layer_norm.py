@@ -10,7 +10,7 @@ Forward (derive/ops/layer_norm.op):
     std[r] = sqrt(eps + var[r])
     y[r, c] = bias[c] + weight[c]*xc[r, c]/std[r]
 Pullbacks (derived; see `pullback derive layer_norm`):
-    dx[r, c'] = (dy[r, c']*weight[c'] - sum[c](dy[r, c]*weight[c])/|c| - sum[c](dy[r, c]*weight[c]*xc[r, c])*xc[r, c']/(|c|*sqrt(eps + var[r])*std[r]) + sum[c](dy[r, c]*weight[c]*xc[r, c])*sum[c''](xc[r, c''])/(|c|**2*sqrt(eps + var[r])*std[r]))/std[r]
+    dx[r, c'] = (dy[r, c']*weight[c'] - sum[c](dy[r, c]*weight[c])/|c| - sum[c](dy[r, c]*weight[c]*xc[r, c])*xc[r, c']/(|c|*std[r]**2) + sum[c](dy[r, c]*weight[c]*xc[r, c])*sum[c''](xc[r, c''])/(|c|**2*std[r]**2))/std[r]
     dweight[c] = sum[r](dy[r, c]*xc[r, c]/std[r])
     dbias[c] = sum[r](dy[r, c])
 """
@@ -31,7 +31,6 @@ def _layer_norm_fwd(
     y_ptr, y_sk0, y_sk1, y_sk2, y_sr0, y_sr1, y_sr2,  # the output y[r, c]
     mu_ptr, mu_sk0, mu_sk1, mu_sk2,  # mu saved for the backward
     std_ptr, std_sk0, std_sk1, std_sk2,  # std saved for the backward
-    var_ptr, var_sk0, var_sk1, var_sk2,  # var saved for the backward
     n_rows, n_cols, nk1, nk2, nr1, nr2,  # rows, row length; sizes of the inner kept and reduced groups
     params_ptr,  # the op's scalar parameters, in the accumulation dtype
     ACC: tl.constexpr,     # accumulation dtype: fp32, or fp64 for fp64 inputs
@@ -81,7 +80,6 @@ def _layer_norm_fwd(
             y_row = y_ptr + k0 * y_sk0 + k1 * y_sk1 + k2 * y_sk2
             mu_row = mu_ptr + k0 * mu_sk0 + k1 * mu_sk1 + k2 * mu_sk2
             std_row = std_ptr + k0 * std_sk0 + k1 * std_sk1 + k2 * std_sk2
-            var_row = var_ptr + k0 * var_sk0 + k1 * var_sk1 + k2 * var_sk2
             x = tl.load(x_row + x_off, mask=mask, other=0.0).to(ACC)  # the input x[r, c]
             mu_sum_x = tl.sum(tl.where(mask, x, 0.0), axis=0)  # sum[c](x[r, c])
             mu = mu_sum_x/tl.cast(n_cols, ACC)  # mu[r] = sum[c](x[r, c])/|c|
@@ -93,7 +91,6 @@ def _layer_norm_fwd(
             tl.store(y_row + y_off, y.to(y_ptr.dtype.element_ty), mask=mask)  # the output y[r, c]
             tl.store(mu_row, mu.to(mu_ptr.dtype.element_ty))  # mu saved for the backward
             tl.store(std_row, std.to(std_ptr.dtype.element_ty))  # std saved for the backward
-            tl.store(var_row, var.to(var_ptr.dtype.element_ty))  # var saved for the backward
     else:
         # ---- long rows: passes over blocks, lane-wise accumulators reduced at the end
         for row in range(pid, n_rows, n_progs):
@@ -105,7 +102,6 @@ def _layer_norm_fwd(
             y_row = y_ptr + k0 * y_sk0 + k1 * y_sk1 + k2 * y_sk2
             mu_row = mu_ptr + k0 * mu_sk0 + k1 * mu_sk1 + k2 * mu_sk2
             std_row = std_ptr + k0 * std_sk0 + k1 * std_sk1 + k2 * std_sk2
-            var_row = var_ptr + k0 * var_sk0 + k1 * var_sk1 + k2 * var_sk2
             # pass 1: mu_sum:x
             mu_sum_x_run = tl.zeros([BLOCK], dtype=ACC)
             for start in range(0, n_cols, BLOCK):
@@ -177,7 +173,6 @@ def _layer_norm_fwd(
                 tl.store(y_row + y_off, y.to(y_ptr.dtype.element_ty), mask=mask)  # the output y[r, c]
             tl.store(mu_row, mu.to(mu_ptr.dtype.element_ty))  # mu saved for the backward
             tl.store(std_row, std.to(std_ptr.dtype.element_ty))  # std saved for the backward
-            tl.store(var_row, var.to(var_ptr.dtype.element_ty))  # var saved for the backward
 
 
 @triton.jit
@@ -186,7 +181,6 @@ def _layer_norm_bwd(
     weight_ptr, weight_sr0, weight_sr1, weight_sr2,  # the input weight[c]
     mu_ptr, mu_sk0, mu_sk1, mu_sk2,  # mu saved for the backward
     std_ptr, std_sk0, std_sk1, std_sk2,  # std saved for the backward
-    var_ptr, var_sk0, var_sk1, var_sk2,  # var saved for the backward
     dy_ptr, dy_sk0, dy_sk1, dy_sk2, dy_sr0, dy_sr1, dy_sr2,  # the gradient of y
     dx_ptr, dx_sk0, dx_sk1, dx_sk2, dx_sr0, dx_sr1, dx_sr2,  # the gradient of x
     dweight_partial_ptr,  # per-program partial sums of dweight (summed in a second stage)
@@ -240,18 +234,16 @@ def _layer_norm_bwd(
             x_row = x_ptr + k0 * x_sk0 + k1 * x_sk1 + k2 * x_sk2
             mu_row = mu_ptr + k0 * mu_sk0 + k1 * mu_sk1 + k2 * mu_sk2
             std_row = std_ptr + k0 * std_sk0 + k1 * std_sk1 + k2 * std_sk2
-            var_row = var_ptr + k0 * var_sk0 + k1 * var_sk1 + k2 * var_sk2
             dy_row = dy_ptr + k0 * dy_sk0 + k1 * dy_sk1 + k2 * dy_sk2
             dx_row = dx_ptr + k0 * dx_sk0 + k1 * dx_sk1 + k2 * dx_sk2
             mu = tl.load(mu_row).to(ACC)  # mu saved for the backward
             std = tl.load(std_row).to(ACC)  # std saved for the backward
-            var = tl.load(var_row).to(ACC)  # var saved for the backward
             x = tl.load(x_row + x_off, mask=mask, other=0.0).to(ACC)  # the input x[r, c]
             dy = tl.load(dy_row + dy_off, mask=mask, other=0.0).to(ACC)  # the gradient of y
             sum_dy_weight = tl.sum(tl.where(mask, dy*weight, 0.0), axis=0)  # sum[c](dy[r, c]*weight[c])
             sum_dy_mu_weight_x = tl.sum(tl.where(mask, (-mu + x)*dy*weight, 0.0), axis=0)  # sum[c]((-mu[r] + x[r, c])*dy[r, c]*weight[c])
             sum_mu_x = tl.sum(tl.where(mask, -mu + x, 0.0), axis=0)  # sum[c](-mu[r] + x[r, c])
-            dx = (dy*weight - sum_dy_weight/tl.cast(n_cols, ACC) - (-mu + x)*sum_dy_mu_weight_x/(tl.cast(n_cols, ACC)*tl.sqrt(eps + var)*std) + sum_dy_mu_weight_x*sum_mu_x/((tl.cast(n_cols, ACC) * tl.cast(n_cols, ACC))*tl.sqrt(eps + var)*std))/std  # dx[r, c'] = (dy[r, c']*weight[c'] - sum[c](dy[r, c]*weight[c])/|c| - sum[c](dy[r, c]*weight[c]*xc[r, c])*xc[r, c']/(|c|*sqrt(eps + var[r])*std[r]) + sum[c](dy[r, c]*weight[c]*xc[r, c])*sum[c''](xc[r, c''])/(|c|**2*sqrt(eps + var[r])*std[r]))/std[r]
+            dx = (dy*weight - (-mu + x)*sum_dy_mu_weight_x/(tl.cast(n_cols, ACC)*(std * std)) - sum_dy_weight/tl.cast(n_cols, ACC) + sum_dy_mu_weight_x*sum_mu_x/((tl.cast(n_cols, ACC) * tl.cast(n_cols, ACC))*(std * std)))/std  # dx[r, c'] = (dy[r, c']*weight[c'] - sum[c](dy[r, c]*weight[c])/|c| - sum[c](dy[r, c]*weight[c]*xc[r, c])*xc[r, c']/(|c|*std[r]**2) + sum[c](dy[r, c]*weight[c]*xc[r, c])*sum[c''](xc[r, c''])/(|c|**2*std[r]**2))/std[r]
             dweight_acc += tl.where(mask, (-mu + x)*dy/std, 0.0)  # dweight[c] = sum[r](dy[r, c]*xc[r, c]/std[r])
             dbias_acc += tl.where(mask, dy, 0.0)  # dbias[c] = sum[r](dy[r, c])
             tl.store(dx_row + dx_off, dx.to(dx_ptr.dtype.element_ty), mask=mask)  # the gradient of x
@@ -267,12 +259,10 @@ def _layer_norm_bwd(
             x_row = x_ptr + k0 * x_sk0 + k1 * x_sk1 + k2 * x_sk2
             mu_row = mu_ptr + k0 * mu_sk0 + k1 * mu_sk1 + k2 * mu_sk2
             std_row = std_ptr + k0 * std_sk0 + k1 * std_sk1 + k2 * std_sk2
-            var_row = var_ptr + k0 * var_sk0 + k1 * var_sk1 + k2 * var_sk2
             dy_row = dy_ptr + k0 * dy_sk0 + k1 * dy_sk1 + k2 * dy_sk2
             dx_row = dx_ptr + k0 * dx_sk0 + k1 * dx_sk1 + k2 * dx_sk2
             mu = tl.load(mu_row).to(ACC)  # mu saved for the backward
             std = tl.load(std_row).to(ACC)  # std saved for the backward
-            var = tl.load(var_row).to(ACC)  # var saved for the backward
             # pass 1: sum:dy_weight, sum:dy_mu_weight_x, sum:mu_x
             sum_dy_weight_run = tl.zeros([BLOCK], dtype=ACC)
             sum_dy_mu_weight_x_run = tl.zeros([BLOCK], dtype=ACC)
@@ -330,7 +320,7 @@ def _layer_norm_bwd(
                 dy = tl.load(dy_row + dy_off, mask=mask, other=0.0).to(ACC)  # the gradient of y
                 dweight_acc = tl.load(dweight_partial_ptr + pid.to(tl.int64) * n_cols + col, mask=mask, other=0.0)
                 dbias_acc = tl.load(dbias_partial_ptr + pid.to(tl.int64) * n_cols + col, mask=mask, other=0.0)
-                dx = (dy*weight - sum_dy_weight/tl.cast(n_cols, ACC) - (-mu + x)*sum_dy_mu_weight_x/(tl.cast(n_cols, ACC)*tl.sqrt(eps + var)*std) + sum_dy_mu_weight_x*sum_mu_x/((tl.cast(n_cols, ACC) * tl.cast(n_cols, ACC))*tl.sqrt(eps + var)*std))/std  # dx[r, c'] = (dy[r, c']*weight[c'] - sum[c](dy[r, c]*weight[c])/|c| - sum[c](dy[r, c]*weight[c]*xc[r, c])*xc[r, c']/(|c|*sqrt(eps + var[r])*std[r]) + sum[c](dy[r, c]*weight[c]*xc[r, c])*sum[c''](xc[r, c''])/(|c|**2*sqrt(eps + var[r])*std[r]))/std[r]
+                dx = (dy*weight - (-mu + x)*sum_dy_mu_weight_x/(tl.cast(n_cols, ACC)*(std * std)) - sum_dy_weight/tl.cast(n_cols, ACC) + sum_dy_mu_weight_x*sum_mu_x/((tl.cast(n_cols, ACC) * tl.cast(n_cols, ACC))*(std * std)))/std  # dx[r, c'] = (dy[r, c']*weight[c'] - sum[c](dy[r, c]*weight[c])/|c| - sum[c](dy[r, c]*weight[c]*xc[r, c])*xc[r, c']/(|c|*std[r]**2) + sum[c](dy[r, c]*weight[c]*xc[r, c])*sum[c''](xc[r, c''])/(|c|**2*std[r]**2))/std[r]
                 dweight_acc += tl.where(mask, (-mu + x)*dy/std, 0.0)  # dweight[c] = sum[r](dy[r, c]*xc[r, c]/std[r])
                 dbias_acc += tl.where(mask, dy, 0.0)  # dbias[c] = sum[r](dy[r, c])
                 tl.store(dx_row + dx_off, dx.to(dx_ptr.dtype.element_ty), mask=mask)  # the gradient of x
@@ -345,16 +335,14 @@ META = {'name': 'layer_norm',
             {'name': 'bias', 'level': 'col', 'default': 0.0}],
  'params': [{'name': 'eps', 'default': 1e-05}],
  'output': {'name': 'y', 'level': 'elem'},
- 'extras': [{'name': 'mu', 'level': 'row', 'kind': 'stat'},
-            {'name': 'std', 'level': 'row', 'kind': 'stat'},
-            {'name': 'var', 'level': 'row', 'kind': 'stat'}],
- 'saved': ['x', 'weight', 'mu', 'std', 'var'],
+ 'extras': [{'name': 'mu', 'level': 'row', 'kind': 'stat'}, {'name': 'std', 'level': 'row', 'kind': 'stat'}],
+ 'saved': ['x', 'weight', 'mu', 'std'],
  'grads': [{'name': 'dx', 'of': 'x', 'level': 'elem'},
            {'name': 'dweight', 'of': 'weight', 'level': 'col'},
            {'name': 'dbias', 'of': 'bias', 'level': 'col'}],
- 'forward': {'kernel': '_layer_norm_fwd', 'tensors': ['x', 'weight', 'bias', 'y', 'mu', 'std', 'var']},
+ 'forward': {'kernel': '_layer_norm_fwd', 'tensors': ['x', 'weight', 'bias', 'y', 'mu', 'std']},
  'backward': {'kernel': '_layer_norm_bwd',
-              'tensors': ['x', 'weight', 'mu', 'std', 'var', 'dy', 'dx', 'partial:dweight', 'partial:dbias']},
+              'tensors': ['x', 'weight', 'mu', 'std', 'dy', 'dx', 'partial:dweight', 'partial:dbias']},
  'reduces': 'weights'}
 
 OP = rt.RowwiseOp(META, _layer_norm_fwd, _layer_norm_bwd, __package__)
@@ -374,7 +362,6 @@ AOT_CONFIGS = [
         "y_ptr": "*fp32", "y_sk0": "i32", "y_sk1": "i32", "y_sk2": "i32", "y_sr0": "i32", "y_sr1": "i32", "y_sr2": "i32",
         "mu_ptr": "*fp32", "mu_sk0": "i32", "mu_sk1": "i32", "mu_sk2": "i32",
         "std_ptr": "*fp32", "std_sk0": "i32", "std_sk1": "i32", "std_sk2": "i32",
-        "var_ptr": "*fp32", "var_sk0": "i32", "var_sk1": "i32", "var_sk2": "i32",
         "n_rows": "i32", "n_cols": "i32", "nk1": "i32", "nk2": "i32", "nr1": "i32", "nr2": "i32",
         "params_ptr": "*fp32",
         "ACC": "constexpr", "BLOCK": "constexpr", "SINGLE": "constexpr", "RG": "constexpr", "IDX64": "constexpr"},
@@ -386,7 +373,6 @@ AOT_CONFIGS = [
         "y_ptr": "*fp32", "y_sk0": "i32", "y_sk1": "i32", "y_sk2": "i32", "y_sr0": "i32", "y_sr1": "i32", "y_sr2": "i32",
         "mu_ptr": "*fp32", "mu_sk0": "i32", "mu_sk1": "i32", "mu_sk2": "i32",
         "std_ptr": "*fp32", "std_sk0": "i32", "std_sk1": "i32", "std_sk2": "i32",
-        "var_ptr": "*fp32", "var_sk0": "i32", "var_sk1": "i32", "var_sk2": "i32",
         "n_rows": "i32", "n_cols": "i32", "nk1": "i32", "nk2": "i32", "nr1": "i32", "nr2": "i32",
         "params_ptr": "*fp32",
         "ACC": "constexpr", "BLOCK": "constexpr", "SINGLE": "constexpr", "RG": "constexpr", "IDX64": "constexpr"},
@@ -396,7 +382,6 @@ AOT_CONFIGS = [
         "weight_ptr": "*fp32", "weight_sr0": "i32", "weight_sr1": "i32", "weight_sr2": "i32",
         "mu_ptr": "*fp32", "mu_sk0": "i32", "mu_sk1": "i32", "mu_sk2": "i32",
         "std_ptr": "*fp32", "std_sk0": "i32", "std_sk1": "i32", "std_sk2": "i32",
-        "var_ptr": "*fp32", "var_sk0": "i32", "var_sk1": "i32", "var_sk2": "i32",
         "dy_ptr": "*fp32", "dy_sk0": "i32", "dy_sk1": "i32", "dy_sk2": "i32", "dy_sr0": "i32", "dy_sr1": "i32", "dy_sr2": "i32",
         "dx_ptr": "*fp32", "dx_sk0": "i32", "dx_sk1": "i32", "dx_sk2": "i32", "dx_sr0": "i32", "dx_sr1": "i32", "dx_sr2": "i32",
         "dweight_partial_ptr": "*fp32",
@@ -410,7 +395,6 @@ AOT_CONFIGS = [
         "weight_ptr": "*fp32", "weight_sr0": "i32", "weight_sr1": "i32", "weight_sr2": "i32",
         "mu_ptr": "*fp32", "mu_sk0": "i32", "mu_sk1": "i32", "mu_sk2": "i32",
         "std_ptr": "*fp32", "std_sk0": "i32", "std_sk1": "i32", "std_sk2": "i32",
-        "var_ptr": "*fp32", "var_sk0": "i32", "var_sk1": "i32", "var_sk2": "i32",
         "dy_ptr": "*fp32", "dy_sk0": "i32", "dy_sk1": "i32", "dy_sk2": "i32", "dy_sr0": "i32", "dy_sr1": "i32", "dy_sr2": "i32",
         "dx_ptr": "*fp32", "dx_sk0": "i32", "dx_sk1": "i32", "dx_sk2": "i32", "dx_sr0": "i32", "dx_sr1": "i32", "dx_sr2": "i32",
         "dweight_partial_ptr": "*fp32",

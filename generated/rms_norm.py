@@ -7,7 +7,7 @@ Forward (derive/ops/rms_norm.op):
     rms[r] = sqrt(eps + sum[c](x[r, c]**2)/|c|)
     y[r, c] = weight[c]*x[r, c]/rms[r]
 Pullbacks (derived; see `pullback derive rms_norm`):
-    dx[r, c'] = (dy[r, c']*weight[c'] - sum[c](dy[r, c]*y[r, c])*x[r, c']/(|c|*sqrt(eps + sum[c''](x[r, c'']**2)/|c|)))/rms[r]
+    dx[r, c'] = (dy[r, c']*weight[c'] - sum[c](dy[r, c]*y[r, c])*x[r, c']/(|c|*rms[r]))/rms[r]
     dweight[c] = sum[r](dy[r, c]*x[r, c]/rms[r])
 """
 import torch
@@ -197,9 +197,8 @@ def _rms_norm_bwd(
             x = tl.load(x_row + x_off, mask=mask, other=0.0).to(ACC)  # the input x[r, c]
             y = tl.load(y_row + y_off, mask=mask, other=0.0).to(ACC)  # the output y[r, c]
             dy = tl.load(dy_row + dy_off, mask=mask, other=0.0).to(ACC)  # the gradient of y
-            sum_x = tl.sum(tl.where(mask, (x * x), 0.0), axis=0)  # sum[c](x[r, c]**2)
             sum_dy_y = tl.sum(tl.where(mask, dy*y, 0.0), axis=0)  # sum[c](dy[r, c]*y[r, c])
-            dx = (dy*weight - sum_dy_y*x/(tl.cast(n_cols, ACC)*tl.sqrt(eps + sum_x/tl.cast(n_cols, ACC))))/rms  # dx[r, c'] = (dy[r, c']*weight[c'] - sum[c](dy[r, c]*y[r, c])*x[r, c']/(|c|*sqrt(eps + sum[c''](x[r, c'']**2)/|c|)))/rms[r]
+            dx = (dy*weight - sum_dy_y*x/(tl.cast(n_cols, ACC)*rms))/rms  # dx[r, c'] = (dy[r, c']*weight[c'] - sum[c](dy[r, c]*y[r, c])*x[r, c']/(|c|*rms[r]))/rms[r]
             dweight_acc += tl.where(mask, dy*x/rms, 0.0)  # dweight[c] = sum[r](dy[r, c]*x[r, c]/rms[r])
             tl.store(dx_row + dx_off, dx.to(dx_ptr.dtype.element_ty), mask=mask)  # the gradient of x
         tl.store(dweight_partial_ptr + pid.to(tl.int64) * n_cols + col, dweight_acc, mask=mask)  # per-program partial sums of dweight (summed in a second stage)
@@ -216,8 +215,7 @@ def _rms_norm_bwd(
             dy_row = dy_ptr + k0 * dy_sk0 + k1 * dy_sk1 + k2 * dy_sk2
             dx_row = dx_ptr + k0 * dx_sk0 + k1 * dx_sk1 + k2 * dx_sk2
             rms = tl.load(rms_row).to(ACC)  # rms saved for the backward
-            # pass 1: sum:x, sum:dy_y
-            sum_x_run = tl.zeros([BLOCK], dtype=ACC)
+            # pass 1: sum:dy_y
             sum_dy_y_run = tl.zeros([BLOCK], dtype=ACC)
             for start in range(0, n_cols, BLOCK):
                 col = start + offs
@@ -227,22 +225,17 @@ def _rms_norm_bwd(
                 else:
                     cc = col
                 if RG == 1:  # the reduced axes are one strided run
-                    x_off = cc * x_sr2
                     y_off = cc * y_sr2
                     dy_off = cc * dy_sr2
                 else:  # split the flat column over the reduced groups
                     c2 = cc % nr2
                     c1 = (cc // nr2) % nr1
                     c0 = cc // (nr2 * nr1)
-                    x_off = c0 * x_sr0 + c1 * x_sr1 + c2 * x_sr2
                     y_off = c0 * y_sr0 + c1 * y_sr1 + c2 * y_sr2
                     dy_off = c0 * dy_sr0 + c1 * dy_sr1 + c2 * dy_sr2
-                x = tl.load(x_row + x_off, mask=mask, other=0.0).to(ACC)  # the input x[r, c]
                 y = tl.load(y_row + y_off, mask=mask, other=0.0).to(ACC)  # the output y[r, c]
                 dy = tl.load(dy_row + dy_off, mask=mask, other=0.0).to(ACC)  # the gradient of y
-                sum_x_run += tl.where(mask, (x * x), 0.0)  # sum[c](x[r, c]**2)
                 sum_dy_y_run += tl.where(mask, dy*y, 0.0)  # sum[c](dy[r, c]*y[r, c])
-            sum_x = tl.sum(sum_x_run, axis=0)
             sum_dy_y = tl.sum(sum_dy_y_run, axis=0)
             # final pass: compute and store the outputs
             for start in range(0, n_cols, BLOCK):
@@ -269,7 +262,7 @@ def _rms_norm_bwd(
                 weight = tl.load(weight_ptr + weight_off, mask=mask, other=0.0).to(ACC)  # the input weight[c]
                 dy = tl.load(dy_row + dy_off, mask=mask, other=0.0).to(ACC)  # the gradient of y
                 dweight_acc = tl.load(dweight_partial_ptr + pid.to(tl.int64) * n_cols + col, mask=mask, other=0.0)
-                dx = (dy*weight - sum_dy_y*x/(tl.cast(n_cols, ACC)*tl.sqrt(eps + sum_x/tl.cast(n_cols, ACC))))/rms  # dx[r, c'] = (dy[r, c']*weight[c'] - sum[c](dy[r, c]*y[r, c])*x[r, c']/(|c|*sqrt(eps + sum[c''](x[r, c'']**2)/|c|)))/rms[r]
+                dx = (dy*weight - sum_dy_y*x/(tl.cast(n_cols, ACC)*rms))/rms  # dx[r, c'] = (dy[r, c']*weight[c'] - sum[c](dy[r, c]*y[r, c])*x[r, c']/(|c|*rms[r]))/rms[r]
                 dweight_acc += tl.where(mask, dy*x/rms, 0.0)  # dweight[c] = sum[r](dy[r, c]*x[r, c]/rms[r])
                 tl.store(dx_row + dx_off, dx.to(dx_ptr.dtype.element_ty), mask=mask)  # the gradient of x
                 tl.store(dweight_partial_ptr + pid.to(tl.int64) * n_cols + col, dweight_acc, mask=mask)  # per-program partial sums of dweight (summed in a second stage)

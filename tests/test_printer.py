@@ -91,15 +91,23 @@ def test_max_min():
 
 
 def test_argmax_indicator_times_value():
-    assert triton_code(ArgmaxIndicator(B, s1) * dB) == "tl.where((col == B_argmax), dB, 0.0)"
-    assert triton_code(ArgmaxIndicator(B, s1) * dB, column="offs") == "tl.where((offs == B_argmax), dB, 0.0)"
-    assert triton_code(ArgmaxIndicator(B, s1) * dB, names={"B": "b", "dB": "g"}) == \
-        "tl.where((col == b_argmax), g, 0.0)"
+    am = {"B": "B_argmax"}
+    assert triton_code(ArgmaxIndicator(B, s1) * dB, argmax=am) == "tl.where((col == B_argmax), dB, 0.0)"
+    assert triton_code(ArgmaxIndicator(B, s1) * dB, column="offs", argmax=am) == \
+        "tl.where((offs == B_argmax), dB, 0.0)"
+    assert triton_code(ArgmaxIndicator(B, s1) * dB, names={"B": "b", "dB": "g"}, argmax={"B": "b_arg"}) == \
+        "tl.where((col == b_arg), g, 0.0)"
+
+
+def test_an_indicator_without_a_saved_argmax_is_refused():
+    with pytest.raises(NotSupported, match="the kernel has no saved argmax for B"):
+        triton_code(ArgmaxIndicator(B, s1) * dB)
 
 
 def test_max_pullback_prints():
     from derive import derive
-    assert triton_code(derive("max").pullbacks["A"]) == "tl.where((col == B_argmax), dB, 0.0)"
+    assert triton_code(derive("max").pullbacks["A"], argmax={"B": "B_argmax"}) == \
+        "tl.where((col == B_argmax), dB, 0.0)"
 
 
 # ---- refusals ---------------------------------------------------------------------------------------
@@ -183,7 +191,7 @@ def test_printed_code_evaluates(expr):
 
 
 def test_printed_argmax_evaluates():
-    code = triton_code(ArgmaxIndicator(B, s1) * dB * 2)
+    code = triton_code(ArgmaxIndicator(B, s1) * dB * 2, argmax={"B": "B_argmax"})
     for col, want in [(3, 2 * VALUES["dB"]), (1, 0.0)]:
         got = eval(code, {"tl": _TL}, {"col": col, "B_argmax": 3, "dB": VALUES["dB"]})
         assert got == pytest.approx(want)

@@ -154,7 +154,11 @@ def test_no_equations():
     # a character the header tokenizer does not know
     ("op f(A[s2]) -> B[s2] $", "$", "unexpected character '$' in op header"),
     # an index that is not a name
-    ("op f(A[1]) -> B[s2]", "1", "unexpected character '1' in op header"),
+    ("op f(A[1]) -> B[s2]", "1", "expected an index name, found '1'"),
+    ("op f(A[s2] = x) -> B[s2]", "x", "expected a number (the default value of A), found 'x'"),
+    ("op f(A[s2]; p = q) -> B[s2]", "q", "expected a number (the default value of p, or eps for the dtype's "
+                                         "machine epsilon), found 'q'"),
+    ("op f(A[s2]) -> B[s2] = 1", "B", "the output B cannot have a default value"),
     ("op f(A[]) -> B[s2]", "]", "expected an index name, found ']'"),
 ])
 def test_bad_header(header, token, fragment):
