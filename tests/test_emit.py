@@ -218,3 +218,23 @@ def test_a_parameter_named_like_a_kernel_value_is_renamed(tmp_path, monkeypatch)
     assert p.param_names == ["mask_1"]
     _check_user_op(tmp_path, monkeypatch, "op fmask(X[r, c]; mask) -> Y[r]\nY = sum[c](X * mask)\n",
                    lambda op, x: op(x, -1, mask=3.0), lambda x: (x * 3.0).sum(-1), (4, 19), "fmask")
+
+
+def test_regen_keeps_the_derivation_pages_current(tmp_path):
+    """docs/ops/<op>.md is `pullback derive <op> --format markdown`; regen --check names a stale,
+    missing or orphan page."""
+    gen, docs = tmp_path / "gen", tmp_path / "docs"
+    E.regen(root=gen, docs=docs)
+    from derive import builtin_ops
+    assert sorted(p.name for p in docs.iterdir()) == sorted(f"{op}.md" for op in builtin_ops())
+    assert (docs / "softmax.md").read_text().split("\n", 1)[1] == derive("softmax").markdown()
+    (docs / "softmax.md").write_text("old\n")
+    (docs / "max.md").unlink()
+    (docs / "gone.md").write_text(E.DOC_MARK + "x -->\n")
+    (docs / "notes.md").write_text("a user's page\n")
+    fm = E.regen(check=True, root=gen, docs=docs)
+    assert sorted((p.name, why) for p, why in fm.stale) == [("gone.md", "orphan"), ("max.md", "missing"),
+                                                             ("softmax.md", "stale")]
+    E.regen(root=gen, docs=docs)
+    assert E.regen(check=True, root=gen, docs=docs).stale == []
+    assert (docs / "notes.md").exists() and not (docs / "gone.md").exists()
