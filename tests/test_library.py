@@ -197,3 +197,32 @@ def test_bad_weights_and_params(device):
         generated.swiglu(x, _rand(4, 7, dtype=torch.float32, device=device))
     with pytest.raises(TypeError, match=r"swiglu: expected b to be a torch.Tensor, got NoneType"):
         generated.swiglu(x, None)
+
+
+POLICY = ("tl.exp", "tl.log", "tl.sqrt", "tl.sum", "tl.max(", "tl.min(", "tl.maximum", "tl.minimum", "tl.where",
+          'float("nan")', 'float("-inf")', "tl.zeros", "tl.full", "return_indices")
+
+
+@pytest.mark.parametrize("name", ROWWISE)
+def test_templates_place_the_plans_statements_and_compute_nothing(name):
+    """Every statement the plan printed is in the module; with those lines taken
+    out, the kernels hold no mathematics and no policy (no exp, sum, max, NaN
+    or tie rule, accumulator set-up): only loops, loads, stores and offsets."""
+    p = plan(derive(name))
+    text = open(importlib.import_module(f"generated.{name}").__file__).read()
+    lines = [ln.strip() for ln in text.splitlines()]
+    printed = set()
+    for k in (p.fwd, p.bwd):
+        code = list(k.single.code) + list(k.before) + [a.init for a in k.accs] + [a.update for a in k.accs]
+        for lp in k.loops:
+            code += lp.init + lp.block.code + lp.finish
+        if k.final:
+            code += k.final.code
+        for stmt in code:
+            assert stmt.strip() in lines, stmt
+        printed |= {stmt.strip() for stmt in code}
+    kernels = text[text.index("@triton.jit"):text.index("# ---- what the shared runtime needs")]
+    rest = [ln.strip() for ln in kernels.splitlines() if ln.strip() not in printed]
+    for ln in rest:
+        code = ln.split("#", 1)[0]
+        assert not any(tok in code for tok in POLICY), ln
