@@ -23,21 +23,53 @@ class TrafficRow:
     loaded: int
     stored: int
     ideal: int
+    per_program: int = 0  # bytes each program moves for itself: column weights read per program and the
+    #                       weights' gradients' partial sums; reported, excepted from the ratio
 
     @property
     def ratio(self) -> float:
-        return (self.loaded + self.stored) / self.ideal if self.ideal else float("nan")
+        return (self.loaded + self.stored - self.per_program) / self.ideal if self.ideal else float("nan")
 
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:9.3f}"
 
 
+def rowwise_ops() -> list[str]:
+    """The built-in ops of the row-wise family (their modules carry the runtime's META)."""
+    import importlib
+
+    from derive import builtin_ops
+    return [n for n in builtin_ops() if hasattr(importlib.import_module(f"generated.{n}"), "META")]
+
+
 def _rowwise_cases(quick: bool = False):
-    if quick:
-        return [("softmax", (64, 1000), -1), ("max", (64, 1000), -1)]
-    return [("softmax", (1024, 1024), -1), ("softmax", (16, 100_000), -1), ("softmax", (64, 96, 48), (0, 2)),
-            ("max", (1024, 1024), -1), ("max", (16, 100_000), -1)]
+    """(op, shape, dim) for every row-wise op: rows that fit a block, rows that
+    loop over blocks, and (for ops that take ``dim``) non-adjacent reduced dims."""
+    import importlib
+    out = []
+    for name in rowwise_ops():
+        meta = importlib.import_module(f"generated.{name}").META
+        if quick:
+            out.append((name, (64, 1000), -1))
+            continue
+        out += [(name, (1024, 1024), -1), (name, (16, 100_000), -1)]
+        if meta["reduces"] == "dim":
+            out.append((name, (64, 96, 48), (0, 2)))
+    return out
+
+
+def _rowwise_inputs(meta, shape, dim, dtype):
+    """Random inputs for one op: row tensors of ``shape``, column weights of the
+    reduced dims, per-row tensors of the kept dims; default or small parameters."""
+    import torch
+    dims = [d % len(shape) for d in ((dim,) if isinstance(dim, int) else dim)]
+    sizes = {"elem": list(shape), "col": [shape[d] for d in dims],
+             "row": [n for d, n in enumerate(shape) if d not in dims]}
+    inputs = [torch.randn(sizes[m["level"]], dtype=dtype, requires_grad=True) for m in meta["inputs"]]
+    params = [None if q["default"] == "eps" else (q["default"] if q["default"] is not None else 1e-5)
+              for q in meta["params"]]
+    return inputs, params, dims
 
 
 def _attention_cases(quick: bool = False):
@@ -56,23 +88,46 @@ def traffic(dtype_name: str = "float16", quick: bool = False, progress=None) -> 
     dtype = getattr(torch, dtype_name)
     es = torch.empty(0, dtype=dtype).element_size()
     rows: list[TrafficRow] = []
+    import importlib
+
+    import generated._runtime as rt
     for name, shape, dim in _rowwise_cases(quick):
         if progress:
             progress(f"{name} {shape} dim={dim}")
-        op = getattr(generated, name)
-        x = torch.randn(shape, dtype=dtype, requires_grad=True)
-        n = x.numel()
+        mod = importlib.import_module(f"generated.{name}")
+        meta = mod.META
+        inputs, params, dims = _rowwise_inputs(meta, shape, dim, dtype)
+        call_dim = dim if meta["reduces"] == "dim" else None
         with count_traffic() as fwd:
-            y = op(x, dim)
+            y = mod.OP(inputs, params, call_dim, False)
         g = torch.randn_like(y)
         with count_traffic() as bwd:
             y.backward(g)
-        ideal_f = (n + y.numel()) * es  # read x, write y
-        # softmax: read y and dy, write dx; max: read dy, write dx
-        ideal_b = (3 * n if name == "softmax" else y.numel() + n) * es
-        label = f"{tuple(shape)} dim={dim}"
-        rows.append(TrafficRow(name, label, dtype_name, "forward", fwd.total_loaded, fwd.total_stored, ideal_f))
-        rows.append(TrafficRow(name, label, dtype_name, "backward", bwd.total_loaded, bwd.total_stored, ideal_b))
+        nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
+        # forward: each input read once, the output written once
+        ideal_f = sum(nbytes(t) for t in inputs) + nbytes(y)
+        # backward: what it reads from the forward, once, the incoming gradient, and each gradient written once
+        saved = {m["name"]: t for m, t in zip(meta["inputs"], inputs)}
+        saved[meta["output"]["name"]] = y
+        read = sum(nbytes(saved[n]) for n in meta["saved"] if n in saved)
+        n_rows = y.numel() if meta["output"]["level"] == "row" else math.prod(
+            n for d, n in enumerate(shape) if d not in dims)
+        n_cols = math.prod(shape[d] for d in dims)
+        read += 4 * n_rows * sum(1 for n in meta["saved"] if n not in saved)  # per-row statistics
+        # (the weights' gradients are written by the second stage, a torch sum the counter does not see)
+        ideal_b = read + nbytes(g) + sum(nbytes(t) for m, t in zip(meta["inputs"], inputs) if m["level"] != "col")
+        # Per program, not per op: each program reads the column weights once (rows that fit a
+        # block), and the weights' gradients are per-program partials (fp32) summed in a second stage.
+        weights = [t for m, t in zip(meta["inputs"], inputs) if m["level"] == "col"]
+        single = rt.block_config(n_cols, dtype)["SINGLE"]
+        n_progs = rt.programs(n_rows, torch.device("cpu"))
+        rereads = (n_progs - 1) * sum(nbytes(w) for w in weights) if single else 0
+        partials = len(weights) * 4 * n_cols * (n_progs if single else 2 * n_rows)
+        label = f"{tuple(shape)} dim={dim}" if meta["reduces"] == "dim" else f"{tuple(shape)}"
+        rows.append(TrafficRow(name, label, dtype_name, "forward", fwd.total_loaded, fwd.total_stored, ideal_f,
+                               rereads))
+        rows.append(TrafficRow(name, label, dtype_name, "backward", bwd.total_loaded, bwd.total_stored, ideal_b,
+                               rereads + partials))
     for (b, h, m, d), n_keys, causal in _attention_cases(quick):
         if progress:
             progress(f"attention B={b} H={h} M={m} N={n_keys} D={d} causal={causal}")
@@ -95,12 +150,13 @@ def traffic(dtype_name: str = "float16", quick: bool = False, progress=None) -> 
 
 
 def format_traffic(rows: list[TrafficRow]) -> str:
-    head = f"{'op':<10} {'shape':<34} {'dtype':<8} {'pass':<8} {'loaded MiB':>10} {'stored MiB':>10} " \
-           f"{'ideal MiB':>10} {'x ideal':>8}"
+    head = f"{'op':<13} {'shape':<34} {'dtype':<8} {'pass':<8} {'loaded MiB':>10} {'stored MiB':>10} " \
+           f"{'ideal MiB':>10} {'per-prog':>9} {'x ideal':>8}"
     out = [head, "-" * len(head)]
     for r in rows:
-        out.append(f"{r.op:<10} {r.shape:<34} {r.dtype:<8} {r.direction:<8} {_mib(r.loaded):>10} "
-                   f"{_mib(r.stored):>10} {_mib(r.ideal):>10} {r.ratio:8.2f}")
+        part = _mib(r.per_program) if r.per_program else "-"
+        out.append(f"{r.op:<13} {r.shape:<34} {r.dtype:<8} {r.direction:<8} {_mib(r.loaded):>10} "
+                   f"{_mib(r.stored):>10} {_mib(r.ideal):>10} {part:>9} {r.ratio:8.2f}")
     return "\n".join(out)
 
 

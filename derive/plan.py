@@ -584,26 +584,37 @@ def plan_rowwise(d: Derivation) -> RowwisePlan:
     inputs = list(ir.inputs)
 
     # -- the backward's expressions: block-level forward values are recomputed, row values saved
-    grads: dict[str, object] = {}
-    for x in inputs:
-        g = d.pullbacks[x.name]
+    def recompute(g, keep: set[str]):
+        """``g`` with block-level forward values (rows and column values) replaced
+        by their definitions, at their use-site indices, except those in ``keep``."""
         for _ in range(len(ir.equations) + 1):
             subs = {t: rename_free(fwd_defs[str(t.base.label)].rhs,
                                    dict(zip(fwd_defs[str(t.base.label)].target.indices, t.indices)))
                     for t in g.atoms(Indexed)
                     if str(t.base.label) in fwd_defs and levels[str(t.base.label)] in ("elem", "col")
-                    and str(t.base.label) != out.name}
+                    and str(t.base.label) not in keep}
             if not subs:
-                break
+                return g
             g = g.xreplace(subs)
-        grads[x.name] = g
+        return g
+
+    def reads_of(gs) -> set[str]:
+        out_: set[str] = set()
+        for g in gs:  # an argmax indicator reads the saved index, not its max's values
+            g = g.replace(lambda e: isinstance(e, ArgmaxIndicator), lambda e: Symbol("_pick"))
+            out_ |= {str(t.base.label) for t in g.atoms(Indexed)}
+        return out_ - {grad_out}
+
     grad_out = f"d{out.name}"
+    grads = {x.name: recompute(d.pullbacks[x.name], {out.name}) for x in inputs}
+    reads = reads_of(grads.values())
+    if out.name in reads and levels[out.name] == "elem":
+        # the backward reads the output: recompute it instead when everything it is made
+        # of is read anyway (rms norm's y = x w / rms, with x, w and rms at hand)
+        again = {x.name: recompute(d.pullbacks[x.name], set()) for x in inputs}
+        if reads_of(again.values()) <= reads - {out.name}:
+            grads, reads = again, reads_of(again.values())
     argmax_of = sorted({str(a.reduced.base.label) for g in grads.values() for a in g.atoms(ArgmaxIndicator)})
-    reads: set[str] = set()
-    for g in grads.values():  # an argmax indicator reads the saved index, not its max's values
-        g = g.replace(lambda e: isinstance(e, ArgmaxIndicator), lambda e: Symbol("_pick"))
-        reads |= {str(t.base.label) for t in g.atoms(Indexed)}
-    reads -= {grad_out}
     saved_fwd = [t.name for t in inputs if t.name in reads] + ([out.name] if out.name in reads else [])
     stat_names = sorted(r for r in reads if r in fwd_defs and r != out.name and levels[r] == "row")
     pos_out = _decl_pos(d, out.name)

@@ -136,7 +136,6 @@ def _rms_norm_fwd(
 def _rms_norm_bwd(
     x_ptr, x_sk0, x_sk1, x_sk2, x_sr0, x_sr1, x_sr2,  # the input x[r, c]
     weight_ptr, weight_sr0, weight_sr1, weight_sr2,  # the input weight[c]
-    y_ptr, y_sk0, y_sk1, y_sk2, y_sr0, y_sr1, y_sr2,  # the output y[r, c]
     rms_ptr, rms_sk0, rms_sk1, rms_sk2,  # rms saved for the backward
     dy_ptr, dy_sk0, dy_sk1, dy_sk2, dy_sr0, dy_sr1, dy_sr2,  # the gradient of y
     dx_ptr, dx_sk0, dx_sk1, dx_sk2, dx_sr0, dx_sr1, dx_sr2,  # the gradient of x
@@ -169,7 +168,6 @@ def _rms_norm_bwd(
         if RG == 1:  # the reduced axes are one strided run
             x_off = cc * x_sr2
             weight_off = cc * weight_sr2
-            y_off = cc * y_sr2
             dy_off = cc * dy_sr2
             dx_off = cc * dx_sr2
         else:  # split the flat column over the reduced groups
@@ -178,7 +176,6 @@ def _rms_norm_bwd(
             c0 = cc // (nr2 * nr1)
             x_off = c0 * x_sr0 + c1 * x_sr1 + c2 * x_sr2
             weight_off = c0 * weight_sr0 + c1 * weight_sr1 + c2 * weight_sr2
-            y_off = c0 * y_sr0 + c1 * y_sr1 + c2 * y_sr2
             dy_off = c0 * dy_sr0 + c1 * dy_sr1 + c2 * dy_sr2
             dx_off = c0 * dx_sr0 + c1 * dx_sr1 + c2 * dx_sr2
         weight = tl.load(weight_ptr + weight_off, mask=mask, other=0.0).to(ACC)  # the input weight[c]
@@ -189,16 +186,14 @@ def _rms_norm_bwd(
             k1 = (r64 // nk2) % nk1
             k0 = r64 // (nk2 * nk1)
             x_row = x_ptr + k0 * x_sk0 + k1 * x_sk1 + k2 * x_sk2
-            y_row = y_ptr + k0 * y_sk0 + k1 * y_sk1 + k2 * y_sk2
             rms_row = rms_ptr + k0 * rms_sk0 + k1 * rms_sk1 + k2 * rms_sk2
             dy_row = dy_ptr + k0 * dy_sk0 + k1 * dy_sk1 + k2 * dy_sk2
             dx_row = dx_ptr + k0 * dx_sk0 + k1 * dx_sk1 + k2 * dx_sk2
             rms = tl.load(rms_row).to(ACC)  # rms saved for the backward
             x = tl.load(x_row + x_off, mask=mask, other=0.0).to(ACC)  # the input x[r, c]
-            y = tl.load(y_row + y_off, mask=mask, other=0.0).to(ACC)  # the output y[r, c]
             dy = tl.load(dy_row + dy_off, mask=mask, other=0.0).to(ACC)  # the gradient of y
-            sum_dy_y = tl.sum(tl.where(mask, dy*y, 0.0), axis=0)  # sum[c](dy[r, c]*y[r, c])
-            dx = (dy*weight - sum_dy_y*x/(tl.cast(n_cols, ACC)*rms))/rms  # dx[r, c'] = (dy[r, c']*weight[c'] - sum[c](dy[r, c]*y[r, c])*x[r, c']/(|c|*rms[r]))/rms[r]
+            sum_dy_rms_weight_x = tl.sum(tl.where(mask, dy*weight*x/rms, 0.0), axis=0)  # sum[c](dy[r, c]*weight[c]*x[r, c]/rms[r])
+            dx = (dy*weight - sum_dy_rms_weight_x*x/(tl.cast(n_cols, ACC)*rms))/rms  # dx[r, c'] = (dy[r, c']*weight[c'] - sum[c](dy[r, c]*y[r, c])*x[r, c']/(|c|*rms[r]))/rms[r]
             dweight_acc += tl.where(mask, dy*x/rms, 0.0)  # dweight[c] = sum[r](dy[r, c]*x[r, c]/rms[r])
             tl.store(dx_row + dx_off, dx.to(dx_ptr.dtype.element_ty), mask=mask)  # the gradient of x
         tl.store(dweight_partial_ptr + pid.to(tl.int64) * n_cols + col, dweight_acc, mask=mask)  # per-program partial sums of dweight (summed in a second stage)
@@ -210,13 +205,12 @@ def _rms_norm_bwd(
             k1 = (r64 // nk2) % nk1
             k0 = r64 // (nk2 * nk1)
             x_row = x_ptr + k0 * x_sk0 + k1 * x_sk1 + k2 * x_sk2
-            y_row = y_ptr + k0 * y_sk0 + k1 * y_sk1 + k2 * y_sk2
             rms_row = rms_ptr + k0 * rms_sk0 + k1 * rms_sk1 + k2 * rms_sk2
             dy_row = dy_ptr + k0 * dy_sk0 + k1 * dy_sk1 + k2 * dy_sk2
             dx_row = dx_ptr + k0 * dx_sk0 + k1 * dx_sk1 + k2 * dx_sk2
             rms = tl.load(rms_row).to(ACC)  # rms saved for the backward
-            # pass 1: sum:dy_y
-            sum_dy_y_run = tl.zeros([BLOCK], dtype=ACC)
+            # pass 1: sum:dy_rms_weight_x
+            sum_dy_rms_weight_x_run = tl.zeros([BLOCK], dtype=ACC)
             for start in range(0, n_cols, BLOCK):
                 col = start + offs
                 mask = col < n_cols
@@ -225,18 +219,21 @@ def _rms_norm_bwd(
                 else:
                     cc = col
                 if RG == 1:  # the reduced axes are one strided run
-                    y_off = cc * y_sr2
+                    x_off = cc * x_sr2
+                    weight_off = cc * weight_sr2
                     dy_off = cc * dy_sr2
                 else:  # split the flat column over the reduced groups
                     c2 = cc % nr2
                     c1 = (cc // nr2) % nr1
                     c0 = cc // (nr2 * nr1)
-                    y_off = c0 * y_sr0 + c1 * y_sr1 + c2 * y_sr2
+                    x_off = c0 * x_sr0 + c1 * x_sr1 + c2 * x_sr2
+                    weight_off = c0 * weight_sr0 + c1 * weight_sr1 + c2 * weight_sr2
                     dy_off = c0 * dy_sr0 + c1 * dy_sr1 + c2 * dy_sr2
-                y = tl.load(y_row + y_off, mask=mask, other=0.0).to(ACC)  # the output y[r, c]
+                x = tl.load(x_row + x_off, mask=mask, other=0.0).to(ACC)  # the input x[r, c]
+                weight = tl.load(weight_ptr + weight_off, mask=mask, other=0.0).to(ACC)  # the input weight[c]
                 dy = tl.load(dy_row + dy_off, mask=mask, other=0.0).to(ACC)  # the gradient of y
-                sum_dy_y_run += tl.where(mask, dy*y, 0.0)  # sum[c](dy[r, c]*y[r, c])
-            sum_dy_y = tl.sum(sum_dy_y_run, axis=0)
+                sum_dy_rms_weight_x_run += tl.where(mask, dy*weight*x/rms, 0.0)  # sum[c](dy[r, c]*weight[c]*x[r, c]/rms[r])
+            sum_dy_rms_weight_x = tl.sum(sum_dy_rms_weight_x_run, axis=0)
             # final pass: compute and store the outputs
             for start in range(0, n_cols, BLOCK):
                 col = start + offs
@@ -262,7 +259,7 @@ def _rms_norm_bwd(
                 weight = tl.load(weight_ptr + weight_off, mask=mask, other=0.0).to(ACC)  # the input weight[c]
                 dy = tl.load(dy_row + dy_off, mask=mask, other=0.0).to(ACC)  # the gradient of y
                 dweight_acc = tl.load(dweight_partial_ptr + pid.to(tl.int64) * n_cols + col, mask=mask, other=0.0)
-                dx = (dy*weight - sum_dy_y*x/(tl.cast(n_cols, ACC)*rms))/rms  # dx[r, c'] = (dy[r, c']*weight[c'] - sum[c](dy[r, c]*y[r, c])*x[r, c']/(|c|*rms[r]))/rms[r]
+                dx = (dy*weight - sum_dy_rms_weight_x*x/(tl.cast(n_cols, ACC)*rms))/rms  # dx[r, c'] = (dy[r, c']*weight[c'] - sum[c](dy[r, c]*y[r, c])*x[r, c']/(|c|*rms[r]))/rms[r]
                 dweight_acc += tl.where(mask, dy*x/rms, 0.0)  # dweight[c] = sum[r](dy[r, c]*x[r, c]/rms[r])
                 tl.store(dx_row + dx_off, dx.to(dx_ptr.dtype.element_ty), mask=mask)  # the gradient of x
                 tl.store(dweight_partial_ptr + pid.to(tl.int64) * n_cols + col, dweight_acc, mask=mask)  # per-program partial sums of dweight (summed in a second stage)
@@ -275,11 +272,10 @@ META = {'name': 'rms_norm',
  'params': [{'name': 'eps', 'default': 'eps'}],
  'output': {'name': 'y', 'level': 'elem'},
  'extras': [{'name': 'rms', 'level': 'row', 'kind': 'stat'}],
- 'saved': ['x', 'weight', 'y', 'rms'],
+ 'saved': ['x', 'weight', 'rms'],
  'grads': [{'name': 'dx', 'of': 'x', 'level': 'elem'}, {'name': 'dweight', 'of': 'weight', 'level': 'col'}],
  'forward': {'kernel': '_rms_norm_fwd', 'tensors': ['x', 'weight', 'y', 'rms']},
- 'backward': {'kernel': '_rms_norm_bwd',
-              'tensors': ['x', 'weight', 'y', 'rms', 'dy', 'dx', 'partial:dweight']},
+ 'backward': {'kernel': '_rms_norm_bwd', 'tensors': ['x', 'weight', 'rms', 'dy', 'dx', 'partial:dweight']},
  'reduces': 'weights'}
 
 OP = rt.RowwiseOp(META, _rms_norm_fwd, _rms_norm_bwd, __package__)
@@ -313,7 +309,6 @@ AOT_CONFIGS = [
     {"kernel": "_rms_norm_bwd", "num_warps": 8, "signature": {
         "x_ptr": "*fp32", "x_sk0": "i32", "x_sk1": "i32", "x_sk2": "i32", "x_sr0": "i32", "x_sr1": "i32", "x_sr2": "i32",
         "weight_ptr": "*fp32", "weight_sr0": "i32", "weight_sr1": "i32", "weight_sr2": "i32",
-        "y_ptr": "*fp32", "y_sk0": "i32", "y_sk1": "i32", "y_sk2": "i32", "y_sr0": "i32", "y_sr1": "i32", "y_sr2": "i32",
         "rms_ptr": "*fp32", "rms_sk0": "i32", "rms_sk1": "i32", "rms_sk2": "i32",
         "dy_ptr": "*fp32", "dy_sk0": "i32", "dy_sk1": "i32", "dy_sk2": "i32", "dy_sr0": "i32", "dy_sr1": "i32", "dy_sr2": "i32",
         "dx_ptr": "*fp32", "dx_sk0": "i32", "dx_sk1": "i32", "dx_sk2": "i32", "dx_sr0": "i32", "dx_sr1": "i32", "dx_sr2": "i32",
@@ -325,7 +320,6 @@ AOT_CONFIGS = [
     {"kernel": "_rms_norm_bwd", "num_warps": 8, "signature": {
         "x_ptr": "*fp32", "x_sk0": "i32", "x_sk1": "i32", "x_sk2": "i32", "x_sr0": "i32", "x_sr1": "i32", "x_sr2": "i32",
         "weight_ptr": "*fp32", "weight_sr0": "i32", "weight_sr1": "i32", "weight_sr2": "i32",
-        "y_ptr": "*fp32", "y_sk0": "i32", "y_sk1": "i32", "y_sk2": "i32", "y_sr0": "i32", "y_sr1": "i32", "y_sr2": "i32",
         "rms_ptr": "*fp32", "rms_sk0": "i32", "rms_sk1": "i32", "rms_sk2": "i32",
         "dy_ptr": "*fp32", "dy_sk0": "i32", "dy_sk1": "i32", "dy_sk2": "i32", "dy_sr0": "i32", "dy_sr1": "i32", "dy_sr2": "i32",
         "dx_ptr": "*fp32", "dx_sk0": "i32", "dx_sk1": "i32", "dx_sk2": "i32", "dx_sr0": "i32", "dx_sr1": "i32", "dx_sr2": "i32",
