@@ -121,13 +121,15 @@ def traffic(dtype_name: str = "float16", quick: bool = False, progress=None) -> 
         weights = [t for m, t in zip(meta["inputs"], inputs) if m["level"] == "col"]
         single = rt.block_config(n_cols, dtype)["SINGLE"]
         n_progs = rt.programs(n_rows, torch.device("cpu"))
+        read_back = [t for m, t in zip(meta["inputs"], inputs) if m["level"] == "col" and m["name"] in meta["saved"]]
         rereads = (n_progs - 1) * sum(nbytes(w) for w in weights) if single else 0
+        rereads_b = (n_progs - 1) * sum(nbytes(w) for w in read_back) if single else 0
         partials = len(weights) * 4 * n_cols * (n_progs if single else 2 * n_rows)
         label = f"{tuple(shape)} dim={dim}" if meta["reduces"] == "dim" else f"{tuple(shape)}"
         rows.append(TrafficRow(name, label, dtype_name, "forward", fwd.total_loaded, fwd.total_stored, ideal_f,
                                rereads))
         rows.append(TrafficRow(name, label, dtype_name, "backward", bwd.total_loaded, bwd.total_stored, ideal_b,
-                               rereads + partials))
+                               rereads_b + partials))
     for (b, h, m, d), n_keys, causal in _attention_cases(quick):
         if progress:
             progress(f"attention B={b} H={h} M={m} N={n_keys} D={d} causal={causal}")
