@@ -154,7 +154,7 @@ def test_no_equations():
     # a character the header tokenizer does not know
     ("op f(A[s2]) -> B[s2] $", "$", "unexpected character '$' in op header"),
     # an index that is not a name
-    ("op f(A[1]) -> B[s2]", "1", "unexpected character '1' in op header"),
+    ("op f(A[1]) -> B[s2]", "1", "expected an index name, found '1'"),
     ("op f(A[]) -> B[s2]", "]", "expected an index name, found ']'"),
 ])
 def test_bad_header(header, token, fragment):
