@@ -269,35 +269,36 @@ class _Builder:
                     out, equations, dict(self.tensors), self.index_order)
 
     def topological(self, defs: dict[str, S.Equation]) -> list[str]:
-        def refs(node) -> list[S.Ref]:
-            if isinstance(node, S.Ref):
-                return [node]
-            out = []
-            for child in ("operand", "left", "right", "arg"):
-                if hasattr(node, child):
-                    out += refs(getattr(node, child))
-            return out
-
-        state: dict[str, int] = {}  # 1 visiting, 2 done
+        """Definitions in dependency order (depth first, one explicit stack: no recursion)."""
+        refs = {name: _refs(eq.expr) for name, eq in defs.items()}
+        state: dict[str, int] = {}  # 1 on the current path, 2 done
         order: list[str] = []
-
-        def visit(name: str, path: list[str]):
-            if state.get(name) == 2:
-                return
-            if state.get(name) == 1:
-                cycle = path[path.index(name):] + [name]
-                raise self.err(f"cycle among equations: {' -> '.join(cycle)}", defs[name].pos)
-            state[name] = 1
-            for r in refs(defs[name].expr):
-                if r.name in defs:
-                    visit(r.name, path + [name])
-                elif r.name not in self.tensors and r.name not in self.params:
-                    raise self.err(f"undefined tensor {r.name!r}", r.pos)
-            state[name] = 2
-            order.append(name)
-
-        for name in sorted(defs, key=lambda n: defs[n].pos.line):
-            visit(name, [])
+        for root in sorted(defs, key=lambda n: defs[n].pos.line):
+            if root in state:
+                continue
+            state[root] = 1
+            path, stack = [root], [iter(refs[root])]
+            while stack:
+                for r in stack[-1]:
+                    if r.name in defs:
+                        if state.get(r.name) == 2:
+                            continue
+                        if state.get(r.name) == 1:
+                            cycle = path[path.index(r.name):] + [r.name]
+                            if len(cycle) > 12:
+                                cycle = cycle[:6] + [f"... ({len(cycle) - 1} equations) ..."] + cycle[-3:]
+                            raise self.err(f"cycle among equations: {' -> '.join(cycle)}", defs[r.name].pos)
+                        state[r.name] = 1
+                        path.append(r.name)
+                        stack.append(iter(refs[r.name]))
+                        break
+                    if r.name not in self.tensors and r.name not in self.params:
+                        raise self.err(f"undefined tensor {r.name!r}", r.pos)
+                else:  # every reference of path[-1] is done
+                    stack.pop()
+                    done = path.pop()
+                    state[done] = 2
+                    order.append(done)
         return order
 
     def equation(self, eq: S.Equation) -> Equation:
@@ -328,10 +329,25 @@ class _Builder:
         return Equation(t, rhs, eq.pos)
 
     def expr(self, node, top: bool = False) -> Expr:
+        out = self._expr(node, top)
+        if isinstance(node, (S.Bin, S.Unary, S.Func)):
+            # SymPy folds numbers as it builds: 0**-1 is zoo, (-1)**0.5 is I, 10**30 * 10**30 is 10**60.
+            # A folded number stands alone or as a direct argument (a coefficient, a term).
+            for a in (out, *out.args):
+                if a.is_number:
+                    why = _constant_problem(a)
+                    if why is not None:
+                        raise self.err(f"this expression's value is {why}", node.pos)
+        return out
+
+    def _expr(self, node, top: bool = False) -> Expr:
         if isinstance(node, S.Num):
             return sympy.Integer(node.value) if isinstance(node.value, int) else sympy.Float(node.value)
         if isinstance(node, S.Ref):
             if node.name in self.params:
+                if node.indices is not None:
+                    raise self.err(f"{node.name} is a scalar parameter: it takes no indices; write {node.name}, "
+                                   f"not {node.name}[{', '.join(node.indices)}]", node.pos)
                 return self.params[node.name]
             if node.name not in self.tensors:  # pragma: no cover - caught in topological()
                 raise self.err(f"undefined tensor {node.name!r}", node.pos)
@@ -351,6 +367,9 @@ class _Builder:
             a, b = self.expr(node.left), self.expr(node.right)
             if node.op == "**" and free_indices(b):
                 raise self.err("an exponent must be a number or parameter, not a tensor", node.pos)
+            if node.op == "**" and b.is_number and not abs(b) <= S.MAX_EXPONENT:  # before SymPy evaluates it
+                raise self.err(f"the exponent is too large: a numeric exponent is at most {S.MAX_EXPONENT} "
+                               f"in magnitude", node.pos)
             return {"+": lambda: a + b, "-": lambda: a - b, "*": lambda: a * b,
                     "/": lambda: a / b, "**": lambda: a ** b,
                     "maximum": lambda: sympy.Max(a, b), "minimum": lambda: sympy.Min(a, b)}[node.op]()
@@ -376,6 +395,36 @@ class _Builder:
                                "e.g. M = max[i](x), and use M", node.pos)
             return IndexMax(body, *syms)
         raise TypeError(node)  # pragma: no cover
+
+
+def _refs(node) -> list[S.Ref]:
+    """The tensor references of a spec expression, left to right (an explicit stack: no recursion)."""
+    out, stack = [], [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, S.Ref):
+            out.append(n)
+            continue
+        for child in ("arg", "right", "left", "operand"):  # pushed in reverse: popped left first
+            if hasattr(n, child):
+                stack.append(getattr(n, child))
+    return out
+
+
+def _constant_problem(value) -> str | None:
+    """Why a number SymPy folded cannot be a kernel constant, or None if it can."""
+    if value.has(sympy.zoo):
+        return "infinite (a division by zero)"
+    if value.has(sympy.nan):
+        return "not a number (nan)"
+    if value.has(sympy.oo, -sympy.oo):
+        return "infinite"
+    re_part, im_part = sympy.N(value, 20).as_real_imag()
+    if im_part != 0:
+        return "a complex number, not a real one"
+    if not re_part.is_finite or abs(re_part) > S.MAX_MAGNITUDE:
+        return f"too large: constants are at most {S.MAX_MAGNITUDE:g} in magnitude (kernels compute in float32)"
+    return None
 
 
 def build(spec: S.OpSpec) -> OpIR:

@@ -18,13 +18,15 @@ the report can show that the max-shift's ``dM`` is exactly 0.
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import sympy
 from sympy import Indexed, IndexedBase, Mul
 
 from .ir import ArgmaxIndicator, Equation, IndexMax, IndexSum, OpIR, Tensor, free_indices, primed, tensors_in
-from .simplify import Folder, Term, combine, pretty, rename_free, terms_of
+from .simplify import Folder, Term, TooLarge, combine, pretty, rename_free, terms_of
+from .spec import SpecError
 
 
 def adjoint_name(name: str) -> str:
@@ -140,17 +142,21 @@ class _Reverse:
         steps: list[AdjointStep] = []
         for eq in reversed(ir.equations):
             y = eq.target
-            if y.name != ir.output.name:
-                if not contributions[y.name]:
-                    continue  # no gradient reaches y
-                steps.append(self.finish(y, contributions[y.name]))
-            for name in sorted(tensors_in(eq.rhs) - {y.name}):
-                x = ir.tensors[name]
-                c = local_pullback(eq, x)
-                folded, _ = self.folder.fold(combine(terms_of(c)))
-                contributions[name].append((y.name, pretty(folded)))
+            with _located(ir, y.name, eq):
+                if y.name != ir.output.name:
+                    if not contributions[y.name]:
+                        continue  # no gradient reaches y
+                    steps.append(self.finish(y, contributions[y.name]))
+                for name in sorted(tensors_in(eq.rhs) - {y.name}):
+                    x = ir.tensors[name]
+                    c = local_pullback(eq, x)
+                    folded, _ = self.folder.fold(combine(terms_of(c)))
+                    contributions[name].append((y.name, pretty(folded)))
         for x in ir.inputs:
-            steps.append(self.finish(x, contributions[x.name]))
+            # located at the first equation that reads x
+            with _located(ir, x.name, next(eq for eq in ir.equations if x.name in tensors_in(eq.rhs))
+                          if contributions[x.name] else ir.equations[-1]):
+                steps.append(self.finish(x, contributions[x.name]))
         return steps
 
     def finish(self, x: Tensor, contribs) -> AdjointStep:
@@ -165,6 +171,17 @@ class _Reverse:
         else:
             self.inlined[x.name] = value
         return AdjointStep(x, list(contribs), value, kept)
+
+
+@contextmanager
+def _located(ir: OpIR, name: str, eq: Equation):
+    """Turn an adjoint that grows past the simplifier's limit into a SpecError at ``eq``."""
+    try:
+        yield
+    except TooLarge as e:
+        raise SpecError(f"the pullback into {name} grows too large to simplify ({e}); name intermediate "
+                        f"values in equations of their own, or nest fewer functions", ir.file, eq.pos.line,
+                        eq.pos.col) from None
 
 
 def reverse(ir: OpIR) -> list[AdjointStep]:

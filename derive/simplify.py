@@ -25,6 +25,14 @@ from .ir import ArgmaxIndicator, Equation, IndexMax, IndexSum, base_name, free_i
 
 _fresh = itertools.count(1)
 
+MAX_TERMS = 256       # terms of one sum-of-products form (a spec past it is an error, not a hang)
+MAX_PERMUTED = 6      # bound indices of one set whose renamings canonical() searches exhaustively
+
+
+class TooLarge(ValueError):
+    """A sum-of-products form past MAX_TERMS terms: nested functions and powers
+    of sums multiply out exponentially; the caller locates the equation."""
+
 
 def fresh(index: Symbol) -> Symbol:
     """A new bound index of the same index set as ``index``."""
@@ -47,7 +55,10 @@ class Term:
 def terms_of(expr) -> list[Term]:
     """Expand ``expr`` into a list of terms (bound indices made fresh, deltas kept)."""
     if isinstance(expr, Add):
-        return [t for a in expr.args for t in terms_of(a)]
+        out = [t for a in expr.args for t in terms_of(a)]
+        if len(out) > MAX_TERMS:
+            raise TooLarge(f"its sum-of-products form has more than {MAX_TERMS} terms")
+        return out
     if isinstance(expr, IndexSum):
         rename = {i: fresh(i) for i in expr.indices}
         inner = terms_of(expr.body.xreplace(rename))
@@ -55,8 +66,10 @@ def terms_of(expr) -> list[Term]:
     if isinstance(expr, Mul):
         out = [Term(sympy.S.One, sympy.S.One, frozenset())]
         for factor in expr.args:
-            out = [Term(a.coeff * b.coeff, a.mono * b.mono, a.bound | b.bound)
-                   for a in out for b in terms_of(factor)]
+            parts = terms_of(factor)
+            if len(out) * len(parts) > MAX_TERMS:
+                raise TooLarge(f"its sum-of-products form has more than {MAX_TERMS} terms")
+            out = [Term(a.coeff * b.coeff, a.mono * b.mono, a.bound | b.bound) for a in out for b in parts]
         return out
     if isinstance(expr, Pow) and expr.exp.is_Integer and expr.exp > 1 and \
             (isinstance(expr.base, (Add, IndexSum))):
@@ -126,7 +139,9 @@ def canonical(term: Term, reserved=()) -> Term:
                 names.append(cand)
             k += 1
         best = None
-        for perm in itertools.permutations(idxs):
+        # the search is n!: past MAX_PERMUTED indices of one set, keep their order
+        perms = itertools.permutations(idxs) if len(idxs) <= MAX_PERMUTED else [tuple(idxs)]
+        for perm in perms:
             sub = dict(zip(perm, names))
             key = sympy.srepr(mono.xreplace({**mapping, **sub}))
             if best is None or key < best[0]:
@@ -195,6 +210,11 @@ def _alpha(expr):
     return walk(expr, 0)
 
 
+def _labels(expr) -> set[str]:
+    """Names of the tensors in ``expr``."""
+    return {str(t.base.label) for t in expr.atoms(Indexed)}
+
+
 class Folder:
     """Rewrites terms with the names of the forward definitions of an op."""
 
@@ -214,7 +234,8 @@ class Folder:
                                                        and rhs.exp.is_Rational):
                 # exp(A - M) -> E; sqrt(V + eps) -> R (also 1/sqrt(V + eps) -> 1/R), sums inside included
                 wilds = {i: Wild(f"w_{i.name}") for i in eq.target.indices}
-                self.function_defs.append((eq, _alpha(rhs).xreplace(wilds), wilds))
+                pattern = _alpha(rhs).xreplace(wilds)
+                self.function_defs.append((eq, pattern, wilds, _labels(pattern)))
         # Identities that follow from two definitions: with P = E / L and
         # L = sum_j E, sum_j P = (sum_j E) / L = 1.
         for eq, pw in self.product_defs:
@@ -226,7 +247,10 @@ class Folder:
 
     # -- exp(A - M) -> E ---------------------------------------------------------
     def fold_functions(self, mono):
-        for eq, pattern, wilds in self.function_defs:
+        present = _labels(mono)
+        for eq, pattern, wilds, needs in self.function_defs:
+            if not needs <= present:  # cheap test first: a spec may have hundreds of definitions
+                continue
             for sub in list(mono.atoms(type(pattern))):
                 power = sympy.S.One
                 if isinstance(pattern, Pow):  # (V + eps)**(-1/2) is R**-1 when R = (V + eps)**(1/2)
@@ -239,6 +263,7 @@ class Folder:
                 if m is not None and all(w in m for w in wilds.values()):
                     idx = [m[wilds[i]] for i in eq.target.indices]
                     mono = mono.xreplace({sub: eq.target.at(idx) ** power})
+                    present = _labels(mono)
         return mono
 
     # -- E / Z -> B ------------------------------------------------------------------
@@ -246,8 +271,11 @@ class Folder:
         changed = True
         while changed:
             changed = False
+            have = dict(_powers(mono))
+            present = {str(b.base.label) for b in have if isinstance(b, Indexed)}
             for eq, pw in self.product_defs:
-                have = dict(_powers(mono))
+                if not {str(b.base.label) for b, _ in pw} <= present:
+                    continue
                 for mapping in self._product_matches(pw, have, 0, {}):
                     if not set(eq.target.indices) <= set(mapping):
                         continue
@@ -275,10 +303,17 @@ class Folder:
     def fold_sum(self, term: Term) -> Term | None:
         """Replace one sum inside ``term`` by what it equals (a named reduction), if any."""
         factors = _factors(term.mono)
+        present = _labels(term.mono)
         for body, red, target_indices, value in self.sum_defs:
+            if not _labels(body) <= present:  # cheap test first
+                continue
             body_factors = _factors(body)
-            for targets in itertools.permutations(sorted(term.bound, key=lambda s: s.name), len(red)):
-                if any(base_name(t) != base_name(r) for t, r in zip(targets, red)):
+            bound = sorted(term.bound, key=lambda s: s.name)
+            # each reduced index takes a bound index of its own set (the permutations of the
+            # bound indices, less the n! that cannot match)
+            candidates = [[t for t in bound if base_name(t) == base_name(r)] for r in red]
+            for targets in itertools.product(*candidates):
+                if len(set(targets)) != len(targets):
                     continue
                 dependent = [f for f in factors if free_indices(f) & set(targets)]
                 if len(dependent) != len(body_factors):

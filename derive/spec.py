@@ -20,6 +20,12 @@ twice with different indices, as in ``X^T X``),
 The right-hand sides are parsed with Python's ``ast`` and checked against a
 whitelist of node types: user text is never evaluated.  Every error is a
 :class:`SpecError` that names the file, line and column.
+
+A spec is held to the limits below, checked on the text and its tokens
+*before* anything recursive (``ast.parse`` included) sees it, so that no input
+can exhaust the stack, hang or take the interpreter's digit limit; each
+limit is far above what a real op needs (softmax has 4 equations, 2 index
+names, depth 2).
 """
 from __future__ import annotations
 
@@ -32,6 +38,16 @@ FUNCTIONS = ("exp", "log", "sqrt", "tanh")
 BINARY_FUNCTIONS = ("maximum", "minimum")  # elementwise, as torch.maximum / torch.minimum
 REDUCTIONS = ("sum", "mean", "max")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+# ---- limits (each a located SpecError when exceeded; README lists them) ----------------
+MAX_BYTES = 64 * 1024        # size of a spec file, in bytes of UTF-8
+MAX_EQUATIONS = 64           # equations in one spec (the engine's time grows faster than linearly)
+MAX_HEADER_ARGS = 64         # inputs plus parameters in the header
+MAX_INDEX_NAMES = 64         # distinct index names in one spec
+MAX_DEPTH = 32               # nesting of parentheses, calls and brackets in one right-hand side
+MAX_TOKENS = 512             # names, numbers and operators in one right-hand side
+MAX_MAGNITUDE = 1e38         # |number|, as written or as constants fold (float32 holds up to 3.4e38)
+MAX_EXPONENT = 64            # |n| of a numeric exponent, x ** n
 
 
 class SpecError(ValueError):
@@ -46,6 +62,48 @@ class SpecError(ValueError):
 class Pos:
     line: int
     col: int
+
+
+def _line_col(data: bytes, at: int) -> tuple[int, int]:
+    """1-based line and character column of byte offset ``at``."""
+    start = data.rfind(b"\n", 0, at) + 1
+    return data.count(b"\n", 0, at) + 1, len(data[start:at].decode("utf-8", errors="replace")) + 1
+
+
+def decode(data: bytes, file: str = "<spec>") -> str:
+    """The text of a spec file's bytes: at most MAX_BYTES, UTF-8 (a byte-order mark is dropped)."""
+    if len(data) > MAX_BYTES:
+        line, col = _line_col(data, MAX_BYTES)
+        raise SpecError(f"the spec is too large: {len(data)} bytes; a spec holds at most {MAX_BYTES} bytes",
+                        file, line, col)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line, col = _line_col(data, e.start)
+        raise SpecError(f"the spec is not UTF-8 text: byte 0x{data[e.start]:02x} cannot be decoded", file,
+                        line, col) from None
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+# control characters (a tab and the line ends \r\n aside), Unicode line separators, lone surrogates
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def _check_text(text: str, file: str) -> list[str]:
+    """Size and characters of the whole text, before any line is parsed; returns its lines
+    (split at \\n only, as editors count them; a \\r before it is dropped)."""
+    size = len(text.encode("utf-8", errors="surrogatepass"))
+    if size > MAX_BYTES:
+        line, col = _line_col(text.encode("utf-8", errors="surrogatepass"), MAX_BYTES)
+        raise SpecError(f"the spec is too large: {size} bytes; a spec holds at most {MAX_BYTES} bytes",
+                        file, line, col)
+    lines = [raw[:-1] if raw.endswith("\r") else raw for raw in text.split("\n")]
+    for lineno, raw in enumerate(lines, start=1):
+        m = _CONTROL.search(raw)
+        if m is not None:
+            raise SpecError(f"unexpected character U+{ord(m.group()):04X}: a spec is plain text, without control "
+                            f"characters", file, lineno, m.start() + 1)
+    return lines
 
 
 # ---- expression nodes -------------------------------------------------------
@@ -129,7 +187,26 @@ class OpSpec:
     name_pos: Pos = Pos(0, 0)  # where the op name stands in the header
 
 
+def _short(text: str, n: int = 24) -> str:
+    """User text shortened for a message (a number may be thousands of digits long)."""
+    return text if len(text) <= n else f"{text[:n]}... ({len(text)} characters)"
+
+
+class _IndexNames:
+    """Counts the distinct index names of a spec (MAX_INDEX_NAMES)."""
+
+    def __init__(self, file: str):
+        self.file, self.seen = file, set()
+
+    def add(self, name: str, line: int, col: int):
+        if name not in self.seen:
+            self.seen.add(name)
+            if len(self.seen) > MAX_INDEX_NAMES:
+                raise SpecError(f"too many index names: a spec uses at most {MAX_INDEX_NAMES}", self.file, line, col)
+
+
 # ---- header tokenizer ---------------------------------------------------------
+_SPACE = re.compile(r"\s*")
 _TOKEN = re.compile(r"\s*(?:(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<arrow>->)"
                     r"|(?P<num>-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)|(?P<punct>[\[\](),;=]))")
 
@@ -137,22 +214,24 @@ _TOKEN = re.compile(r"\s*(?:(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<arrow>->)"
 class _Header:
     """Recursive-descent reader for ``op name(T[i, j], ...; p, ...) -> O[i, j]``."""
 
-    def __init__(self, text: str, file: str, line: int, offset: int = 0):
+    def __init__(self, text: str, file: str, line: int, offset: int = 0, indices: _IndexNames | None = None):
         self.file, self.line = file, line
         self.tokens: list[tuple[str, str, int]] = []
+        self.indices = indices if indices is not None else _IndexNames(file)
         pos = 0
-        while pos < len(text):
-            if text[pos:].strip() == "":
+        while True:  # one linear pass: each token is matched once
+            pos = _SPACE.match(text, pos).end()
+            if pos >= len(text):
                 break
             m = _TOKEN.match(text, pos)
             if not m:
-                col = pos + len(text[pos:]) - len(text[pos:].lstrip()) + 1
-                raise SpecError(f"unexpected character {text[col - 1]!r} in op header", file, line, col + offset)
+                raise SpecError(f"unexpected character {text[pos]!r} in op header", file, line, pos + 1 + offset)
             kind = m.lastgroup
             start = m.start(kind) + 1
             self.tokens.append((kind, m.group(kind), start))
             pos = m.end()
         self.i = 0
+        self.args = 0
         self.end_col = len(text.rstrip()) + 1
 
     def peek(self) -> tuple[str, str, int] | None:
@@ -168,13 +247,26 @@ class _Header:
         self.i += 1
         return tok
 
-    def tensor(self) -> TensorDecl:
+    def count_arg(self, col: int):
+        self.args += 1
+        if self.args > MAX_HEADER_ARGS:
+            raise SpecError(f"too many inputs and parameters: an op takes at most {MAX_HEADER_ARGS}",
+                            self.file, self.line, col)
+
+    def index(self) -> str:
+        _, name, col = self.expect(kind="name", what="an index name")
+        self.indices.add(name, self.line, col)
+        return name
+
+    def tensor(self, output: bool = False) -> TensorDecl:
         _, name, col = self.expect(kind="name", what="a tensor name")
+        if not output:
+            self.count_arg(col)
         self.expect("[", what=f"'[' and the indices of {name}")
-        indices = [self.expect(kind="name", what="an index name")[1]]
+        indices = [self.index()]
         while self.peek() and self.peek()[1] == ",":
             self.i += 1
-            indices.append(self.expect(kind="name", what="an index name")[1])
+            indices.append(self.index())
         self.expect("]", what="']' or ','")
         default = None
         if self.peek() and self.peek()[1] == "=":
@@ -185,12 +277,14 @@ class _Header:
     def number(self, what: str) -> float:
         _, text, col = self.expect(kind="num", what=f"a number ({what})")
         value = float(text)
-        if not math.isfinite(value):
-            raise SpecError(f"{what} must be a finite number, got {text}", self.file, self.line, col)
+        if not math.isfinite(value) or abs(value) > MAX_MAGNITUDE:
+            raise SpecError(f"{what} must be a finite number of magnitude at most {MAX_MAGNITUDE:g}, "
+                            f"got {_short(text)}", self.file, self.line, col)
         return value
 
     def param(self) -> ParamDecl:
         _, name, col = self.expect(kind="name", what="a parameter name")
+        self.count_arg(col)
         default = None
         if self.peek() and self.peek()[1] == "=":
             self.i += 1
@@ -203,8 +297,8 @@ class _Header:
         return ParamDecl(name, Pos(self.line, col), default)
 
 
-def _parse_header(text: str, offset: int, file: str, line: int) -> OpSpec:
-    h = _Header(text, file, line, offset)
+def _parse_header(text: str, offset: int, file: str, line: int, indices: _IndexNames | None = None) -> OpSpec:
+    h = _Header(text, file, line, offset, indices)
     h.tokens = [(k, v, c + offset) for k, v, c in h.tokens]
     h.end_col += offset
     h.expect("op")
@@ -223,7 +317,7 @@ def _parse_header(text: str, offset: int, file: str, line: int) -> OpSpec:
             params.append(h.param())
     h.expect(")", what="')'")
     h.expect("->", what="'->' and the output")
-    output = h.tensor()
+    output = h.tensor(output=True)
     if output.default is not None:
         raise SpecError(f"the output {output.name} cannot have a default value", file, line, output.pos.col)
     if h.peek() is not None:
@@ -238,10 +332,59 @@ _BINOPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.Pow: "**
 _UNARY = {ast.USub: "-", ast.UAdd: "+"}
 
 
+# One token of a right-hand side, for the checks made before ``ast.parse``.
+_RHS_TOKEN = re.compile(r"""
+    (?P<space>\s+)
+  | (?P<num>(?:\d[\d_]*\.?[\d_]*|\.\d[\d_]*)(?:[eE][-+]?\d[\d_]*)?[jJ]?)
+  | (?P<name>[^\W\d]\w*)
+  | (?P<str>'[^']*'?|"[^"]*"?)
+  | (?P<open>[(\[{])
+  | (?P<close>[)\]}])
+  | (?P<op>\*\*|//|.)
+""", re.VERBOSE)
+
+
+def _scan(text: str, file: str, line: int, offset: int, target: str):
+    """Check a right-hand side's size, nesting and numbers on its tokens (one
+    linear pass, no recursion), so that ``ast.parse`` and the recursive stages
+    after it only ever see bounded trees: the depth of the tree is at most the
+    number of tokens."""
+    depth, tokens = 0, 0
+    for m in _RHS_TOKEN.finditer(text):
+        kind, col = m.lastgroup, offset + m.start() + 1
+        if kind == "space":
+            continue
+        tokens += 1
+        if tokens > MAX_TOKENS:
+            raise SpecError(f"the right-hand side of {target} is too long: more than {MAX_TOKENS} names, numbers "
+                            f"and operators; split it into several equations", file, line, col)
+        if kind == "open":
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise SpecError(f"the right-hand side of {target} nests too deeply: more than {MAX_DEPTH} levels "
+                                f"of parentheses, calls or brackets; name the inner parts in equations of their "
+                                f"own", file, line, col)
+        elif kind == "close":
+            depth = max(depth - 1, 0)
+        elif kind == "num" and not m.group().lower().endswith("j"):
+            try:
+                value = float(m.group().replace("_", ""))  # float() has no digit limit, int() has
+            except ValueError:
+                continue  # ast.parse reports it
+            if not abs(value) <= MAX_MAGNITUDE:
+                raise SpecError(f"the number {_short(m.group())} is too large: numbers are at most "
+                                f"{MAX_MAGNITUDE:g} in magnitude (kernels compute in float32)", file, line, col)
+
+
 class _Expr:
-    def __init__(self, file: str, line: int, offset: int, source: str):
+    def __init__(self, file: str, line: int, offset: int, source: str, indices: _IndexNames | None = None):
         self.file, self.line, self.offset = file, line, offset
         self.source = source.encode()
+        self.indices = indices if indices is not None else _IndexNames(file)
+
+    def index_names(self, elts) -> None:
+        for e in elts:
+            self.indices.add(e.id, self.line, self.column(e))
 
     def column(self, node: ast.AST) -> int:
         """1-based character column (ast counts UTF-8 bytes)."""
@@ -260,8 +403,13 @@ class _Expr:
         if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
             return Unary(_UNARY[type(node.op)], self.convert(node.operand), self.pos(node))
         if isinstance(node, ast.Constant):
+            if isinstance(node.value, complex):
+                raise self.err("complex numbers are not supported: constants are real numbers", node)
             if isinstance(node.value, bool) or not isinstance(node.value, (int, float)):
-                raise self.err(f"only numbers may appear as constants, not {node.value!r}", node)
+                raise self.err(f"only numbers may appear as constants, not {_short(repr(node.value))}", node)
+            if not abs(node.value) <= MAX_MAGNITUDE:  # 0x... literals pass the token check
+                raise self.err(f"a number is too large: numbers are at most {MAX_MAGNITUDE:g} in magnitude "
+                               f"(kernels compute in float32)", node)
             return Num(node.value, self.pos(node))
         if isinstance(node, ast.Name):
             if node.id in FUNCTIONS or node.id in BINARY_FUNCTIONS or node.id in REDUCTIONS:
@@ -277,6 +425,7 @@ class _Expr:
             for e in elts:
                 if not isinstance(e, ast.Name):
                     raise self.err(f"{node.value.id}[...] takes index names, as in {node.value.id}[i, j]", e)
+            self.index_names(elts)
             return Ref(node.value.id, self.pos(node), tuple(e.id for e in elts))
         raise self.err(f"unsupported syntax ({type(node).__name__}); expected numbers, names, + - * / **, "
                        f"{', '.join(FUNCTIONS)}, sum[...](...) or max[...](...)", node)
@@ -296,6 +445,7 @@ class _Expr:
                 if not isinstance(e, ast.Name):
                     raise self.err(f"{kind}[...] takes index names", e)
                 indices.append(e.id)
+            self.index_names(elts)
             if len(node.args) != 1:
                 raise self.err(f"{kind}[...] takes exactly one argument, got {len(node.args)}", node)
             return Reduce(kind, tuple(indices), self.convert(node.args[0]), self.pos(node))
@@ -312,10 +462,29 @@ class _Expr:
             if len(node.args) != 1:
                 raise self.err(f"{func.id} takes exactly one argument, got {len(node.args)}", node)
             return Func(func.id, self.convert(node.args[0]), self.pos(node))
+        if isinstance(func, ast.Attribute):
+            raise self.err(self.method_hint(func, node.args), func)
         raise self.err("unsupported call", node)
 
+    @staticmethod
+    def method_hint(func: ast.Attribute, args) -> str:
+        """What to write instead of a method call such as ``A.sum(s1)``."""
+        what = func.value.id if isinstance(func.value, ast.Name) else "x"
+        names = [a.id for a in args if isinstance(a, ast.Name)] or ["i"]
+        if func.attr in REDUCTIONS:
+            return (f"methods are not supported: write {func.attr}[{', '.join(names)}]({what}) "
+                    f"instead of {what}.{func.attr}(...)")
+        if func.attr in FUNCTIONS:
+            return f"methods are not supported: write {func.attr}({what}) instead of {what}.{func.attr}()"
+        if func.attr in BINARY_FUNCTIONS:
+            return (f"methods are not supported: write {func.attr}({what}, y) instead of "
+                    f"{what}.{func.attr}(y)")
+        return (f"unsupported call of {func.attr!r}: expected {', '.join(FUNCTIONS + BINARY_FUNCTIONS)} "
+                f"or {', '.join(r + '[...]' for r in REDUCTIONS)}")
 
-def _parse_equation(text: str, file: str, line: int) -> Equation:
+
+def _parse_equation(text: str, file: str, line: int, indices_seen: _IndexNames | None = None) -> Equation:
+    indices_seen = indices_seen if indices_seen is not None else _IndexNames(file)
     m = re.match(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(\[[^\]]*\])?\s*=(?!=)", text)
     if not m:
         col = len(text) - len(text.lstrip()) + 1
@@ -329,7 +498,8 @@ def _parse_equation(text: str, file: str, line: int) -> Equation:
             p = raw.strip()
             if not _NAME.fullmatch(p):
                 where = start + (len(raw) - len(raw.lstrip())) + 1
-                raise SpecError(f"bad index name {p!r} in the indices of {target}", file, line, where)
+                raise SpecError(f"bad index name {_short(p)!r} in the indices of {target}", file, line, where)
+            indices_seen.add(p, line, start + (len(raw) - len(raw.lstrip())) + 1)
             parts.append(p)
             start += len(raw) + 1
         indices = tuple(parts)
@@ -338,18 +508,20 @@ def _parse_equation(text: str, file: str, line: int) -> Equation:
     if not stripped.strip():
         raise SpecError(f"the equation for {target} has no right-hand side", file, line, m.end() + 1)
     offset = m.end() + (len(rhs) - len(stripped))
+    _scan(stripped, file, line, offset, target)
     try:
         tree = ast.parse(stripped.rstrip(), mode="eval")
     except SyntaxError as e:
         raise SpecError(f"syntax error: {e.msg}", file, line, offset + (e.offset or 1)) from None
-    expr = _Expr(file, line, offset, stripped).convert(tree.body)
+    expr = _Expr(file, line, offset, stripped, indices_seen).convert(tree.body)
     return Equation(target, indices, expr, Pos(line, m.start(1) + 1))
 
 
 def parse(text: str, file: str = "<spec>") -> OpSpec:
     """Parse the text of one ``.op`` spec."""
     spec: OpSpec | None = None
-    for lineno, raw in enumerate(text.splitlines(), start=1):
+    indices = _IndexNames(file)
+    for lineno, raw in enumerate(_check_text(text, file), start=1):
         code = raw.split("#", 1)[0].rstrip()
         if not code.strip():
             continue
@@ -358,12 +530,15 @@ def parse(text: str, file: str = "<spec>") -> OpSpec:
             if spec is not None:
                 raise SpecError("a spec file holds one op; found a second 'op' header", file, lineno,
                                 len(code) - len(stripped) + 1)
-            spec = _parse_header(stripped, len(code) - len(stripped), file, lineno)
+            spec = _parse_header(stripped, len(code) - len(stripped), file, lineno, indices)
             continue
         if spec is None:
             raise SpecError("expected the op header 'op name(T[i, j]) -> O[i, j]' first", file, lineno,
                             len(code) - len(stripped) + 1)
-        spec.equations.append(_parse_equation(code, file, lineno))
+        if len(spec.equations) == MAX_EQUATIONS:
+            raise SpecError(f"too many equations: a spec holds at most {MAX_EQUATIONS}", file, lineno,
+                            len(code) - len(stripped) + 1)
+        spec.equations.append(_parse_equation(code, file, lineno, indices))
     if spec is None:
         raise SpecError("empty spec: expected an op header 'op name(T[i, j]) -> O[i, j]'", file, 1, 1)
     if not spec.equations:

@@ -114,6 +114,8 @@ def test_bench_quick_counts_bytes_on_the_cpu(run):
     r = run("bench", "--quick", "--dtype", "float32")
     assert r.exit_code == 0, r.output
     rows = [line.split() for line in r.output.splitlines() if " float32 " in line]
-    assert [row[0] for row in rows] == ["softmax", "softmax", "max", "max", "attention", "attention"]
-    # a row that fits one block moves exactly the ideal bytes, forward and backward
-    assert [row[-1] for row in rows[:2]] == ["1.00", "1.00"]
+    from derive.bench import rowwise_ops
+    ops = rowwise_ops()
+    assert [row[0] for row in rows] == [op for op in ops for _ in range(2)] + ["attention", "attention"]
+    # a row that fits one block moves exactly the ideal bytes, forward and backward, for every row-wise op
+    assert [row[-1] for row in rows[:-2]] == ["1.00"] * (2 * len(ops))
