@@ -187,10 +187,11 @@ class OpIR:
     file: str
     inputs: list[Tensor]
     params: list[Symbol]
-    output: Tensor
+    output: Tensor             # the first output
     equations: list[Equation]  # topological order
     tensors: dict[str, Tensor] = field(default_factory=dict)
     index_order: tuple[Symbol, ...] = ()
+    outputs: list[Tensor] = field(default_factory=list)  # every output, in the header's order
 
     def definition(self, name: str) -> Equation | None:
         for eq in self.equations:
@@ -209,7 +210,7 @@ class _Builder:
         self.spec = spec
         self.file = spec.file
         order: list[Symbol] = []
-        for decl in spec.inputs + [spec.output]:
+        for decl in spec.inputs + (spec.outputs or [spec.output]):
             for i in decl.indices:
                 if Symbol(i) not in order:
                     order.append(Symbol(i))
@@ -256,17 +257,22 @@ class _Builder:
             if name.startswith("d") and name[1:] in names:
                 pos = defs[name].pos if name in defs else next(d.pos for d in spec.inputs if d.name == name)
                 raise self.err(f"the name {name!r} is taken by the gradient of {name[1:]}; rename the tensor", pos)
-        if spec.output.name not in defs:
-            raise self.err(f"the output {spec.output.name} is never defined", spec.output.pos)
+        decls = spec.outputs or [spec.output]
+        for decl in decls:
+            if decl.name not in defs:
+                raise self.err(f"the output {decl.name} is never defined", decl.pos)
         order = self.topological(defs)
         equations = [self.equation(defs[name]) for name in order]
-        out = self.tensors[spec.output.name]
-        declared = tuple(Symbol(i) for i in spec.output.indices)
-        if declared != out.indices:
-            raise self.err(f"the output {out.name} is declared with indices [{', '.join(spec.output.indices)}] "
-                           f"but its equation gives [{', '.join(i.name for i in out.indices)}]", spec.output.pos)
+        outs = []
+        for decl in decls:
+            out = self.tensors[decl.name]
+            declared = tuple(Symbol(i) for i in decl.indices)
+            if declared != out.indices:
+                raise self.err(f"the output {out.name} is declared with indices [{', '.join(decl.indices)}] "
+                               f"but its equation gives [{', '.join(i.name for i in out.indices)}]", decl.pos)
+            outs.append(out)
         return OpIR(spec.name, self.file, [self.tensors[d.name] for d in spec.inputs], list(self.params.values()),
-                    out, equations, dict(self.tensors), self.index_order)
+                    outs[0], equations, dict(self.tensors), self.index_order, outs)
 
     def topological(self, defs: dict[str, S.Equation]) -> list[str]:
         """Definitions in dependency order (depth first, one explicit stack: no recursion)."""
@@ -304,9 +310,10 @@ class _Builder:
     def equation(self, eq: S.Equation) -> Equation:
         rhs = self.expr(eq.expr, top=True)
         free = free_indices(rhs)
-        is_output = eq.target == self.spec.output.name
-        if eq.indices is None and is_output and set(self.spec.output.indices) == {i.name for i in free}:
-            indices = tuple(Symbol(i) for i in self.spec.output.indices)  # the header's order
+        decl = next((o for o in (self.spec.outputs or [self.spec.output]) if o.name == eq.target), None)
+        is_output = decl is not None
+        if eq.indices is None and is_output and set(decl.indices) == {i.name for i in free}:
+            indices = tuple(Symbol(i) for i in decl.indices)  # the header's order
         elif eq.indices is None:
             indices = _order(free, self.index_order)
         else:

@@ -186,7 +186,7 @@ def _decl_pos(d: Derivation, name: str) -> Pos | None:
     eq = ir.definition(name)
     if eq is not None:
         return eq.pos
-    for decl in d.spec.inputs + [d.spec.output]:
+    for decl in d.spec.inputs + (d.spec.outputs or [d.spec.output]):
         if decl.name == name:
             return decl.pos
     return None
@@ -229,10 +229,11 @@ def match_rowwise(d: Derivation) -> _Shape:
     if not any(levels[t.name] == "elem" for t in ir.inputs):
         raise _located(ir, _decl_pos(d, ir.inputs[0].name),
                        f"the row-wise family needs an input indexed [{', '.join(i.name for i in kept + (red,))}]")
-    if levels[ir.output.name] == "col":
-        raise _located(ir, _decl_pos(d, ir.output.name),
-                       f"an output indexed [{red.name}] sums over rows; the row-wise family writes row or "
-                       f"per-row outputs")
+    for o in ir.outputs or [ir.output]:
+        if levels[o.name] == "col":
+            raise _located(ir, _decl_pos(d, o.name),
+                           f"an output indexed [{red.name}] sums over rows; the row-wise family writes row or "
+                           f"per-row outputs")
     return _Shape(kept, red, levels)
 
 
@@ -579,7 +580,8 @@ def plan_rowwise(d: Derivation) -> RowwisePlan:
     names = Names(template_names(TEMPLATES / "rowwise.py.j2"))
     # the template's own identifiers, by role (its text uses these exact words)
     n = {w: w for w in ("row", "col", "mask", "n_cols", "ACC", "BLOCK")}
-    out = ir.output
+    outs = list(ir.outputs or [ir.output])
+    out_names = {o.name for o in outs}
     fwd_defs = {eq.target.name: eq for eq in ir.equations}
     inputs = list(ir.inputs)
 
@@ -603,21 +605,21 @@ def plan_rowwise(d: Derivation) -> RowwisePlan:
         for g in gs:  # an argmax indicator reads the saved index, not its max's values
             g = g.replace(lambda e: isinstance(e, ArgmaxIndicator), lambda e: Symbol("_pick"))
             out_ |= {str(t.base.label) for t in g.atoms(Indexed)}
-        return out_ - {grad_out}
+        return out_ - set(grad_outs)
 
-    grad_out = f"d{out.name}"
-    grads = {x.name: recompute(d.pullbacks[x.name], {out.name}) for x in inputs}
+    grad_outs = [f"d{o.name}" for o in outs]
+    grads = {x.name: recompute(d.pullbacks[x.name], out_names) for x in inputs}
     reads = reads_of(grads.values())
-    if out.name in reads and levels[out.name] == "elem":
-        # the backward reads the output: recompute it instead when everything it is made
+    elem_outs = {o.name for o in outs if levels[o.name] == "elem"}
+    if reads & elem_outs:
+        # the backward reads an output: recompute it instead when everything it is made
         # of is read anyway (rms norm's y = x w / rms, with x, w and rms at hand)
-        again = {x.name: recompute(d.pullbacks[x.name], set()) for x in inputs}
-        if reads_of(again.values()) <= reads - {out.name}:
+        again = {x.name: recompute(d.pullbacks[x.name], out_names - elem_outs) for x in inputs}
+        if reads_of(again.values()) <= reads - elem_outs:
             grads, reads = again, reads_of(again.values())
     argmax_of = sorted({str(a.reduced.base.label) for g in grads.values() for a in g.atoms(ArgmaxIndicator)})
-    saved_fwd = [t.name for t in inputs if t.name in reads] + ([out.name] if out.name in reads else [])
-    stat_names = sorted(r for r in reads if r in fwd_defs and r != out.name and levels[r] == "row")
-    pos_out = _decl_pos(d, out.name)
+    saved_fwd = [t.name for t in inputs if t.name in reads] + [o.name for o in outs if o.name in reads]
+    stat_names = sorted(r for r in reads if r in fwd_defs and r not in out_names and levels[r] == "row")
 
     def tensor(key, level, kind, doc, want) -> KTensor:
         v = names.of(("value", key), want)
@@ -628,7 +630,7 @@ def plan_rowwise(d: Derivation) -> RowwisePlan:
 
     params = {q.name: names.of(("param", q.name), q.name) for q in ir.params}
     t_in = {x.name: tensor(x.name, levels[x.name], "data", f"the input {x.indexed}", x.name) for x in inputs}
-    t_out = tensor(out.name, levels[out.name], "data", f"the output {out.indexed}", out.name)
+    t_outs = {o.name: tensor(o.name, levels[o.name], "data", f"the output {o.indexed}", o.name) for o in outs}
     t_arg = {m: tensor(f"argmax:{m}", "row", "index", f"first argmax of {m}'s row", f"{m}_argmax")
              for m in argmax_of}
     t_stat = {s: tensor(s, "row", "stat", f"{s} saved for the backward", s) for s in stat_names}
@@ -645,8 +647,8 @@ def plan_rowwise(d: Derivation) -> RowwisePlan:
         else:  # sums inside an expression (a mean, say) become row values of their own
             rhs = _extract_sums(eq.rhs, red, eqs, f"{eq.target.name}_sum", names, ir, eq.pos, kept)
             eqs.append(_KEq(eq.target.name, lvl, "value", rhs, str(eq)))
-    fwd_tensors = list(t_in.values()) + [t_out] + list(t_arg.values()) + list(t_stat.values())
-    fwd_stores = [(t_out, out.name)] + [(t, f"argmax:{m}") for m, t in t_arg.items()] + \
+    fwd_tensors = list(t_in.values()) + list(t_outs.values()) + list(t_arg.values()) + list(t_stat.values())
+    fwd_stores = [(t, o) for o, t in t_outs.items()] + [(t, f"argmax:{m}") for m, t in t_arg.items()] + \
         [(t, s) for s, t in t_stat.items()]
     k_fwd = _Kernel(names, n, names.take(f"_{ir.name}_fwd"), f"forward of {ir.name}", fwd_tensors, eqs,
                     fwd_stores, red, params)
@@ -656,8 +658,10 @@ def plan_rowwise(d: Derivation) -> RowwisePlan:
     fwd = k_fwd.build()
 
     # -- backward kernel
-    t_grad = tensor(grad_out, levels[out.name], "data", f"the gradient of {out.name}", grad_out)
-    saved_t = [t_in[s] if s in t_in else t_out for s in saved_fwd] + list(t_arg.values()) + list(t_stat.values())
+    t_grads = [tensor(f"d{o.name}", levels[o.name], "data", f"the gradient of {o.name}", f"d{o.name}")
+               for o in outs]
+    saved_t = [t_in[s] if s in t_in else t_outs[s] for s in saved_fwd] + list(t_arg.values()) + \
+        list(t_stat.values())
     b_eqs: list[_KEq] = []
     b_stores: list[tuple[KTensor, str]] = []
     partials: list[KTensor] = []
@@ -682,7 +686,7 @@ def plan_rowwise(d: Derivation) -> RowwisePlan:
         body = _extract_sums(g, red, b_eqs, "sum", names, ir, pos, kept)
         b_eqs.append(_KEq(gname, lvl, "value", body, text))
         b_stores.append((tensor(gname, lvl, "data", f"the gradient of {x.name}", gname), gname))
-    bwd_tensors = saved_t + [t_grad] + [t for t, _ in b_stores] + partials
+    bwd_tensors = saved_t + t_grads + [t for t, _ in b_stores] + partials
     k_bwd = _Kernel(names, n, names.take(f"_{ir.name}_bwd"), f"backward of {ir.name}", bwd_tensors, b_eqs,
                     b_stores, red, params)
     bwd = k_bwd.build()
@@ -695,7 +699,7 @@ def plan_rowwise(d: Derivation) -> RowwisePlan:
         "inputs": [{"name": x.name, "level": levels[x.name], "default": decl.default}
                    for x, decl in zip(inputs, d.spec.inputs)],
         "params": [{"name": q.name, "default": q.default} for q in d.spec.param_decls],
-        "output": {"name": out.name, "level": levels[out.name]},
+        "outputs": [{"name": o.name, "level": levels[o.name]} for o in outs],
         "extras": [{"name": t.key, "level": "row", "kind": t.kind} for t in list(t_arg.values()) + list(t_stat.values())],
         "saved": saved_fwd + [t.key for t in list(t_arg.values()) + list(t_stat.values())],
         "grads": [{"name": f"d{x.name}", "of": x.name, "level": levels[x.name]} for x in inputs],
@@ -705,7 +709,8 @@ def plan_rowwise(d: Derivation) -> RowwisePlan:
     meta["reduces"] = reduces
     extras = list(t_arg.values()) + list(t_stat.values())
     doc = (f"{ir.name}({', '.join(str(x.indexed) for x in inputs)}"
-           f"{'; ' + ', '.join(q.name for q in ir.params) if ir.params else ''}) -> {out.indexed}, "
+           f"{'; ' + ', '.join(q.name for q in ir.params) if ir.params else ''}) -> "
+           f"{', '.join(str(o.indexed) for o in outs)}, "
            f"from {d.path}.\n\n{_api_doc(ir, levels, red, meta['reduces'])}\n"
            f"Forward and backward run the generated Triton kernels above.")
     return RowwisePlan("rowwise", ir.name, fn, fwd, bwd, meta, meta["saved"], extras, [q.name for q in ir.params],
@@ -729,13 +734,13 @@ def _api(ir, spec, levels, has_reduction: bool) -> tuple[str, str, str]:
     dim = keepdim = "None"
     if has_col or not has_reduction:
         sig += qsig
-        if levels[ir.output.name] == "row":
+        if any(levels[o.name] == "row" for o in ir.outputs or [ir.output]):
             keepdim = names.of(("api", "keepdim"), "keepdim")
             sig.append(f"{keepdim}: bool = False")
     else:
         dim = names.of(("api", "dim"), "dim")
         sig.append(f"{dim}=-1")
-        if levels[ir.output.name] == "row":
+        if any(levels[o.name] == "row" for o in ir.outputs or [ir.output]):
             keepdim = names.of(("api", "keepdim"), "keepdim")
             sig.append(f"{keepdim}: bool = False")
         if qs:
@@ -762,8 +767,10 @@ def _api_doc(ir, levels, red, reduces: str) -> str:
         where = f"The reduced set {red.name} is ``dim``: an int or a tuple of ints (negative allowed)."
     else:
         where = f"Elementwise: {red.name} is the last dim, the other dims are rows."
-    if levels[ir.output.name] == "row":
+    if any(levels[o.name] == "row" for o in ir.outputs or [ir.output]):
         where += " ``keepdim`` keeps the reduced dims with size 1."
+    if len(ir.outputs or [ir.output]) > 1:
+        where += f" Returns ({', '.join(o.name for o in ir.outputs)})."
     return where
 
 

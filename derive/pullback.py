@@ -88,7 +88,7 @@ class _Reverse:
     def __init__(self, ir: OpIR):
         self.ir = ir
         self.folder = Folder(ir.equations)
-        self.keep = (contraction_tensors(ir) | {t.name for t in ir.inputs}) - {ir.output.name}
+        self.keep = (contraction_tensors(ir) | {t.name for t in ir.inputs}) - {t.name for t in ir.outputs or [ir.output]}
         self.inlined: dict[str, object] = {}    # name -> simplified dX (own indices)
         self.kept_defs: dict[str, object] = {}  # name -> simplified dX
         self.adjoint_folder = Folder([])
@@ -140,10 +140,15 @@ class _Reverse:
         ir = self.ir
         contributions: dict[str, list] = defaultdict(list)
         steps: list[AdjointStep] = []
+        outputs = {t.name for t in ir.outputs or [ir.output]}
         for eq in reversed(ir.equations):
             y = eq.target
             with _located(ir, y.name, eq):
-                if y.name != ir.output.name:
+                if y.name in outputs:
+                    if contributions[y.name]:  # an output other equations use: its gradient and theirs
+                        contributions[y.name].insert(0, ("incoming", adjoint_of(y).indexed))
+                        steps.append(self.finish(y, contributions[y.name]))
+                else:
                     if not contributions[y.name]:
                         continue  # no gradient reaches y
                     steps.append(self.finish(y, contributions[y.name]))

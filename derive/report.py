@@ -101,14 +101,20 @@ def _lines(d):
     return rows
 
 
+def _outputs(ir) -> str:
+    outs = ir.outputs or [ir.output]
+    return _s(outs[0].indexed) if len(outs) == 1 else "(" + ", ".join(_s(o.indexed) for o in outs) + ")"
+
+
 def render(d, fmt: str = "text") -> str:
     if fmt not in ("text", "markdown", "latex"):
         raise ValueError(f"unknown format {fmt!r}; expected text, markdown or latex")
     ir = d.ir
     head = f"{ir.name}({', '.join(_s(t.indexed) for t in ir.inputs)}" \
-           f"{'; ' + ', '.join(p.name for p in ir.params) if ir.params else ''}) -> {_s(ir.output.indexed)}"
+           f"{'; ' + ', '.join(p.name for p in ir.params) if ir.params else ''}) -> {_outputs(ir)}"
     rows = _lines(d)
-    grad = f"d{ir.output.name}[{', '.join(i.name for i in ir.output.indices)}]"
+    grad = ", ".join(f"d{o.name}[{', '.join(i.name for i in o.indices)}]" for o in ir.outputs or [ir.output])
+    is_are, plural = ("are", "s") if len(ir.outputs or [ir.output]) > 1 else ("is", "")
     needs = ", ".join(d.backward_needs) or "nothing"
     if fmt == "latex":
         out = [f"% {head} -- derived by pullback from {d.path}", r"\begin{align*}"]
@@ -124,7 +130,7 @@ def render(d, fmt: str = "text") -> str:
     if fmt == "markdown":
         out = [f"## `{head}`", "", f"Derived by pullback from `{d.path}`.", "", "### Forward", ""]
         out += [f"    {_lhs(n, i, 'text')} = {_s(v)}" for s, i, n, r, v, _ in rows if s == "forward"]
-        out += ["", f"### Pullbacks", "", f"Reverse order; `{grad}` is the incoming gradient.", "",
+        out += ["", f"### Pullbacks", "", f"Reverse order; `{grad}` {is_are} the incoming gradient{plural}.", "",
                 "| adjoint | pulled back | simplified | note |", "|---|---|---|---|"]
         for s, i, n, r, v, note in rows:
             if s == "pullback":
@@ -135,7 +141,7 @@ def render(d, fmt: str = "text") -> str:
     fw = [(f"{_lhs(n, i, 'text')}", _s(v)) for s, i, n, r, v, _ in rows if s == "forward"]
     width = max(len(a) for a, _ in fw)
     out += [f"  {a.ljust(width)} = {b}" for a, b in fw]
-    out += ["", f"pullbacks (reverse order; {grad} is the incoming gradient):"]
+    out += ["", f"pullbacks (reverse order; {grad} {is_are} the incoming gradient{plural}):"]
     pb = [(f"{_lhs(n, i, 'text')}", r, v, note) for s, i, n, r, v, note in rows if s == "pullback"]
     width = max((len(a) for a, *_ in pb), default=0)
     for a, r, v, note in pb:

@@ -185,6 +185,7 @@ class OpSpec:
     source: str = ""
     param_decls: list[ParamDecl] = field(default_factory=list)
     name_pos: Pos = Pos(0, 0)  # where the op name stands in the header
+    outputs: list[TensorDecl] = field(default_factory=list)  # all outputs (``output`` is the first)
 
 
 def _short(text: str, n: int = 24) -> str:
@@ -317,14 +318,27 @@ def _parse_header(text: str, offset: int, file: str, line: int, indices: _IndexN
             params.append(h.param())
     h.expect(")", what="')'")
     h.expect("->", what="'->' and the output")
-    output = h.tensor(output=True)
-    if output.default is not None:
-        raise SpecError(f"the output {output.name} cannot have a default value", file, line, output.pos.col)
+    if h.peek() and h.peek()[1] == "(":  # several outputs: -> (Y[r, c], L[r])
+        h.i += 1
+        outputs = [h.tensor(output=True)]
+        while h.peek() and h.peek()[1] == ",":
+            h.i += 1
+            outputs.append(h.tensor(output=True))
+        h.expect(")", what="')' or ',' after the outputs")
+    else:
+        outputs = [h.tensor(output=True)]
+    seen: set[str] = set()
+    for output in outputs:
+        if output.default is not None:
+            raise SpecError(f"the output {output.name} cannot have a default value", file, line, output.pos.col)
+        if output.name in seen:
+            raise SpecError(f"the output {output.name} is listed twice", file, line, output.pos.col)
+        seen.add(output.name)
     if h.peek() is not None:
         tok = h.peek()
         raise SpecError(f"unexpected {tok[1]!r} after the output", file, line, tok[2])
-    return OpSpec(name=name, inputs=inputs, params=[q.name for q in params], output=output, file=file,
-                  param_decls=params, name_pos=Pos(line, name_col))
+    return OpSpec(name=name, inputs=inputs, params=[q.name for q in params], output=outputs[0], file=file,
+                  param_decls=params, name_pos=Pos(line, name_col), outputs=outputs)
 
 
 # ---- expressions through a whitelisted ast ----------------------------------

@@ -244,7 +244,7 @@ def _l2_normalize_bwd(
 META = {'name': 'l2_normalize',
  'inputs': [{'name': 'x', 'level': 'elem', 'default': None}],
  'params': [{'name': 'eps', 'default': 1e-12}],
- 'output': {'name': 'y', 'level': 'elem'},
+ 'outputs': [{'name': 'y', 'level': 'elem'}],
  'extras': [{'name': 'norm', 'level': 'row', 'kind': 'stat'}],
  'saved': ['x', 'norm'],
  'grads': [{'name': 'dx', 'of': 'x', 'level': 'elem'}],

@@ -265,7 +265,7 @@ def _log_softmax_bwd(
 META = {'name': 'log_softmax',
  'inputs': [{'name': 'x', 'level': 'elem', 'default': None}],
  'params': [],
- 'output': {'name': 'y', 'level': 'elem'},
+ 'outputs': [{'name': 'y', 'level': 'elem'}],
  'extras': [{'name': 'm', 'level': 'row', 'kind': 'stat'}, {'name': 's', 'level': 'row', 'kind': 'stat'}],
  'saved': ['x', 'm', 's'],
  'grads': [{'name': 'dx', 'of': 'x', 'level': 'elem'}],

@@ -221,7 +221,7 @@ def _logsumexp_bwd(
 META = {'name': 'logsumexp',
  'inputs': [{'name': 'x', 'level': 'elem', 'default': None}],
  'params': [],
- 'output': {'name': 'y', 'level': 'row'},
+ 'outputs': [{'name': 'y', 'level': 'row'}],
  'extras': [{'name': 'm', 'level': 'row', 'kind': 'stat'}, {'name': 's', 'level': 'row', 'kind': 'stat'}],
  'saved': ['x', 'm', 's'],
  'grads': [{'name': 'dx', 'of': 'x', 'level': 'elem'}],

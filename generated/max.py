@@ -198,7 +198,7 @@ def _max_bwd(
 META = {'name': 'max',
  'inputs': [{'name': 'A', 'level': 'elem', 'default': None}],
  'params': [],
- 'output': {'name': 'B', 'level': 'row'},
+ 'outputs': [{'name': 'B', 'level': 'row'}],
  'extras': [{'name': 'argmax:B', 'level': 'row', 'kind': 'index'}],
  'saved': ['argmax:B'],
  'grads': [{'name': 'dA', 'of': 'A', 'level': 'elem'}],

@@ -251,7 +251,7 @@ def _softmax_bwd(
 META = {'name': 'softmax',
  'inputs': [{'name': 'A', 'level': 'elem', 'default': None}],
  'params': [],
- 'output': {'name': 'B', 'level': 'elem'},
+ 'outputs': [{'name': 'B', 'level': 'elem'}],
  'extras': [],
  'saved': ['B'],
  'grads': [{'name': 'dA', 'of': 'A', 'level': 'elem'}],

@@ -214,7 +214,7 @@ def _swiglu_bwd(
 META = {'name': 'swiglu',
  'inputs': [{'name': 'a', 'level': 'elem', 'default': None}, {'name': 'b', 'level': 'elem', 'default': None}],
  'params': [],
- 'output': {'name': 'y', 'level': 'elem'},
+ 'outputs': [{'name': 'y', 'level': 'elem'}],
  'extras': [],
  'saved': ['a', 'b'],
  'grads': [{'name': 'da', 'of': 'a', 'level': 'elem'}, {'name': 'db', 'of': 'b', 'level': 'elem'}],

@@ -238,3 +238,35 @@ def test_regen_keeps_the_derivation_pages_current(tmp_path):
     E.regen(root=gen, docs=docs)
     assert E.regen(check=True, root=gen, docs=docs).stale == []
     assert (docs / "notes.md").exists() and not (docs / "gone.md").exists()
+
+
+def test_several_outputs_end_to_end(tmp_path, monkeypatch):
+    """``-> (y[r, c], lse[r])``: an output other equations use (lse) gets its own
+    incoming gradient plus theirs; both outputs come back, with keepdim on the row one."""
+    import importlib
+
+    import torch
+    text = ("op lsm2(x[r, c]) -> (y[r, c], lse[r])\nm[r] = max[c](x)\nlse[r] = m + log(sum[c](exp(x - m)))\n"
+            "y = x - lse\n")
+    d = derive_text(text, "lsm2.op")
+    assert "dlse[r] = -sum[c](dy[r, c]) + dlse[r]" in d.text()
+    spec = tmp_path / "lsm2.op"
+    spec.write_text(text)
+    E.emit(str(spec), tmp_path / "userops_two")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    op = importlib.import_module("userops_two").lsm2
+    runtime = importlib.import_module("userops_two._runtime")
+    for block in (4096, 4):
+        monkeypatch.setattr(runtime, "MAX_BLOCK", block)
+        x = torch.randn(4, 7, 9, dtype=torch.float64, requires_grad=True)
+        y, lse = op(x, (0, 2))
+        ref_lse = torch.logsumexp(x, (0, 2))
+        ref_y = x - ref_lse[None, :, None]
+        torch.testing.assert_close(y, ref_y)
+        torch.testing.assert_close(lse, ref_lse)
+        gy, gl = torch.randn_like(y), torch.randn_like(lse)
+        for got, want in [(((y * gy).sum() + (lse * gl).sum()), ((ref_y * gy).sum() + (ref_lse * gl).sum())),
+                          (lse.sum(), ref_lse.sum())]:  # one output unused: its gradient is zero
+            torch.testing.assert_close(torch.autograd.grad(got, x, retain_graph=True)[0],
+                                       torch.autograd.grad(want, x, retain_graph=True)[0])
+    assert op(x, -1, keepdim=True)[1].shape == (4, 7, 1)

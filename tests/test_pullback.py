@@ -156,15 +156,6 @@ def test_attention_kept_values_read_no_inlined_adjoint(attention):
             assert not names & inlined, (s.tensor.name, s.value)
 
 
-def test_attention_from_the_file_if_present(attention):
-    from pathlib import Path
-    p = Path("/tmp/attention.op")
-    if not p.exists():
-        pytest.skip("no /tmp/attention.op")
-    other = derive_text(p.read_text(), "attention.op")
-    assert [str(e) for e in other.forward] == [str(e) for e in attention.forward]
-
-
 # ---- numerical: finite differences and autograd -------------------------------------------------
 CASES = {
     "softmax": (lambda: derive("softmax"), dict(s2=3, s1=5), {}),
