@@ -249,7 +249,7 @@ def test_several_outputs_end_to_end(tmp_path, monkeypatch):
     text = ("op lsm2(x[r, c]) -> (y[r, c], lse[r])\nm[r] = max[c](x)\nlse[r] = m + log(sum[c](exp(x - m)))\n"
             "y = x - lse\n")
     d = derive_text(text, "lsm2.op")
-    assert "dlse[r] = -sum[c](dy[r, c]) + dlse[r]" in d.text()
+    assert "  dlse[r]   = -sum[c](dy[r, c]) + dlse[r]\n" in d.text()
     spec = tmp_path / "lsm2.op"
     spec.write_text(text)
     E.emit(str(spec), tmp_path / "userops_two")
