@@ -147,10 +147,12 @@ def test_work_ratio():
 
 
 def _launched_kernels(module) -> set[str]:
-    """The module's @triton.jit entry points: those that read tl.program_id (helpers do not)."""
-    from triton.runtime.jit import JITFunction  # noqa: F401 -- the interpreter's functions carry .src too
+    """The module's @triton.jit entry points (compiled or interpreted): those that read
+    tl.program_id (helpers such as attention's ``_tile`` do not)."""
+    import inspect
     return {name for name, v in vars(module).items()
-            if hasattr(v, "fn") and hasattr(v, "src") and "program_id" in v.src}
+            if type(v).__module__.startswith("triton.") and callable(getattr(v, "fn", None))
+            and "program_id" in inspect.getsource(v.fn)}
 
 
 @pytest.fixture(scope="module")
