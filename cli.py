@@ -112,16 +112,27 @@ def regen_cmd(check):
 @main.command("build")
 @click.option("--arch", "archs", type=int, multiple=True, default=(80, 90), show_default=True,
               help="Compute capability to compile for (repeatable).")
-def build_cmd(archs):
-    """Compile every generated kernel ahead of time for real GPUs (no GPU needed)
-    and print registers, spills and shared memory per kernel."""
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON list of the builds instead of the table.")
+@click.option("--jobs", type=click.IntRange(min=1), default=None,
+              help="Compiler processes (default: the CPUs available, at most 8).")
+def build_cmd(archs, as_json, jobs):
+    """Compile the generated kernels ahead of time for real GPUs (no GPU needed),
+    as Triton's JIT specialises them for each op's representative calls (its
+    AOT_CASES), and print per build: registers, spills, shared memory, the
+    tensor-core instructions, TMA and cp.async use, and the tensor-core work ratio."""
+    import dataclasses
+    import json
+
     from derive import aot
     modules = [f"generated.{name}" for name in builtin_ops()]
     try:
-        stats = aot.run_in_subprocess(modules, archs=tuple(archs))
+        stats = aot.run_in_subprocess(modules, archs=tuple(archs), jobs=jobs)
     except aot.AotError as e:
         _fail(e)
-    click.echo(aot.format_table(stats))
+    if as_json:
+        click.echo(json.dumps([dataclasses.asdict(s) for s in stats], indent=1))
+    else:
+        click.echo(aot.format_table(stats))
     spills = [s for s in stats if s.spill_stores or s.spill_loads]
     if spills:
         click.echo(f"warning: {len(spills)} kernel builds spill registers", err=True)

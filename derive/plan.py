@@ -161,6 +161,11 @@ class RowwisePlan:
     signature: str = ""        # the public function's parameters
     call: str = ""             # its call of the runtime
     doc: str = ""
+    aot_cases: list = field(default_factory=list)  # representative calls for `pullback build`
+
+    @property
+    def aot_text(self) -> str:
+        return pprint.pformat(self.aot_cases, width=110, sort_dicts=False)
 
     @property
     def meta_text(self) -> str:
@@ -692,7 +697,7 @@ def plan_rowwise(d: Derivation) -> RowwisePlan:
     bwd = k_bwd.build()
 
     fn = names.of(("fn", ir.name), ir.name)
-    signature, call, reduces = _api(ir, d.spec, levels, has_reduction=bool(
+    signature, call, reduces, api_params, api_dim = _api(ir, d.spec, levels, has_reduction=bool(
         [e for e in eqs if e.kind in ("sum", "max")]))
     meta = {
         "name": ir.name,
@@ -714,10 +719,31 @@ def plan_rowwise(d: Derivation) -> RowwisePlan:
            f"from {d.path}.\n\n{_api_doc(ir, levels, red, meta['reduces'])}\n"
            f"Forward and backward run the generated Triton kernels above.")
     return RowwisePlan("rowwise", ir.name, fn, fwd, bwd, meta, meta["saved"], extras, [q.name for q in ir.params],
-                       [str(e) for e in ir.equations], pullback_text, list(params.values()), signature, call, doc)
+                       [str(e) for e in ir.equations], pullback_text, list(params.values()), signature, call, doc,
+                       _aot_cases(fn, inputs, levels, reduces, api_params, api_dim))
 
 
-def _api(ir, spec, levels, has_reduction: bool) -> tuple[str, str, str]:
+def _aot_cases(fn: str, inputs, levels, reduces: str, api_params: dict, api_dim: str) -> list[dict]:
+    """Representative calls of the op for ``pullback build``, which captures the
+    kernels they launch: rows that fit a block (4096), long rows (100000) and,
+    for ops that take ``dim``, non-adjacent reduced dims."""
+    shapes = [("rows of 4096", [1024, 4096], -1, ["float16", "bfloat16", "float32", "float64"]),
+              ("rows of 100000", [16, 100000], -1, ["float16", "bfloat16", "float32", "float64"])]
+    if reduces == "dim":
+        shapes.append(("dims (0, 2)", [64, 96, 48], (0, 2), ["float16"]))
+    cases = []
+    for label, shape, dim, dtypes in shapes:
+        dims = [d % len(shape) for d in ((dim,) if isinstance(dim, int) else dim)]
+        sizes = {"elem": shape, "col": [shape[d] for d in dims], "row": [n for d, n in enumerate(shape) if d not in dims]}
+        kwargs = {q: 0.001 for q in api_params.values()}
+        if reduces == "dim":
+            kwargs[api_dim] = dim
+        cases.append({"op": fn, "label": label, "inputs": [sizes[levels[x.name]] for x in inputs], "kwargs": kwargs,
+                      "dtypes": dtypes})
+    return cases
+
+
+def _api(ir, spec, levels, has_reduction: bool) -> tuple[str, str, str, dict, str]:
     """The public function's signature and the runtime call, as text.  Tensor
     arguments are the spec's inputs, in order; the reduced dims come from
     ``dim`` (an int or a tuple), or from the column weights' shapes (their
@@ -756,7 +782,7 @@ def _api(ir, spec, levels, has_reduction: bool) -> tuple[str, str, str]:
                                                    f"has; give it a default or move it first")
     call = f"[{', '.join(args)}], [{', '.join(qs)}], {dim}, {keepdim if keepdim != 'None' else 'False'}"
     reduces = "weights" if has_col else ("dim" if dim != "None" else "last")
-    return ", ".join(sig), call, reduces
+    return ", ".join(sig), call, reduces, dict(zip([q.name for q in ir.params], qs)), dim
 
 
 def _api_doc(ir, levels, red, reduces: str) -> str:

@@ -357,38 +357,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     return _forward_call(q, k, v, scale, causal)[0]
 
 
-# ---- ahead-of-time builds (`pullback build`): the default configs
-def _aot_signature(names: list[str], pointers: str) -> dict:
-    return {n: (pointers if n.endswith("_ptr") else "i32") for n in names}
-
-
-_FWD_ARGS = ["Q_ptr", "Q_sz", "Q_si", "Q_sd", "K_ptr", "K_sz", "K_sj", "K_sd",
-             "V_ptr", "V_sz", "V_sj", "V_se"]
-_SIZES = ["n_i", "n_j", "n_d", "n_e"]
-
-
-def _aot(kernel: str, extra: list[str], d: int, dtype: str) -> dict:
-    cfg = rt.attention_config(d, d, torch.float16, kernel.rsplit("_", 1)[-1])
-    sig = _aot_signature(_FWD_ARGS + extra, "*" + dtype)
-    for name in ("LSE_ptr", "Delta_ptr"):
-        if name in sig:
-            sig[name] = "*fp32"
-    sig.update({"scale": "fp32", **{n: "i32" for n in _SIZES}})
-    const = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_D": cfg["BLOCK_D"],
-             "BLOCK_E": cfg["BLOCK_E"], "CAUSAL": False, "PREC": "tf32", "ACC": "tl.float32",
-             "DOT_FP32": False, "IDX64": False}
-    sig.update({n: "constexpr" for n in const})
-    return {"kernel": kernel, "signature": sig, "constexprs": const, "num_warps": cfg["num_warps"],
-            "label": f"{dtype}, D={d}"}
-
-
-AOT_CONFIGS = [
-    _aot(kernel, extra, d, dtype)
-    for dtype in ("fp16", "bf16")
-    for d in (64, 128, 256)
-    for kernel, extra in [
-        ("_attention_fwd", ["O_ptr", "LSE_ptr", "scale"]),
-        ("_attention_bwd_dkdv", ["dO_ptr", "LSE_ptr", "Delta_ptr", "dK_ptr", "dV_ptr", "scale"]),
-        ("_attention_bwd_dq", ["dO_ptr", "LSE_ptr", "Delta_ptr", "dQ_ptr", "scale"]),
-    ]
+# ---- ahead-of-time builds (`pullback build`): representative calls, whose kernel launches the build captures
+AOT_CASES = [
+    {"op": "attention", "label": f"B=4 H=16 N=4096 D={d}" + (" causal" if causal else ""),
+     "inputs": [[4, 16, 4096, d]] * 3, "kwargs": {"causal": causal},
+     "dtypes": ["float16", "bfloat16", "float32", "float64"]}
+    for d in (64, 128) for causal in (False, True)
+] + [
+    {"op": "attention", "label": "B=1 H=16 N=1024 D=256", "inputs": [[1, 16, 1024, 256]] * 3, "kwargs": {},
+     "dtypes": ["float16", "bfloat16"]},
 ]

@@ -237,40 +237,19 @@ def logsumexp(x, dim=-1, keepdim: bool = False) -> torch.Tensor:
     return OP([x], [], dim, keepdim)
 
 
-# ---- ahead-of-time builds (`pullback build`): one config per kernel shape
-AOT_CONFIGS = [
-    {"kernel": "_logsumexp_fwd", "num_warps": 8, "signature": {
-        "x_ptr": "*fp32", "x_sk0": "i32", "x_sk1": "i32", "x_sk2": "i32", "x_sr0": "i32", "x_sr1": "i32", "x_sr2": "i32",
-        "y_ptr": "*fp32", "y_sk0": "i32", "y_sk1": "i32", "y_sk2": "i32",
-        "m_ptr": "*fp32", "m_sk0": "i32", "m_sk1": "i32", "m_sk2": "i32",
-        "s_1_ptr": "*fp32", "s_1_sk0": "i32", "s_1_sk1": "i32", "s_1_sk2": "i32",
-        "n_rows": "i32", "n_cols": "i32", "nk1": "i32", "nk2": "i32", "nr1": "i32", "nr2": "i32",
-        "ACC": "constexpr", "BLOCK": "constexpr", "SINGLE": "constexpr", "RG": "constexpr", "IDX64": "constexpr"},
-     "constexprs": {"ACC": "tl.float32", "BLOCK": 4096, "SINGLE": True, "RG": 1, "IDX64": False}},
-    {"kernel": "_logsumexp_fwd", "num_warps": 8, "signature": {
-        "x_ptr": "*fp32", "x_sk0": "i32", "x_sk1": "i32", "x_sk2": "i32", "x_sr0": "i32", "x_sr1": "i32", "x_sr2": "i32",
-        "y_ptr": "*fp32", "y_sk0": "i32", "y_sk1": "i32", "y_sk2": "i32",
-        "m_ptr": "*fp32", "m_sk0": "i32", "m_sk1": "i32", "m_sk2": "i32",
-        "s_1_ptr": "*fp32", "s_1_sk0": "i32", "s_1_sk1": "i32", "s_1_sk2": "i32",
-        "n_rows": "i32", "n_cols": "i32", "nk1": "i32", "nk2": "i32", "nr1": "i32", "nr2": "i32",
-        "ACC": "constexpr", "BLOCK": "constexpr", "SINGLE": "constexpr", "RG": "constexpr", "IDX64": "constexpr"},
-     "constexprs": {"ACC": "tl.float32", "BLOCK": 4096, "SINGLE": False, "RG": 1, "IDX64": False}},
-    {"kernel": "_logsumexp_bwd", "num_warps": 8, "signature": {
-        "x_ptr": "*fp32", "x_sk0": "i32", "x_sk1": "i32", "x_sk2": "i32", "x_sr0": "i32", "x_sr1": "i32", "x_sr2": "i32",
-        "m_ptr": "*fp32", "m_sk0": "i32", "m_sk1": "i32", "m_sk2": "i32",
-        "s_1_ptr": "*fp32", "s_1_sk0": "i32", "s_1_sk1": "i32", "s_1_sk2": "i32",
-        "dy_ptr": "*fp32", "dy_sk0": "i32", "dy_sk1": "i32", "dy_sk2": "i32",
-        "dx_ptr": "*fp32", "dx_sk0": "i32", "dx_sk1": "i32", "dx_sk2": "i32", "dx_sr0": "i32", "dx_sr1": "i32", "dx_sr2": "i32",
-        "n_rows": "i32", "n_cols": "i32", "nk1": "i32", "nk2": "i32", "nr1": "i32", "nr2": "i32",
-        "ACC": "constexpr", "BLOCK": "constexpr", "SINGLE": "constexpr", "RG": "constexpr", "IDX64": "constexpr"},
-     "constexprs": {"ACC": "tl.float32", "BLOCK": 4096, "SINGLE": True, "RG": 1, "IDX64": False}},
-    {"kernel": "_logsumexp_bwd", "num_warps": 8, "signature": {
-        "x_ptr": "*fp32", "x_sk0": "i32", "x_sk1": "i32", "x_sk2": "i32", "x_sr0": "i32", "x_sr1": "i32", "x_sr2": "i32",
-        "m_ptr": "*fp32", "m_sk0": "i32", "m_sk1": "i32", "m_sk2": "i32",
-        "s_1_ptr": "*fp32", "s_1_sk0": "i32", "s_1_sk1": "i32", "s_1_sk2": "i32",
-        "dy_ptr": "*fp32", "dy_sk0": "i32", "dy_sk1": "i32", "dy_sk2": "i32",
-        "dx_ptr": "*fp32", "dx_sk0": "i32", "dx_sk1": "i32", "dx_sk2": "i32", "dx_sr0": "i32", "dx_sr1": "i32", "dx_sr2": "i32",
-        "n_rows": "i32", "n_cols": "i32", "nk1": "i32", "nk2": "i32", "nr1": "i32", "nr2": "i32",
-        "ACC": "constexpr", "BLOCK": "constexpr", "SINGLE": "constexpr", "RG": "constexpr", "IDX64": "constexpr"},
-     "constexprs": {"ACC": "tl.float32", "BLOCK": 4096, "SINGLE": False, "RG": 1, "IDX64": False}},
-]
+# ---- ahead-of-time builds (`pullback build`): representative calls, whose kernel launches the build captures
+AOT_CASES = [{'op': 'logsumexp',
+  'label': 'rows of 4096',
+  'inputs': [[1024, 4096]],
+  'kwargs': {'dim': -1},
+  'dtypes': ['float16', 'bfloat16', 'float32', 'float64']},
+ {'op': 'logsumexp',
+  'label': 'rows of 100000',
+  'inputs': [[16, 100000]],
+  'kwargs': {'dim': -1},
+  'dtypes': ['float16', 'bfloat16', 'float32', 'float64']},
+ {'op': 'logsumexp',
+  'label': 'dims (0, 2)',
+  'inputs': [[64, 96, 48]],
+  'kwargs': {'dim': (0, 2)},
+  'dtypes': ['float16']}]

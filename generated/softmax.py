@@ -267,32 +267,19 @@ def softmax(A, dim=-1) -> torch.Tensor:
     return OP([A], [], dim, False)
 
 
-# ---- ahead-of-time builds (`pullback build`): one config per kernel shape
-AOT_CONFIGS = [
-    {"kernel": "_softmax_fwd", "num_warps": 8, "signature": {
-        "A_ptr": "*fp32", "A_sk0": "i32", "A_sk1": "i32", "A_sk2": "i32", "A_sr0": "i32", "A_sr1": "i32", "A_sr2": "i32",
-        "B_ptr": "*fp32", "B_sk0": "i32", "B_sk1": "i32", "B_sk2": "i32", "B_sr0": "i32", "B_sr1": "i32", "B_sr2": "i32",
-        "n_rows": "i32", "n_cols": "i32", "nk1": "i32", "nk2": "i32", "nr1": "i32", "nr2": "i32",
-        "ACC": "constexpr", "BLOCK": "constexpr", "SINGLE": "constexpr", "RG": "constexpr", "IDX64": "constexpr"},
-     "constexprs": {"ACC": "tl.float32", "BLOCK": 4096, "SINGLE": True, "RG": 1, "IDX64": False}},
-    {"kernel": "_softmax_fwd", "num_warps": 8, "signature": {
-        "A_ptr": "*fp32", "A_sk0": "i32", "A_sk1": "i32", "A_sk2": "i32", "A_sr0": "i32", "A_sr1": "i32", "A_sr2": "i32",
-        "B_ptr": "*fp32", "B_sk0": "i32", "B_sk1": "i32", "B_sk2": "i32", "B_sr0": "i32", "B_sr1": "i32", "B_sr2": "i32",
-        "n_rows": "i32", "n_cols": "i32", "nk1": "i32", "nk2": "i32", "nr1": "i32", "nr2": "i32",
-        "ACC": "constexpr", "BLOCK": "constexpr", "SINGLE": "constexpr", "RG": "constexpr", "IDX64": "constexpr"},
-     "constexprs": {"ACC": "tl.float32", "BLOCK": 4096, "SINGLE": False, "RG": 1, "IDX64": False}},
-    {"kernel": "_softmax_bwd", "num_warps": 8, "signature": {
-        "B_ptr": "*fp32", "B_sk0": "i32", "B_sk1": "i32", "B_sk2": "i32", "B_sr0": "i32", "B_sr1": "i32", "B_sr2": "i32",
-        "dB_ptr": "*fp32", "dB_sk0": "i32", "dB_sk1": "i32", "dB_sk2": "i32", "dB_sr0": "i32", "dB_sr1": "i32", "dB_sr2": "i32",
-        "dA_ptr": "*fp32", "dA_sk0": "i32", "dA_sk1": "i32", "dA_sk2": "i32", "dA_sr0": "i32", "dA_sr1": "i32", "dA_sr2": "i32",
-        "n_rows": "i32", "n_cols": "i32", "nk1": "i32", "nk2": "i32", "nr1": "i32", "nr2": "i32",
-        "ACC": "constexpr", "BLOCK": "constexpr", "SINGLE": "constexpr", "RG": "constexpr", "IDX64": "constexpr"},
-     "constexprs": {"ACC": "tl.float32", "BLOCK": 4096, "SINGLE": True, "RG": 1, "IDX64": False}},
-    {"kernel": "_softmax_bwd", "num_warps": 8, "signature": {
-        "B_ptr": "*fp32", "B_sk0": "i32", "B_sk1": "i32", "B_sk2": "i32", "B_sr0": "i32", "B_sr1": "i32", "B_sr2": "i32",
-        "dB_ptr": "*fp32", "dB_sk0": "i32", "dB_sk1": "i32", "dB_sk2": "i32", "dB_sr0": "i32", "dB_sr1": "i32", "dB_sr2": "i32",
-        "dA_ptr": "*fp32", "dA_sk0": "i32", "dA_sk1": "i32", "dA_sk2": "i32", "dA_sr0": "i32", "dA_sr1": "i32", "dA_sr2": "i32",
-        "n_rows": "i32", "n_cols": "i32", "nk1": "i32", "nk2": "i32", "nr1": "i32", "nr2": "i32",
-        "ACC": "constexpr", "BLOCK": "constexpr", "SINGLE": "constexpr", "RG": "constexpr", "IDX64": "constexpr"},
-     "constexprs": {"ACC": "tl.float32", "BLOCK": 4096, "SINGLE": False, "RG": 1, "IDX64": False}},
-]
+# ---- ahead-of-time builds (`pullback build`): representative calls, whose kernel launches the build captures
+AOT_CASES = [{'op': 'softmax',
+  'label': 'rows of 4096',
+  'inputs': [[1024, 4096]],
+  'kwargs': {'dim': -1},
+  'dtypes': ['float16', 'bfloat16', 'float32', 'float64']},
+ {'op': 'softmax',
+  'label': 'rows of 100000',
+  'inputs': [[16, 100000]],
+  'kwargs': {'dim': -1},
+  'dtypes': ['float16', 'bfloat16', 'float32', 'float64']},
+ {'op': 'softmax',
+  'label': 'dims (0, 2)',
+  'inputs': [[64, 96, 48]],
+  'kwargs': {'dim': (0, 2)},
+  'dtypes': ['float16']}]

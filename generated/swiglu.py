@@ -230,38 +230,14 @@ def swiglu(a, b) -> torch.Tensor:
     return OP([a, b], [], None, False)
 
 
-# ---- ahead-of-time builds (`pullback build`): one config per kernel shape
-AOT_CONFIGS = [
-    {"kernel": "_swiglu_fwd", "num_warps": 8, "signature": {
-        "a_ptr": "*fp32", "a_sk0": "i32", "a_sk1": "i32", "a_sk2": "i32", "a_sr0": "i32", "a_sr1": "i32", "a_sr2": "i32",
-        "b_ptr": "*fp32", "b_sk0": "i32", "b_sk1": "i32", "b_sk2": "i32", "b_sr0": "i32", "b_sr1": "i32", "b_sr2": "i32",
-        "y_ptr": "*fp32", "y_sk0": "i32", "y_sk1": "i32", "y_sk2": "i32", "y_sr0": "i32", "y_sr1": "i32", "y_sr2": "i32",
-        "n_rows": "i32", "n_cols": "i32", "nk1": "i32", "nk2": "i32", "nr1": "i32", "nr2": "i32",
-        "ACC": "constexpr", "BLOCK": "constexpr", "SINGLE": "constexpr", "RG": "constexpr", "IDX64": "constexpr"},
-     "constexprs": {"ACC": "tl.float32", "BLOCK": 4096, "SINGLE": True, "RG": 1, "IDX64": False}},
-    {"kernel": "_swiglu_fwd", "num_warps": 8, "signature": {
-        "a_ptr": "*fp32", "a_sk0": "i32", "a_sk1": "i32", "a_sk2": "i32", "a_sr0": "i32", "a_sr1": "i32", "a_sr2": "i32",
-        "b_ptr": "*fp32", "b_sk0": "i32", "b_sk1": "i32", "b_sk2": "i32", "b_sr0": "i32", "b_sr1": "i32", "b_sr2": "i32",
-        "y_ptr": "*fp32", "y_sk0": "i32", "y_sk1": "i32", "y_sk2": "i32", "y_sr0": "i32", "y_sr1": "i32", "y_sr2": "i32",
-        "n_rows": "i32", "n_cols": "i32", "nk1": "i32", "nk2": "i32", "nr1": "i32", "nr2": "i32",
-        "ACC": "constexpr", "BLOCK": "constexpr", "SINGLE": "constexpr", "RG": "constexpr", "IDX64": "constexpr"},
-     "constexprs": {"ACC": "tl.float32", "BLOCK": 4096, "SINGLE": False, "RG": 1, "IDX64": False}},
-    {"kernel": "_swiglu_bwd", "num_warps": 8, "signature": {
-        "a_ptr": "*fp32", "a_sk0": "i32", "a_sk1": "i32", "a_sk2": "i32", "a_sr0": "i32", "a_sr1": "i32", "a_sr2": "i32",
-        "b_ptr": "*fp32", "b_sk0": "i32", "b_sk1": "i32", "b_sk2": "i32", "b_sr0": "i32", "b_sr1": "i32", "b_sr2": "i32",
-        "dy_ptr": "*fp32", "dy_sk0": "i32", "dy_sk1": "i32", "dy_sk2": "i32", "dy_sr0": "i32", "dy_sr1": "i32", "dy_sr2": "i32",
-        "da_ptr": "*fp32", "da_sk0": "i32", "da_sk1": "i32", "da_sk2": "i32", "da_sr0": "i32", "da_sr1": "i32", "da_sr2": "i32",
-        "db_ptr": "*fp32", "db_sk0": "i32", "db_sk1": "i32", "db_sk2": "i32", "db_sr0": "i32", "db_sr1": "i32", "db_sr2": "i32",
-        "n_rows": "i32", "n_cols": "i32", "nk1": "i32", "nk2": "i32", "nr1": "i32", "nr2": "i32",
-        "ACC": "constexpr", "BLOCK": "constexpr", "SINGLE": "constexpr", "RG": "constexpr", "IDX64": "constexpr"},
-     "constexprs": {"ACC": "tl.float32", "BLOCK": 4096, "SINGLE": True, "RG": 1, "IDX64": False}},
-    {"kernel": "_swiglu_bwd", "num_warps": 8, "signature": {
-        "a_ptr": "*fp32", "a_sk0": "i32", "a_sk1": "i32", "a_sk2": "i32", "a_sr0": "i32", "a_sr1": "i32", "a_sr2": "i32",
-        "b_ptr": "*fp32", "b_sk0": "i32", "b_sk1": "i32", "b_sk2": "i32", "b_sr0": "i32", "b_sr1": "i32", "b_sr2": "i32",
-        "dy_ptr": "*fp32", "dy_sk0": "i32", "dy_sk1": "i32", "dy_sk2": "i32", "dy_sr0": "i32", "dy_sr1": "i32", "dy_sr2": "i32",
-        "da_ptr": "*fp32", "da_sk0": "i32", "da_sk1": "i32", "da_sk2": "i32", "da_sr0": "i32", "da_sr1": "i32", "da_sr2": "i32",
-        "db_ptr": "*fp32", "db_sk0": "i32", "db_sk1": "i32", "db_sk2": "i32", "db_sr0": "i32", "db_sr1": "i32", "db_sr2": "i32",
-        "n_rows": "i32", "n_cols": "i32", "nk1": "i32", "nk2": "i32", "nr1": "i32", "nr2": "i32",
-        "ACC": "constexpr", "BLOCK": "constexpr", "SINGLE": "constexpr", "RG": "constexpr", "IDX64": "constexpr"},
-     "constexprs": {"ACC": "tl.float32", "BLOCK": 4096, "SINGLE": False, "RG": 1, "IDX64": False}},
-]
+# ---- ahead-of-time builds (`pullback build`): representative calls, whose kernel launches the build captures
+AOT_CASES = [{'op': 'swiglu',
+  'label': 'rows of 4096',
+  'inputs': [[1024, 4096], [1024, 4096]],
+  'kwargs': {},
+  'dtypes': ['float16', 'bfloat16', 'float32', 'float64']},
+ {'op': 'swiglu',
+  'label': 'rows of 100000',
+  'inputs': [[16, 100000], [16, 100000]],
+  'kwargs': {},
+  'dtypes': ['float16', 'bfloat16', 'float32', 'float64']}]

@@ -1,20 +1,20 @@
-"""Ahead-of-time compilation for real GPUs with no GPU present (derive/aot.py).
+"""Ahead-of-time builds for real GPUs with no GPU present (derive/aot.py).
 
-The fast tests build the tiny kernel in tests/aot_fixture_kernels.py in a child
-process (the test session may run with triton's interpreter on) and check the
-error paths.  The slow test compiles, for sm_90, not only the default configs
-that `pullback build` prints but the variants the launchers choose at run time
-(fp16/bf16/fp64 pointers, three strided column groups, 64-bit offsets, fp32/fp64
-attention with the causal mask)."""
+The build captures the kernel launches of each module's representative calls
+(AOT_CASES) and compiles them as Triton's JIT would specialise them.  The fast
+tests build the tiny op in tests/aot_fixture_kernels.py in a child process (the
+test session runs with triton's interpreter on) and check the error paths and
+the PTX readers.  The slow test builds every generated module and asserts that
+no kernel it launches spills registers on sm_80 or sm_90 under the installed triton."""
+import ast
+import importlib
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from derive import aot
+from derive import aot, builtin_ops
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE = "tests.aot_fixture_kernels"
@@ -22,56 +22,74 @@ FIXTURE = "tests.aot_fixture_kernels"
 
 @pytest.fixture(scope="module")
 def fixture_stats():
-    return aot.run_in_subprocess([FIXTURE], archs=(80, 90))
+    return aot.run_in_subprocess([FIXTURE], archs=(80, 90), jobs=2)
 
 
-def test_fixture_builds_for_sm80_and_sm90(fixture_stats):
-    assert [(s.module, s.kernel, s.arch) for s in fixture_stats] == [
-        (FIXTURE, "_row_normalize", 80), (FIXTURE, "_row_normalize", 90)]
+def test_fixture_builds_each_specialisation_for_sm80_and_sm90(fixture_stats):
+    assert [(s.kernel, s.arch, s.case) for s in fixture_stats] == [
+        ("_row_normalize", 80, "fp16 rows of 1024"), ("_row_normalize", 80, "fp16 rows of 1000"),
+        ("_row_normalize", 90, "fp16 rows of 1024"), ("_row_normalize", 90, "fp16 rows of 1000")]
     for s in fixture_stats:
         assert 0 < s.registers <= 255, s
         assert s.spill_stores == 0 and s.spill_loads == 0, s
-        assert s.shared_bytes >= 0
-        assert s.config == "BLOCK=1024, warps=4"
+        assert s.config == "BLOCK=1024, warps=4, stages=3"
+        assert (s.mma, s.tma, s.work) == ("-", False, None)
+    # what the JIT does: X is 512-byte aligned (Y is the second allocation: also aligned); the unit
+    # column stride becomes the constant 1; 1024 is divisible by 16, 1000 is not
+    assert fixture_stats[0].specialization == "X_ptr:D Y_ptr:D row_stride:D col_stride=1 n_cols:D"
+    assert fixture_stats[1].specialization == "X_ptr:D Y_ptr:D col_stride=1"
 
 
 def test_progress_goes_to_stderr(capfd):
-    aot.run_in_subprocess([FIXTURE], archs=(90,))
+    aot.run_in_subprocess([FIXTURE], archs=(90,), jobs=1)
     out, err = capfd.readouterr()
-    assert f"compiling {FIXTURE}._row_normalize (BLOCK=1024, warps=4) for sm_90 ..." in err
+    assert (f"compiling {FIXTURE}._row_normalize (fp16 rows of 1000; BLOCK=1024, warps=4, stages=3) "
+            f"for sm_90 ...") in err
     assert out == ""
 
 
 def test_format_table(fixture_stats):
-    table = aot.format_table(fixture_stats)
-    lines = table.splitlines()
-    assert lines[0].split()[:3] == ["kernel", "arch", "config"]
+    lines = aot.format_table(fixture_stats).splitlines()
+    assert lines[0].split() == ["kernel", "arch", "case", "config", "regs", "spills", "smem", "mma", "tma",
+                                "cp.async", "work"]
     rows = [line.split() for line in lines[2:]]
-    assert [r[0] for r in rows] == ["aot_fixture_kernels._row_normalize"] * 2
-    assert [r[1] for r in rows] == ["sm_80", "sm_90"]
-    assert all(r[-2] == "0/0" and int(r[-3]) > 0 for r in rows)
+    assert [r[0] for r in rows] == ["aot_fixture_kernels._row_normalize"] * 4
+    assert [r[1] for r in rows] == ["sm_80", "sm_80", "sm_90", "sm_90"]
+    assert all(r[-6] == "0/0" and int(r[-7]) > 0 and r[-4:] == ["-", "no", "no", "-"] for r in rows)
     assert len({len(line) for line in lines}) == 1  # aligned
 
 
 def _bad_module(tmp_path, monkeypatch, body):
-    (tmp_path / "aot_bad_fixture.py").write_text(body)
+    (tmp_path / "aot_bad_fixture.py").write_text("from tests.aot_fixture_kernels import _row_normalize, "
+                                                  "row_normalize\n" + body)
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     return "aot_bad_fixture"
 
 
-def test_unknown_kernel_is_a_clear_error(tmp_path, monkeypatch):
-    name = _bad_module(tmp_path, monkeypatch, "from tests.aot_fixture_kernels import _row_normalize\n"
-                       "AOT_CONFIGS = [{'kernel': '_no_such_kernel', 'signature': {}, 'constexprs': {}}]\n")
-    with pytest.raises(aot.AotError, match=r"aot_bad_fixture has no kernel '_no_such_kernel'"):
-        aot.run_in_subprocess([name], archs=(90,))
+@pytest.mark.parametrize("cases, message", [
+    ("[{'op': 'no_such_op', 'inputs': [[4, 4]], 'dtypes': ['float16']}]",
+     r"aot_bad_fixture has no op 'no_such_op' \(named in AOT_CASES\[0\]\)"),
+    ("[{'op': 'row_normalize', 'inputs': [[4, 4]]}]", r"aot_bad_fixture\.AOT_CASES\[0\] lacks dtypes"),
+    ("[{'op': 'row_normalize', 'inputs': [[4, 4]], 'dtypes': ['int8']}]",
+     r"aot_bad_fixture\.AOT_CASES\[0\]: unknown dtype 'int8'; known: float16, bfloat16, float32, float64"),
+    ("[{'op': 'row_normalize', 'inputs': [[4, 4]], 'dtypes': ['float16'], 'shape': 1}]",
+     r"aot_bad_fixture\.AOT_CASES\[0\] has unknown keys: shape"),
+    ("[{'op': 'row_normalize', 'inputs': [[4]], 'dtypes': ['float16']}]",
+     r"aot_bad_fixture: row_normalize failed on AOT_CASES\[0\] \(fp16\): IndexError"),
+    ("[{'op': 'row_normalize', 'inputs': [[4, 4]], 'kwargs': {'scale': 2}, 'dtypes': ['float16']}]",
+     r"row_normalize failed on AOT_CASES\[0\] \(fp16\): TypeError: .*unexpected keyword argument 'scale'"),
+    ("[{'op': 'len', 'inputs': [[4, 4]], 'dtypes': ['float16']}]",
+     r"aot_bad_fixture: its AOT_CASES launch no Triton kernel"),
+])
+def test_bad_cases_are_clear_errors(tmp_path, monkeypatch, cases, message):
+    name = _bad_module(tmp_path, monkeypatch, f"len = len\nAOT_CASES = {cases}\n")
+    with pytest.raises(aot.AotError, match=message):
+        aot.run_in_subprocess([name], archs=(90,), jobs=1)
 
 
-def test_signature_mismatch_is_a_clear_error(tmp_path, monkeypatch):
-    name = _bad_module(tmp_path, monkeypatch, "from tests.aot_fixture_kernels import _row_normalize\n"
-                       "AOT_CONFIGS = [{'kernel': '_row_normalize', 'signature': {'X_ptr': '*fp16'}, "
-                       "'constexprs': {'BLOCK': 64, 'WIDTH': 2}}]\n")
-    with pytest.raises(aot.AotError, match=r"aot_bad_fixture\._row_normalize .*unknown: WIDTH; "
-                                           r"missing from signature: Y_ptr, stride, n_cols, ACC, BLOCK"):
+def test_module_without_cases_is_a_clear_error(tmp_path, monkeypatch):
+    name = _bad_module(tmp_path, monkeypatch, "")
+    with pytest.raises(aot.AotError, match="aot_bad_fixture has no AOT_CASES list"):
         aot.run_in_subprocess([name], archs=(90,))
 
 
@@ -83,8 +101,8 @@ def test_missing_module_is_a_clear_error():
 def test_build_in_process_refuses_interpreter_functions():
     if os.environ.get("TRITON_INTERPRET", "0") != "1":
         pytest.skip("the interpreter is off in this session")
-    with pytest.raises(aot.AotError, match="_row_normalize is not a compiled-mode @triton.jit function"):
-        aot.build_module(FIXTURE, archs=(90,))
+    with pytest.raises(aot.AotError, match="aot_fixture_kernels._row_normalize is not a compiled-mode"):
+        aot.build_modules([FIXTURE], archs=(90,))
 
 
 def test_parse_ptxas_log():
@@ -101,43 +119,78 @@ ptxas info    : Used 12 registers
     assert aot.parse_ptxas_log("") == {"registers": 0, "spill_stores": 0, "spill_loads": 0}
 
 
-SCRIPT = r'''
-import copy, importlib, json, sys
-from derive import aot
-out = []
-def variant(module, kernel, label, sig_subs, const_updates, pick=lambda c: True):
-    m = importlib.import_module(module)
-    cfg = next(c for c in m.AOT_CONFIGS if c["kernel"] == kernel and pick(c))
-    c = copy.deepcopy(cfg)
-    c["signature"] = {k: sig_subs.get(v, v) for k, v in c["signature"].items()}
-    c["constexprs"].update(const_updates)
-    try:
-        ptx, _ = aot.compile_kernel(getattr(m, kernel), c["signature"], c["constexprs"], 90, c["num_warps"])
-        out.append({"label": label, "ok": True, **aot.ptxas_stats(ptx, 90)})
-    except Exception as e:
-        out.append({"label": label, "ok": False, "error": str(e)[:500]})
-variant("generated.softmax", "_softmax_fwd", "softmax fwd fp16 RG=3 IDX64 looped", {"*fp32": "*fp16"},
-        {"RG": 3, "IDX64": True, "SINGLE": False})
-variant("generated.softmax", "_softmax_bwd", "softmax bwd fp64", {"*fp32": "*fp64"}, {"ACC": "tl.float64"})
-variant("generated.max", "_max_fwd", "max fwd bf16 RG=2", {"*fp32": "*bf16"}, {"RG": 2})
-variant("generated.max", "_max_bwd", "max bwd fp16 IDX64 looped", {"*fp32": "*fp16"}, {"IDX64": True, "SINGLE": False})
-variant("generated.attention", "_attention_fwd", "attention fwd fp32 causal", {"*fp16": "*fp32"},
-        {"CAUSAL": True, "PREC": "ieee", "BLOCK_M": 64, "BLOCK_N": 32}, lambda c: "fp16, D=64" == c["label"])
-variant("generated.attention", "_attention_bwd_dq", "attention dq fp64 causal", {"*fp16": "*fp64", "*fp32": "*fp64"},
-        {"CAUSAL": True, "PREC": "ieee", "ACC": "tl.float64", "BLOCK_M": 32, "BLOCK_N": 32},
-        lambda c: "fp16, D=64" == c["label"])
-print(json.dumps(out))
-'''
+WGMMA = "\twgmma.mma_async.sync.aligned.m64n{n}k16.f32.f16.f16 {{%r1}}, %rd1, %rd2, 0, 1, 1, 0, 0;\n"
+MMA = "\t@%p3 mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%f1}, {%r1}, {%r2}, {%f2};\n"
+DOT = "%{n} = tt.dot %a, %b, %c, inputPrecision = tf32 : tensor<{m}x{k}xf16> * tensor<{k}x{nn}xf16> -> tensor<x>\n"
+
+
+def test_ptx_features():
+    ptx = WGMMA.format(n=64) * 8 + WGMMA.format(n=16) + "\tcp.async.cg.shared.global [%r1], [%rd1], 16;\n"
+    assert aot.ptx_features(ptx) == {"mma": {("wgmma", "m64n64k16"): 8, ("wgmma", "m64n16k16"): 1},
+                                     "tma": False, "cp_async": True}
+    tma = MMA * 2 + "\tcp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%r1], [%rd1];\n"
+    assert aot.ptx_features(tma) == {"mma": {("mma.sync", "m16n8k16"): 2}, "tma": True, "cp_async": True}
+    assert aot.ptx_features("\tld.global.v4.b32 {%r1}, [%rd1];\n") == {"mma": {}, "tma": False, "cp_async": False}
+
+
+def test_work_ratio():
+    # attention's forward at BLOCK_M=128, BLOCK_N=64, D=64: two dots of 128x64x64 = 2**20 multiply-adds
+    ttir = DOT.format(n=1, m=128, k=64, nn=64) + DOT.format(n=2, m=128, k=64, nn=64)
+    # 8 warps = 2 warp groups, each issuing 8 wgmma m64n64k16 (its 64 rows): no duplicated work
+    assert aot.work_ratio({("wgmma", "m64n64k16"): 8}, ttir, num_warps=8) == 1.0
+    # a 64-row tile on 2 warp groups: both compute the whole 64x32 score tile
+    ttir64 = DOT.format(n=1, m=64, k=64, nn=32)
+    assert aot.work_ratio({("wgmma", "m64n16k16"): 8}, ttir64, num_warps=8) == 2.0
+    # mma.sync counts per warp: 4 warps x 16 x (16*8*16) = 131072 = 64*32*64
+    assert aot.work_ratio({("mma.sync", "m16n8k16"): 16}, ttir64, num_warps=4) == 1.0
+    assert aot.work_ratio({}, ttir64, num_warps=4) is None
+
+
+def _launched_kernels(module) -> set[str]:
+    """The module's @triton.jit entry points (compiled or interpreted): those that read
+    tl.program_id (helpers such as attention's ``_tile`` do not)."""
+    import inspect
+    return {name for name, v in vars(module).items()
+            if type(v).__module__.startswith("triton.") and callable(getattr(v, "fn", None))
+            and "program_id" in inspect.getsource(v.fn)}
+
+
+@pytest.fixture(scope="module")
+def build_json():
+    from click.testing import CliRunner
+
+    from cli import main
+    r = CliRunner().invoke(main, ["build", "--json"])
+    assert r.exit_code == 0, r.output[-3000:]
+    return json.loads(r.stdout)
 
 
 @pytest.mark.slow
-def test_runtime_variants_compile_for_sm90():
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1", PYTHONPATH=str(REPO))
-    r = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    results = json.loads(r.stdout.strip().splitlines()[-1])
-    assert len(results) == 6
-    for res in results:
-        assert res["ok"], res
-        assert 0 < res["registers"] <= 255, res
+def test_build_has_no_spills_on_any_generated_kernel(build_json):
+    modules = {f"generated.{name}" for name in builtin_ops()}
+    built = {(s["module"], s["kernel"], s["arch"]) for s in build_json}
+    for name in modules:
+        kernels = _launched_kernels(importlib.import_module(name))
+        assert kernels, name
+        for arch in (80, 90):
+            assert {(name, k, arch) for k in kernels} <= built, (name, arch)
+        cases = importlib.import_module(name).AOT_CASES
+        dtypes = {d for c in cases for d in c["dtypes"]}
+        assert {"float16", "bfloat16", "float32", "float64"} <= dtypes, name
+    spilled = [(s["kernel"], s["arch"], s["case"], s["spill_stores"], s["spill_loads"]) for s in build_json
+               if s["spill_stores"] or s["spill_loads"]]
+    assert spilled == []
+    assert all(0 < s["registers"] <= 255 for s in build_json)
+
+
+@pytest.mark.slow
+def test_build_compiles_what_the_jit_specialises(build_json):
+    fwd = {(s["arch"]): s for s in build_json
+           if s["kernel"] == "_attention_fwd" and s["case"] == "fp16 B=4 H=16 N=4096 D=64"}
+    for arch, s in fwd.items():
+        # contiguous q, k, v: unit strides are constants, N and the row strides divisible by 16
+        hints = s["specialization"].split()
+        assert {"Q_sd=1", "K_sd=1", "V_se=1", "n_i:D", "n_j:D", "Q_ptr:D"} <= set(hints), hints
+        assert s["cp_async"], s
+    assert fwd[90]["mma"].startswith("wgmma") and fwd[80]["mma"] == "mma.sync m16n8k16"
+    assert fwd[90]["work"] == 1.0
