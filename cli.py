@@ -24,18 +24,60 @@ def _fail(e: Exception):
 
 
 def _derive(name_or_path: str):
-    try:
-        return derive(name_or_path)
-    except (SpecError, LookupError, FileNotFoundError, PlanError, NotSupported) as e:
-        _fail(e)
+    return derive(name_or_path)  # its expected failures become one-line errors in _Main.invoke
 
 
 def _progress(msg: str):
     click.echo(msg, err=True)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main():
+EXIT_INTERNAL = 70  # an unexpected exception: a bug in pullback (sysexits' EX_SOFTWARE)
+
+
+def _one_line(text: str, limit: int = 400) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _expected(e: Exception) -> str | None:
+    """The one-line message of a failure the user can fix (bad spec, unknown op,
+    unreadable file, an op no kernel family fits), or None for anything else."""
+    if isinstance(e, (SpecError, PlanError, NotSupported)):
+        return str(e)
+    if type(e) is LookupError:  # derive.resolve's unknown op; KeyError and IndexError are bugs
+        return str(e)
+    if isinstance(e, OSError):
+        return f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
+    return None
+
+
+class _InternalError(click.ClickException):
+    exit_code = EXIT_INTERNAL
+
+
+class _Main(click.Group):
+    """Every expected failure is one line ``Error: ...`` and exit 1; an unexpected
+    exception is one line that asks for a bug report and exit 70, with the
+    traceback only under ``--debug``."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Abort, click.exceptions.Exit):
+            raise
+        except Exception as e:  # noqa: BLE001 - the one place that turns exceptions into messages
+            message = _expected(e)
+            if message is not None:
+                raise click.ClickException(_one_line(message)) from None
+            if ctx.params.get("debug"):
+                raise
+            raise _InternalError(f"internal error: {type(e).__name__}: {_one_line(str(e), 200)} (this is a bug "
+                                 f"in pullback; rerun with --debug for the traceback and report it)") from None
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show the full traceback of an internal error.")
+def main(debug):
     """Derive pullbacks (reverse-mode derivatives) of tensor-index expressions
     with SymPy and emit fused Triton kernels for them."""
 

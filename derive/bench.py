@@ -99,23 +99,24 @@ def traffic(dtype_name: str = "float16", quick: bool = False, progress=None) -> 
         inputs, params, dims = _rowwise_inputs(meta, shape, dim, dtype)
         call_dim = dim if meta["reduces"] == "dim" else None
         with count_traffic() as fwd:
-            y = mod.OP(inputs, params, call_dim, False)
-        g = torch.randn_like(y)
+            ys = mod.OP(inputs, params, call_dim, False)
+        ys = list(ys) if isinstance(ys, tuple) else [ys]
+        gs = [torch.randn_like(y) for y in ys]
         with count_traffic() as bwd:
-            y.backward(g)
+            torch.autograd.backward(ys, gs)
         nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
-        # forward: each input read once, the output written once
-        ideal_f = sum(nbytes(t) for t in inputs) + nbytes(y)
-        # backward: what it reads from the forward, once, the incoming gradient, and each gradient written once
+        # forward: each input read once, each output written once
+        ideal_f = sum(nbytes(t) for t in inputs) + sum(nbytes(y) for y in ys)
+        # backward: what it reads from the forward, once, the incoming gradients, and each gradient written once
         saved = {m["name"]: t for m, t in zip(meta["inputs"], inputs)}
-        saved[meta["output"]["name"]] = y
+        saved.update({m["name"]: y for m, y in zip(meta["outputs"], ys)})
         read = sum(nbytes(saved[n]) for n in meta["saved"] if n in saved)
-        n_rows = y.numel() if meta["output"]["level"] == "row" else math.prod(
-            n for d, n in enumerate(shape) if d not in dims)
+        n_rows = math.prod(n for d, n in enumerate(shape) if d not in dims)
         n_cols = math.prod(shape[d] for d in dims)
         read += 4 * n_rows * sum(1 for n in meta["saved"] if n not in saved)  # per-row statistics
+        read += sum(nbytes(g) for g in gs)
         # (the weights' gradients are written by the second stage, a torch sum the counter does not see)
-        ideal_b = read + nbytes(g) + sum(nbytes(t) for m, t in zip(meta["inputs"], inputs) if m["level"] != "col")
+        ideal_b = read + sum(nbytes(t) for m, t in zip(meta["inputs"], inputs) if m["level"] != "col")
         # Per program, not per op: each program reads the column weights once (rows that fit a
         # block), and the weights' gradients are per-program partials (fp32) summed in a second stage.
         weights = [t for m, t in zip(meta["inputs"], inputs) if m["level"] == "col"]

@@ -91,12 +91,13 @@ def resolve(name_or_path: str) -> tuple[str, str]:
             shown = str(p.resolve().relative_to(REPO_ROOT))
         except ValueError:
             shown = str(p)
-        return shown, p.read_text()
+        return shown, SP.decode(p.read_bytes(), shown)
     builtin = OPS_DIR / f"{name_or_path}.op"
     if not builtin.is_file():
         raise LookupError(f"unknown op {name_or_path!r}; built-in ops: {', '.join(builtin_ops())}; "
                           f"or give the path of a .op file")
-    return f"derive/ops/{name_or_path}.op", builtin.read_text()
+    shown = f"derive/ops/{name_or_path}.op"
+    return shown, SP.decode(builtin.read_bytes(), shown)
 
 
 def derive_text(text: str, path: str = "<spec>") -> Derivation:

@@ -12,11 +12,15 @@ names through ``names``.
 """
 from __future__ import annotations
 
+import math
+
 import sympy
 from sympy.printing.codeprinter import CodePrinter
 from sympy.printing.precedence import precedence
 
 from .ir import ArgmaxIndicator, IndexMax, IndexSum
+
+FLOAT32_MAX = 3.4028234663852886e38  # the largest finite float32
 
 KNOWN_FUNCTIONS = {"exp": "tl.exp", "log": "tl.log", "sqrt": "tl.sqrt", "Abs": "tl.abs"}
 
@@ -47,14 +51,40 @@ class TritonPrinter(CodePrinter):
             raise NotSupported(f"the kernel does not know the size {expr.name} of that index set")
         return expr.name
 
+    def _constant(self, expr) -> str:
+        """A real number as a float literal; one a float32 kernel cannot hold is refused, never
+        printed as ``inf`` (a Python name) or thousands of digits."""
+        try:
+            value = float(expr)
+        except (OverflowError, TypeError):
+            value = math.inf
+        if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
+            raise NotSupported(f"the constant {sympy.Float(expr, 6) if expr.is_real else expr} does not fit "
+                               f"a float32 kernel (at most {FLOAT32_MAX:.4g} in magnitude)")
+        return repr(value)
+
     def _print_Integer(self, expr):
-        return f"{int(expr)}.0"
+        if abs(expr.p) < 2 ** 53:  # exact as a float
+            return f"{int(expr)}.0"
+        return self._constant(expr)
 
     def _print_Rational(self, expr):
-        return repr(float(expr))
+        return self._constant(expr)
 
     def _print_Float(self, expr):
-        return repr(float(expr))
+        return self._constant(expr)
+
+    def _print_NumberSymbol(self, expr):  # E (from exp(1)), pi
+        return self._constant(expr)
+
+    def _print_ImaginaryUnit(self, expr):
+        raise NotSupported(f"no Triton translation for a complex constant: {expr}")
+
+    def _print_ComplexInfinity(self, expr):
+        raise NotSupported("no Triton translation for a complex infinity (zoo, a division by zero)")
+
+    def _print_NaN(self, expr):
+        raise NotSupported("no Triton translation for nan as a constant")
 
     def _print_Infinity(self, expr):
         return 'float("inf")'

@@ -35,12 +35,33 @@ def display_indices(lhs_indices, value, *others):
             *[o.xreplace(mapping) for o in others])
 
 
+_LONG = 10 ** 30  # integers and rationals past this print in scientific notation
+
+
+def _long_number(expr) -> str | None:
+    """A huge exact number (a coefficient that grew through many equations) as
+    ``1.23456789012346e+400``: exact digits are unreadable, and Python refuses
+    to print more than 4300 of them."""
+    if abs(expr.p) > _LONG or abs(expr.q) > _LONG:
+        return sympy.Float(expr, 15).__str__()
+    return None
+
+
 class _Str(StrPrinter):
     def _print_Symbol(self, expr):
         return expr.name
 
+    def _print_Integer(self, expr):
+        return _long_number(expr) or super()._print_Integer(expr)
+
+    def _print_Rational(self, expr):
+        return _long_number(expr) or super()._print_Rational(expr)
+
 
 class _Latex(LatexPrinter):
+    def _print_Rational(self, expr):  # Integer too
+        return _long_number(expr) or super()._print_Rational(expr)
+
     def _print_Symbol(self, expr, style="plain"):
         name = expr.name.replace("#", "_")
         primes = name.count("'")

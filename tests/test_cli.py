@@ -105,3 +105,64 @@ def test_bench_quick_counts_bytes_on_the_cpu(run):
     assert [row[0] for row in rows] == [op for op in ops for _ in range(2)] + ["attention", "attention"]
     # a row that fits one block moves exactly the ideal bytes, forward and backward, for every row-wise op
     assert [row[-1] for row in rows[:-2]] == ["1.00"] * (2 * len(ops))
+
+
+# ---- errors: one line for what the user can fix, a bug report hint for the rest ---------------
+def _invoke(*args):
+    return CliRunner().invoke(cli.main, list(args), catch_exceptions=False)
+
+
+def test_spec_not_utf8_is_one_error_line(tmp_path):
+    spec = tmp_path / "latin.op"
+    spec.write_bytes(b"op f(A[i]) -> B[i]\nB = A  # caf\xe9\n")
+    r = _invoke("derive", str(spec))
+    assert r.exit_code == 1
+    assert r.output == f"Error: {spec}:2:13: the spec is not UTF-8 text: byte 0xe9 cannot be decoded\n"
+
+
+def test_spec_past_a_limit_is_one_error_line(tmp_path):
+    spec = tmp_path / "deep.op"
+    spec.write_text("op f(X[r, c]) -> Y[r, c]\nY = " + "exp(" * 150 + "X" + ")" * 150 + "\n")
+    r = _invoke("derive", str(spec))
+    assert r.exit_code == 1
+    assert r.output.startswith(f"Error: {spec}:2:136: the right-hand side of Y nests too deeply")
+    assert r.output.count("\n") == 1 and "Traceback" not in r.output
+
+
+def test_unreadable_path_is_one_error_line(tmp_path):
+    (tmp_path / "dir.op").mkdir()
+    r = _invoke("derive", str(tmp_path / "dir.op"))
+    assert r.exit_code == 1
+    assert r.output == f"Error: no spec file '{tmp_path / 'dir.op'}'\n"
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("boom\nsecond line"), KeyError("A"), RecursionError("too deep")])
+def test_an_internal_error_asks_for_a_bug_report(monkeypatch, exc):
+    def broken(name):
+        raise exc
+
+    monkeypatch.setattr(cli, "derive", broken)
+    r = _invoke("derive", "softmax")
+    assert r.exit_code == cli.EXIT_INTERNAL == 70
+    name = type(exc).__name__
+    text = {"RuntimeError": "boom second line", "KeyError": "'A'", "RecursionError": "too deep"}[name]
+    assert r.output == (f"Error: internal error: {name}: {text} (this is a bug in pullback; rerun with --debug "
+                        f"for the traceback and report it)\n")
+    assert "Traceback" not in r.output
+
+
+def test_debug_shows_the_traceback(monkeypatch):
+    def broken(name):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(cli, "derive", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        _invoke("--debug", "derive", "softmax")
+    r = CliRunner().invoke(cli.main, ["--debug", "derive", "softmax"])  # as the console shows it
+    assert r.exit_code == 1 and isinstance(r.exception, RuntimeError)
+
+
+def test_debug_leaves_expected_errors_one_line(tmp_path):
+    r = _invoke("--debug", "derive", "nosuchop")
+    assert r.exit_code == 1
+    assert r.output.startswith("Error: unknown op 'nosuchop'") and r.output.count("\n") == 1
