@@ -155,12 +155,16 @@ def _pretend_cuda(arch: int, record: Callable):
     import torch
     from triton.runtime.jit import JITFunction
 
+    looking = _cuda_looking_class()
+
     def cpu_instead(f):
         @functools.wraps(f)
         def g(*args, **kwargs):
             d = kwargs.get("device")
             if d is not None and torch.device(d).type == "cuda":
                 kwargs["device"] = "cpu"
+                out = f(*args, **kwargs)  # on the CPU, but saying cuda, as the launchers' checks expect
+                return out.as_subclass(looking) if isinstance(out, torch.Tensor) else out
             return f(*args, **kwargs)
         return g
 
@@ -180,12 +184,17 @@ def _pretend_cuda(arch: int, record: Callable):
         torch.cuda.get_device_capability = lambda device=None: (arch // 10, arch % 10)
         torch.cuda.get_device_properties = lambda device=None: Properties()
         JITFunction.run = run
+        # every tensor (the ops' outputs and saved tensors too, which the registered ops
+        # check in the backward) says it lives on cuda:0
+        torch.Tensor.device = property(lambda self: torch.device("cuda", 0))
+        torch.Tensor.is_cuda = property(lambda self: True)
         yield
     finally:
         for n, f in saved.items():
             setattr(torch, n, f)
         torch.cuda.get_device_capability, torch.cuda.get_device_properties, JITFunction.run = \
             saved_cap, saved_props, saved_run
+        del torch.Tensor.device, torch.Tensor.is_cuda  # back to torch's own (on the C base class)
 
 
 _DTYPE_SHORT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64"}
