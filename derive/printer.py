@@ -100,9 +100,11 @@ class TritonPrinter(CodePrinter):
             n = int(exp)
             if n == -1:
                 return f"1.0 / {b}"
-            if 1 < n <= 4:
+            # integer powers multiply out, so a negative base keeps its sign (the spec's
+            # exponents are at most 64); exp2/log2 below is only for real exponents
+            if 1 < n <= 64:
                 return f"({' * '.join([b] * n)})"
-            if -4 <= n < -1:
+            if -64 <= n < -1:
                 return f"1.0 / ({' * '.join([b] * -n)})"
         if exp == sympy.Rational(1, 2):
             return f"tl.sqrt({self._print(base)})"

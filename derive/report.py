@@ -17,10 +17,12 @@ def display_indices(lhs_indices, value, *others):
     more primes: ``dA[s2, s1] = ... sum[s1#1](B[s2, s1#1])`` ->
     ``dA[s2, s1'] = ... sum[s1](B[s2, s1])``.
     Returns the indices, the value and each of ``others`` renamed alike."""
-    dummies = sorted({i for s in value.atoms(IndexSum, IndexMax) for i in s.indices if "#" in i.name},
-                     key=lambda s: s.name)
+    bound = {i for s in value.atoms(IndexSum, IndexMax) for i in s.indices}
+    dummies = {i for i in bound if "#" in i.name}
     summed_sets = {base_name(b) for b in dummies}
     mapping = {i: Symbol(i.name + "'") for i in lhs_indices if i.name in summed_sets}
+    # a dummy already named like a primed free index (sum[c'](...) beside a free c') is renamed too
+    dummies = sorted(dummies | {i for i in bound if i in set(mapping.values())}, key=lambda s: s.name)
     in_use = {x.name for x in value.free_symbols | set().union(*[a.free_symbols for a in others])
               if isinstance(x, Symbol)}
     in_use |= {s.name for s in value.atoms(Symbol)} | {v.name for v in mapping.values()}

@@ -400,20 +400,22 @@ def pretty(terms: list[Term], reserved=()) -> sympy.Expr:
 
 
 def rename_free(expr, mapping: dict) -> sympy.Expr:
-    """Rename free indices, alpha-renaming bound ones that would be captured."""
-    targets = set(mapping.values())
-
-    def walk(e):
+    """Rename free indices, alpha-renaming bound ones that would be captured.
+    An index a sum binds is not free inside it: ``sum[c'](X[r, c'])`` keeps its
+    ``c'`` when ``c'`` is renamed outside."""
+    def walk(e, mapping):
         if isinstance(e, (IndexSum, IndexMax)):
+            inner = {k: v for k, v in mapping.items() if k not in e.indices}
+            targets = set(inner.values())
             clash = {i: fresh(i) for i in e.indices if i in targets}
             body = e.body.xreplace(clash) if clash else e.body
-            return type(e)(walk(body), *[clash.get(i, i) for i in e.indices])
+            return type(e)(walk(body, inner), *[clash.get(i, i) for i in e.indices])
         if isinstance(e, Indexed):
             return e.xreplace(mapping)
         if isinstance(e, ArgmaxIndicator):
-            return ArgmaxIndicator(walk(e.reduced), *[mapping.get(i, i) for i in e.indices])
+            return ArgmaxIndicator(walk(e.reduced, mapping), *[mapping.get(i, i) for i in e.indices])
         if not e.args:
             return mapping.get(e, e)
-        return e.func(*[walk(a) for a in e.args])
+        return e.func(*[walk(a, mapping) for a in e.args])
 
-    return walk(expr)
+    return walk(expr, mapping)

@@ -138,6 +138,16 @@ def evaluate(expr, env: dict, sizes: dict, defs: OpIR | None = None) -> NT:
     if isinstance(expr, sympy.Pow):
         (b, e), order = align([ev(expr.base), ev(expr.exp)])
         return NT(torch.pow(b, e).expand([size_of(i, sizes) for i in order]).clone(), order)
+    if isinstance(expr, (sympy.Max, sympy.Min)):  # elementwise, as torch.maximum / torch.minimum
+        ts, order = align([ev(a) for a in expr.args])
+        out = ts[0]
+        for t in ts[1:]:
+            out = torch.maximum(out, t) if isinstance(expr, sympy.Max) else torch.minimum(out, t)
+        return NT(out.expand([size_of(i, sizes) for i in order]).clone(), order)
+    if isinstance(expr, sympy.Heaviside):  # H(0) = 1/2 (SymPy's convention, as torch splits a tie)
+        arg = ev(expr.args[0])
+        half = 0.5 if len(expr.args) == 1 else float(expr.args[1])
+        return NT(torch.where(arg.t > 0, 1.0, torch.where(arg.t < 0, 0.0, half)).to(DTYPE), arg.idx)
     if expr.func in _FUNCS:
         arg = ev(expr.args[0])
         return NT(_FUNCS[expr.func](arg.t), arg.idx)

@@ -106,3 +106,73 @@ def test_a_non_spec_error_fails_the_fuzz_check(monkeypatch):
         outcome("op f(A[i]) -> B[i]\nB = A\n")
     monkeypatch.setattr(fuzz_specs, "derive_text", lambda text, path: (_ for _ in ()).throw(SpecError("m", FILE, 1, 1)))
     assert outcome("x") == ("error", f"{FILE}:1:1: m")
+
+
+# ---- the back end: emit, import, run, and compare with the reference evaluator ---------------------------
+EMIT_CASES = 60
+
+
+def _run_emitted(d, text, tmp_path, k, monkeypatch):
+    """Emit ``d`` into its own package, import it, run forward and backward on
+    random inputs, and compare every output and gradient with tests/indexeval.py
+    (the forward equations and the derived pullbacks, evaluated on torch tensors)."""
+    import importlib
+
+    import torch
+
+    import indexeval as IE
+    from derive import emit as E
+    from derive.plan import match_rowwise
+    shape = match_rowwise(d)
+    sizes = {i.name: n for i, n in zip(shape.kept, (3, 2, 2))}
+    sizes[shape.red.name] = 6
+    spec = tmp_path / f"fz{k}.op"
+    spec.write_text(text)
+    pkg = f"fuzz_pkg_{k}"
+    E.emit(str(spec), tmp_path / pkg)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mod = importlib.import_module(f"{pkg}.{d.name}")
+    gen = torch.Generator().manual_seed(k)
+    ir = d.ir
+    env = {t.name: (torch.rand([IE.size_of(i, sizes) for i in t.indices], dtype=torch.float64, generator=gen) + 0.5)
+           for t in ir.inputs}
+    env.update({q.name: 0.75 for q in ir.params})
+    ref = IE.forward(ir, env, sizes)
+    inputs = [env[t.name].clone().requires_grad_() for t in ir.inputs]
+    dim = -1 if mod.META["reduces"] == "dim" else None
+    outs = mod.OP(inputs, [0.75] * len(ir.params), dim, False)
+    outs = list(outs) if isinstance(outs, tuple) else [outs]
+    close = dict(rtol=1e-6, atol=1e-9, equal_nan=True)
+    for o, t in zip(outs, ir.outputs):
+        torch.testing.assert_close(o, ref[t.name], **close, msg=lambda m: f"{t.name} of\n{text}\n{m}")
+    gs = [torch.rand(o.shape, dtype=torch.float64, generator=gen) for o in outs]
+    grads = torch.autograd.grad(outs, inputs, gs, allow_unused=True)
+    want = IE.adjoints(d, {**ref, **{f"d{t.name}": g for t, g in zip(ir.outputs, gs)}}, sizes)
+    for t, g in zip(ir.inputs, grads):
+        g = torch.zeros_like(env[t.name]) if g is None else g
+        torch.testing.assert_close(g, want[f"d{t.name}"], **close, msg=lambda m: f"d{t.name} of\n{text}\n{m}")
+
+
+def test_fuzzed_specs_emit_and_match_the_evaluator_or_fail_with_a_located_error(tmp_path, monkeypatch):
+    """The specs that derive go on: each either plans into kernels that import and
+    match tests/indexeval.py (values and every gradient, one block per row and
+    looped), or its plan fails with a located error; never another exception."""
+    from derive.plan import PlanError, plan
+    tally = collections.Counter()
+    derived = [(label, text, value) for label, text in cases(CASES, SEED)
+               for kind, value in [outcome(text)] if kind == "derived"]
+    for k, (label, text, d) in enumerate(derived[:EMIT_CASES]):
+        with time_budget(30.0, label):
+            try:
+                p = plan(d)
+            except PlanError as e:
+                assert LOCATED.match(str(e)), f"{label}: unlocated plan error {e}\n--- spec ---\n{text}"
+                tally["plan error"] += 1
+                continue
+            if p.family != "rowwise":  # a mutated attention spec: tests/test_attention.py checks that family
+                tally[f"{p.family} plan"] += 1
+                continue
+            _run_emitted(d, text, tmp_path, k, monkeypatch)
+            tally["ran and matched"] += 1
+    print(f"\nfuzz, emitted: {dict(tally)}")
+    assert tally["ran and matched"] >= EMIT_CASES // 3, tally

@@ -200,3 +200,10 @@ def test_printed_argmax_evaluates():
 @pytest.mark.parametrize("expr", [B / A ** 2, B / A ** 3, sympy.exp(A) / A ** 2, B / (A + C) ** 2])
 def test_power_in_a_denominator_evaluates(expr):
     assert run(expr, **VALUES) == pytest.approx(reference(expr), rel=1e-12)
+
+
+def test_integer_powers_keep_the_sign_of_a_negative_base():
+    code = triton_code(A ** 5)
+    assert code == "(A * A * A * A * A)"
+    assert eval(code, {"tl": _TL}, {"A": -2.0}) == -32.0
+    assert eval(triton_code(A ** -7), {"tl": _TL}, {"A": -2.0}) == pytest.approx(-1 / 128)

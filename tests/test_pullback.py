@@ -315,3 +315,34 @@ def test_a_tensor_named_like_a_gradient_is_rejected():
     with pytest.raises(SpecError, match="the name 'dA' is taken by the gradient of A") as e:
         derive_text("op f(A[i], dA[i]) -> B[i]\nB = A * dA\n", "c.op")
     assert (e.value.line, e.value.col) == (1, 12)
+
+
+def test_renaming_a_free_index_leaves_a_sum_that_binds_it_alone():
+    """Regression (found by the emit fuzz): renaming the free c' to c must not
+    reach inside sum[c'](...), which binds c' (it gave sum[c'](X[r, c]**2))."""
+    from sympy import IndexedBase, Symbol
+    from derive.ir import IndexSum
+    from derive.simplify import rename_free
+    r, c, cp = Symbol("r"), Symbol("c"), Symbol("c'")
+    X = IndexedBase("X")
+    expr = X[r, cp] / IndexSum(X[r, cp] ** 2, cp)
+    out = rename_free(expr, {cp: c})
+    (s,) = out.atoms(IndexSum)
+    assert s.indices == (cp,) and s.body == X[r, cp] ** 2
+    assert out == X[r, c] / s
+
+
+def test_an_inline_norm_derives_what_torch_computes():
+    """Y = X / sqrt(mean(X^2) + eps) written in one equation: dX through the
+    reference evaluator against torch's autograd."""
+    import torch
+    import indexeval as IE
+    d = derive_text("op rms(X[r, c]; eps) -> Y[r, c]\nY = X / sqrt(mean[c](X * X) + eps)\n", "rms.op")
+    x = torch.rand(3, 6, dtype=torch.float64) + 0.5
+    g = torch.rand(3, 6, dtype=torch.float64)
+    sizes = {"r": 3, "c": 6}
+    env = IE.forward(d.ir, {"X": x, "eps": 0.75}, sizes)
+    got = IE.adjoints(d, {**env, "dY": g}, sizes)["dX"]
+    xr = x.clone().requires_grad_()
+    ref = xr / torch.sqrt((xr * xr).mean(-1, keepdim=True) + 0.75)
+    torch.testing.assert_close(got, torch.autograd.grad(ref, xr, g)[0])
