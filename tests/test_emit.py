@@ -270,3 +270,14 @@ def test_several_outputs_end_to_end(tmp_path, monkeypatch):
             torch.testing.assert_close(torch.autograd.grad(got, x, retain_graph=True)[0],
                                        torch.autograd.grad(want, x, retain_graph=True)[0])
     assert op(x, -1, keepdim=True)[1].shape == (4, 7, 1)
+
+
+def test_a_row_length_meets_float_math_in_the_accumulation_dtype(tmp_path, monkeypatch):
+    """sqrt(mean[c](X + X) * eps): |c| is an integer row length, converted to the
+    accumulation dtype where it meets float math (tl.sqrt of an int32 failed)."""
+    import torch
+    p = plan(derive_text("op f(X[r, c]; eps) -> Y[r]\nY[r] = sqrt(mean[c](X + X) * eps)\n", "f.op"))
+    assert any("tl.cast(n_cols, ACC)" in line for line in p.fwd.single.code)
+    _check_user_op(tmp_path, monkeypatch, "op sqm(X[r, c]; eps) -> Y[r]\nY[r] = sqrt(mean[c](X + X) * eps)\n",
+                   lambda op, x: op(x.abs(), -1, eps=0.5), lambda x: torch.sqrt((x.abs() + x.abs()).mean(-1) * 0.5),
+                   (4, 10), "sqm")

@@ -322,3 +322,36 @@ def test_all_nan_rows_give_nan(dtype, block, device, monkeypatch):
     y = pmax(x, -1)
     assert torch.isnan(y[0]) and y[1].item() == 8.0
     assert torch.isnan(softmax(x, -1)[0]).all()
+
+
+def test_offsets_past_int32_switch_to_64_bits():
+    """The row geometry (shapes and strides only, no allocation) asks for 64-bit
+    offsets once a tensor spans 2**31 elements, and not before."""
+    import generated._runtime as rt
+    small = torch.empty((4, 8), device="meta")
+    assert rt.RowGeometry([4, 8], [1], [(small, "elem"), (small, "elem")]).IDX64 is False
+    big = torch.empty((2**16, 2**15 + 1), device="meta")  # 2**31 + 2**16 elements
+    geo = rt.RowGeometry(list(big.shape), [1], [(big, "elem"), (torch.empty(2**16, device="meta"), "row")])
+    assert geo.IDX64 is True and geo.n_rows == 2**16 and geo.n_cols == 2**15 + 1
+    # a transposed view that spans as far needs them too
+    wide = torch.empty((2**15 + 1, 2**16), device="meta").t()
+    assert rt.RowGeometry(list(wide.shape), [1], [(wide, "elem")]).IDX64 is True
+
+
+def test_64_bit_offsets_give_the_same_numbers(monkeypatch, device):
+    """The IDX64 kernels (forced on small inputs) against the 32-bit ones."""
+    import generated._runtime as rt
+    x = torch.randn(5, 3, 11, dtype=torch.float64, device=device, requires_grad=True)
+    y = softmax(x, (0, 2))
+    (g,) = torch.autograd.grad(y.sum() + (y * y).sum(), x)
+    orig = rt.RowGeometry.__init__
+
+    def wide(self, *args, **kwargs):
+        orig(self, *args, **kwargs)
+        if self.fits:
+            self.IDX64 = True
+    monkeypatch.setattr(rt.RowGeometry, "__init__", wide)
+    y64 = softmax(x, (0, 2))
+    (g64,) = torch.autograd.grad(y64.sum() + (y64 * y64).sum(), x)
+    torch.testing.assert_close(y64, y)
+    torch.testing.assert_close(g64, g)
