@@ -38,7 +38,7 @@ import sympy
 from sympy import Indexed, Symbol
 
 from .derivation import REPO_ROOT, Derivation
-from .ir import ArgmaxIndicator, IndexMax, IndexSum, base_name, free_indices
+from .ir import ArgmaxIndicator, Equation, IndexMax, IndexSum, base_name, free_indices
 from .names import Names, template_names
 from .printer import NotSupported, triton_code
 from .report import display_indices
@@ -178,6 +178,19 @@ class _Shape:
     kept: tuple[Symbol, ...]
     red: Symbol
     levels: dict[str, str]
+    scalars: dict = field(default_factory=dict)  # IndexedBase of a scalar intermediate -> its value
+
+
+def _scalars(ir) -> dict:
+    """Intermediates with no indices whose value is made of numbers and parameters
+    (``T[] = 2 * eps``): their values, to be written in place."""
+    out: dict = {}
+    for eq in ir.equations:
+        if not eq.target.indices and eq.target.role == "intermediate":
+            value = eq.rhs.xreplace(out)
+            if not value.atoms(Indexed) and not value.has(IndexSum, IndexMax):
+                out[eq.target.base] = value
+    return out
 
 
 def _located(ir, pos: Pos | None, msg: str) -> PlanError:
@@ -200,6 +213,7 @@ def _decl_pos(d: Derivation, name: str) -> Pos | None:
 def match_rowwise(d: Derivation) -> _Shape:
     """The kept and reduced sets of a row-wise spec, or a located PlanError."""
     ir = d.ir
+    scalars = _scalars(ir)
     reduced: dict[str, Pos] = {}
     for eq in ir.equations:
         for r in list(eq.rhs.atoms(IndexSum)) + list(eq.rhs.atoms(IndexMax)):
@@ -220,6 +234,8 @@ def match_rowwise(d: Derivation) -> _Shape:
     kept = tuple(i for i in kept_source.indices if i != red)
     levels = {}
     for t in ir.tensors.values():
+        if t.base in scalars:
+            continue
         if t.indices == kept + (red,):
             levels[t.name] = "elem"
         elif t.indices == kept and kept:
@@ -239,7 +255,7 @@ def match_rowwise(d: Derivation) -> _Shape:
             raise _located(ir, _decl_pos(d, o.name),
                            f"an output indexed [{red.name}] sums over rows; the row-wise family writes row or "
                            f"per-row outputs")
-    return _Shape(kept, red, levels)
+    return _Shape(kept, red, levels, scalars)
 
 
 # ---- kernel equations and their schedule -------------------------------------------
@@ -587,14 +603,17 @@ def plan_rowwise(d: Derivation) -> RowwisePlan:
     n = {w: w for w in ("row", "col", "mask", "n_cols", "ACC", "BLOCK")}
     outs = list(ir.outputs or [ir.output])
     out_names = {o.name for o in outs}
-    fwd_defs = {eq.target.name: eq for eq in ir.equations}
+    # scalar intermediates (numbers and parameters) are written in place
+    equations = [Equation(eq.target, eq.rhs.xreplace(shape.scalars), eq.pos) for eq in ir.equations
+                 if eq.target.base not in shape.scalars]
+    fwd_defs = {eq.target.name: eq for eq in equations}
     inputs = list(ir.inputs)
 
     # -- the backward's expressions: block-level forward values are recomputed, row values saved
     def recompute(g, keep: set[str]):
         """``g`` with block-level forward values (rows and column values) replaced
         by their definitions, at their use-site indices, except those in ``keep``."""
-        for _ in range(len(ir.equations) + 1):
+        for _ in range(len(equations) + 1):
             subs = {t: rename_free(fwd_defs[str(t.base.label)].rhs,
                                    dict(zip(fwd_defs[str(t.base.label)].target.indices, t.indices)))
                     for t in g.atoms(Indexed)
@@ -612,14 +631,29 @@ def plan_rowwise(d: Derivation) -> RowwisePlan:
             out_ |= {str(t.base.label) for t in g.atoms(Indexed)}
         return out_ - set(grad_outs)
 
+    # adjoints the derivation keeps as named values (of contraction operands) are
+    # values of the row-wise backward too: substitute them, at their use-site indices
+    kept_adjoints = {f"d{st.tensor.name}": st for st in d.steps if st.kept and st.tensor.role != "input"}
+
+    def inline_adjoints(g):
+        for _ in range(len(kept_adjoints) + 1):
+            subs = {t: rename_free(kept_adjoints[str(t.base.label)].value,
+                                   dict(zip(kept_adjoints[str(t.base.label)].tensor.indices, t.indices)))
+                    for t in g.atoms(Indexed) if str(t.base.label) in kept_adjoints}
+            if not subs:
+                return g
+            g = g.xreplace(subs)
+        raise _located(ir, None, "the named adjoints depend on each other in a cycle")  # pragma: no cover
+
+    pullbacks = {x.name: inline_adjoints(d.pullbacks[x.name]).xreplace(shape.scalars) for x in inputs}
     grad_outs = [f"d{o.name}" for o in outs]
-    grads = {x.name: recompute(d.pullbacks[x.name], out_names) for x in inputs}
+    grads = {x.name: recompute(pullbacks[x.name], out_names) for x in inputs}
     reads = reads_of(grads.values())
     elem_outs = {o.name for o in outs if levels[o.name] == "elem"}
     if reads & elem_outs:
         # the backward reads an output: recompute it instead when everything it is made
         # of is read anyway (rms norm's y = x w / rms, with x, w and rms at hand)
-        again = {x.name: recompute(d.pullbacks[x.name], out_names - elem_outs) for x in inputs}
+        again = {x.name: recompute(pullbacks[x.name], out_names - elem_outs) for x in inputs}
         if reads_of(again.values()) <= reads - elem_outs:
             grads, reads = again, reads_of(again.values())
     argmax_of = sorted({str(a.reduced.base.label) for g in grads.values() for a in g.atoms(ArgmaxIndicator)})
@@ -642,13 +676,14 @@ def plan_rowwise(d: Derivation) -> RowwisePlan:
 
     # -- forward kernel
     eqs: list[_KEq] = []
-    for eq in ir.equations:
+    for eq in equations:
         lvl = levels[eq.target.name]
         if isinstance(eq.rhs, IndexSum):
             body = _extract_sums(eq.rhs.body, red, eqs, f"{eq.target.name}_sum", names, ir, eq.pos, kept)
             eqs.append(_KEq(eq.target.name, lvl, "sum", body, str(eq)))
-        elif isinstance(eq.rhs, IndexMax):
-            eqs.append(_KEq(eq.target.name, lvl, "max", eq.rhs.body, str(eq), argmax=eq.target.name in argmax_of))
+        elif isinstance(eq.rhs, IndexMax):  # (a sum inside a max's operand is a row value of its own)
+            body = _extract_sums(eq.rhs.body, red, eqs, f"{eq.target.name}_sum", names, ir, eq.pos, kept)
+            eqs.append(_KEq(eq.target.name, lvl, "max", body, str(eq), argmax=eq.target.name in argmax_of))
         else:  # sums inside an expression (a mean, say) become row values of their own
             rhs = _extract_sums(eq.rhs, red, eqs, f"{eq.target.name}_sum", names, ir, eq.pos, kept)
             eqs.append(_KEq(eq.target.name, lvl, "value", rhs, str(eq)))
@@ -670,6 +705,7 @@ def plan_rowwise(d: Derivation) -> RowwisePlan:
     b_eqs: list[_KEq] = []
     b_stores: list[tuple[KTensor, str]] = []
     partials: list[KTensor] = []
+    zero_grads: set[str] = set()
     pullback_text = []
     for x in inputs:
         lvl = levels[x.name]
@@ -679,6 +715,9 @@ def plan_rowwise(d: Derivation) -> RowwisePlan:
         text = f"{gname}[{', '.join(i.name for i in idx)}] = {sympy.sstr(shown)}"
         pullback_text.append(text)
         pos = _decl_pos(d, x.name)
+        if g == 0:  # no gradient reaches x (it is unused, or only through a max-shift): zeros, no kernel work
+            zero_grads.add(x.name)
+            continue
         if lvl == "col":
             body = _extract_sums(_row_sum(g, kept, ir, pos), red, b_eqs, "sum", names, ir, pos, kept)
             b_eqs.append(_KEq(gname, "elem", "acc", body, text))
@@ -707,7 +746,8 @@ def plan_rowwise(d: Derivation) -> RowwisePlan:
         "outputs": [{"name": o.name, "level": levels[o.name]} for o in outs],
         "extras": [{"name": t.key, "level": "row", "kind": t.kind} for t in list(t_arg.values()) + list(t_stat.values())],
         "saved": saved_fwd + [t.key for t in list(t_arg.values()) + list(t_stat.values())],
-        "grads": [{"name": f"d{x.name}", "of": x.name, "level": levels[x.name]} for x in inputs],
+        "grads": [{"name": f"d{x.name}", "of": x.name, "level": levels[x.name], "zero": x.name in zero_grads}
+                  for x in inputs],
         "forward": {"kernel": fwd.name, "tensors": [t.key for t in fwd.tensors]},
         "backward": {"kernel": bwd.name, "tensors": [t.key for t in bwd.tensors]},
     }

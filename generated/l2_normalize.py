@@ -247,7 +247,7 @@ META = {'name': 'l2_normalize',
  'outputs': [{'name': 'y', 'level': 'elem'}],
  'extras': [{'name': 'norm', 'level': 'row', 'kind': 'stat'}],
  'saved': ['x', 'norm'],
- 'grads': [{'name': 'dx', 'of': 'x', 'level': 'elem'}],
+ 'grads': [{'name': 'dx', 'of': 'x', 'level': 'elem', 'zero': False}],
  'forward': {'kernel': '_l2_normalize_fwd', 'tensors': ['x', 'y', 'norm']},
  'backward': {'kernel': '_l2_normalize_bwd', 'tensors': ['x', 'norm', 'dy', 'dx']},
  'reduces': 'dim'}

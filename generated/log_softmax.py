@@ -268,7 +268,7 @@ META = {'name': 'log_softmax',
  'outputs': [{'name': 'y', 'level': 'elem'}],
  'extras': [{'name': 'm', 'level': 'row', 'kind': 'stat'}, {'name': 's', 'level': 'row', 'kind': 'stat'}],
  'saved': ['x', 'm', 's'],
- 'grads': [{'name': 'dx', 'of': 'x', 'level': 'elem'}],
+ 'grads': [{'name': 'dx', 'of': 'x', 'level': 'elem', 'zero': False}],
  'forward': {'kernel': '_log_softmax_fwd', 'tensors': ['x', 'y', 'm', 's']},
  'backward': {'kernel': '_log_softmax_bwd', 'tensors': ['x', 'm', 's', 'dy', 'dx']},
  'reduces': 'dim'}

@@ -224,7 +224,7 @@ META = {'name': 'logsumexp',
  'outputs': [{'name': 'y', 'level': 'row'}],
  'extras': [{'name': 'm', 'level': 'row', 'kind': 'stat'}, {'name': 's', 'level': 'row', 'kind': 'stat'}],
  'saved': ['x', 'm', 's'],
- 'grads': [{'name': 'dx', 'of': 'x', 'level': 'elem'}],
+ 'grads': [{'name': 'dx', 'of': 'x', 'level': 'elem', 'zero': False}],
  'forward': {'kernel': '_logsumexp_fwd', 'tensors': ['x', 'y', 'm', 's']},
  'backward': {'kernel': '_logsumexp_bwd', 'tensors': ['x', 'm', 's', 'dy', 'dx']},
  'reduces': 'dim'}

@@ -201,7 +201,7 @@ META = {'name': 'max',
  'outputs': [{'name': 'B', 'level': 'row'}],
  'extras': [{'name': 'argmax:B', 'level': 'row', 'kind': 'index'}],
  'saved': ['argmax:B'],
- 'grads': [{'name': 'dA', 'of': 'A', 'level': 'elem'}],
+ 'grads': [{'name': 'dA', 'of': 'A', 'level': 'elem', 'zero': False}],
  'forward': {'kernel': '_max_fwd', 'tensors': ['A', 'B', 'argmax:B']},
  'backward': {'kernel': '_max_bwd', 'tensors': ['argmax:B', 'dB', 'dA']},
  'reduces': 'dim'}

@@ -254,7 +254,7 @@ META = {'name': 'softmax',
  'outputs': [{'name': 'B', 'level': 'elem'}],
  'extras': [],
  'saved': ['B'],
- 'grads': [{'name': 'dA', 'of': 'A', 'level': 'elem'}],
+ 'grads': [{'name': 'dA', 'of': 'A', 'level': 'elem', 'zero': False}],
  'forward': {'kernel': '_softmax_fwd', 'tensors': ['A', 'B']},
  'backward': {'kernel': '_softmax_bwd', 'tensors': ['B', 'dB', 'dA']},
  'reduces': 'dim'}

@@ -42,7 +42,8 @@ class NT:
         extra = [i for i in self.idx if i not in indices]
         if extra:
             raise ValueError(f"value has axes {extra} that the target {indices} lacks")
-        t = self.t.permute(*[self.idx.index(i) for i in indices if i in self.idx])
+        order = [self.idx.index(i) for i in indices if i in self.idx]
+        t = self.t.permute(*order) if order else self.t
         shape = [size_of(i, sizes) if i in self.idx else 1 for i in indices]
         t = t.reshape(shape)
         return t.expand([size_of(i, sizes) for i in indices]).clone()
@@ -96,6 +97,11 @@ def evaluate(expr, env: dict, sizes: dict, defs: OpIR | None = None) -> NT:
             if n != size_of(i, sizes):
                 raise ValueError(f"axis {i} of {name} has length {n}, expected {size_of(i, sizes)}")
         return NT(t, idx)
+    if isinstance(expr, sympy.IndexedBase):  # a tensor with no indices (a scalar intermediate)
+        name = str(expr.label)
+        if name not in env:
+            raise KeyError(f"no value for tensor {name}")
+        return NT(torch.as_tensor(env[name], dtype=DTYPE).reshape(()), [])
     if isinstance(expr, IndexSum):
         body = ev(expr.body)
         t, idx = body.t, list(body.idx)
@@ -151,8 +157,8 @@ def evaluate(expr, env: dict, sizes: dict, defs: OpIR | None = None) -> NT:
     if expr.func in _FUNCS:
         arg = ev(expr.args[0])
         return NT(_FUNCS[expr.func](arg.t), arg.idx)
-    if expr.is_Number:
-        return scalar(expr)
+    if expr.is_Number or expr in (sympy.E, sympy.pi):
+        return scalar(float(expr))
     if isinstance(expr, Symbol):
         if expr.name.startswith("|"):  # the size of index sets, |c| or |c, d|
             sets = [n.strip() for n in expr.name.strip("|").split(",")]
