@@ -370,11 +370,11 @@ class FileManager:
                 os.replace(stage / f".restore.{rel}", self.root / rel)
 
 
-def orphans(root: Path, produced) -> list[str]:
+def orphans(root: Path, produced, pattern: str = "*.py") -> list[str]:
     """Files in ``root`` that pullback generated but nothing produces any more."""
     if not os.path.isdir(root):
         return []
-    return sorted(p.name for p in Path(root).glob("*.py") if p.name not in produced and is_generated(p))
+    return sorted(p.name for p in Path(root).glob(pattern) if p.name not in produced and is_generated(p))
 
 
 DOCS = REPO_ROOT / "docs" / "ops"
@@ -392,12 +392,6 @@ def render_docs(ops: list[str]) -> dict[str, str]:
     return pages
 
 
-def doc_orphans(root: Path, produced) -> list[str]:
-    if not os.path.isdir(root):
-        return []
-    return [p.name for p in sorted(Path(root).glob("*.md")) if p.name not in produced and is_generated(p)]
-
-
 def regen(check: bool = False, root: Path = GENERATED, progress=None, docs: Path | None = None) -> FileManager:
     """Render generated/ (and, for the repository's generated/, docs/ops/) from the
     built-in specs: render everything first, then write; files we generated that
@@ -406,19 +400,18 @@ def regen(check: bool = False, root: Path = GENERATED, progress=None, docs: Path
         docs = DOCS
     files = render_package(builtin_ops(), progress)
     pages = render_docs(builtin_ops()) if docs is not None else {}
-    fm = FileManager(root, check=check)
-    for rel in sorted(files):
-        fm.write(rel, files[rel])
-    for rel in orphans(root, files):
-        fm.remove(rel)
-    fm.commit()
+
+    def sync(directory: Path, produced: dict, pattern: str) -> FileManager:
+        fm = FileManager(directory, check=check)
+        for rel in sorted(produced):
+            fm.write(rel, produced[rel])
+        for rel in orphans(directory, produced, pattern):
+            fm.remove(rel)
+        return fm.commit()
+
+    fm = sync(root, files, "*.py")
     if docs is not None:
-        dm = FileManager(docs, check=check)
-        for rel in sorted(pages):
-            dm.write(rel, pages[rel])
-        for rel in doc_orphans(docs, pages):
-            dm.remove(rel)
-        dm.commit()
+        dm = sync(docs, pages, "*.md")
         for attr in ("written", "stale", "removed"):
             getattr(fm, attr).extend(getattr(dm, attr))
     return fm

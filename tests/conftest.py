@@ -36,3 +36,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def run():
+    """``run("derive", "softmax")``: the command line, in process (click's runner)."""
+    from click.testing import CliRunner
+
+    import cli
+    runner = CliRunner()
+
+    def invoke(*args):
+        return runner.invoke(cli.main, list(args), catch_exceptions=False)
+
+    return invoke

@@ -9,14 +9,6 @@ from derive import builtin_ops
 import cli
 
 
-@pytest.fixture
-def run():
-    runner = CliRunner()
-
-    def invoke(*args):
-        return runner.invoke(cli.main, list(args), catch_exceptions=False)
-
-    return invoke
 
 
 def test_list(run):

@@ -4,20 +4,10 @@ import os
 import tempfile
 
 import pytest
-from click.testing import CliRunner
 
-import cli
 from derive import emit as E
 
 
-@pytest.fixture
-def run():
-    runner = CliRunner()
-
-    def invoke(*args):
-        return runner.invoke(cli.main, list(args), catch_exceptions=False)
-
-    return invoke
 
 
 def failed_with(r, message: str):
