@@ -185,17 +185,27 @@ def build_cmd(archs, as_json, jobs):
 @click.option("--dtype", default="float16", show_default=True,
               type=click.Choice(["float16", "bfloat16", "float32", "float64"]),
               help="Input dtype for the byte counts (CPU).")
-def bench_cmd(quick, dtype):
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON (one object per row).")
+def bench_cmd(quick, dtype, as_json):
     """Measure the generated kernels: on a GPU, time them against torch and SDPA;
     on the CPU, count the bytes they move under the interpreter against the ideal."""
+    import dataclasses
+    import json
+
     import torch
 
     from derive import bench
     if torch.cuda.is_available():
-        click.echo(bench.format_timings(bench.timings(quick=quick, progress=_progress)))
+        rows = bench.timings(quick=quick, progress=_progress)
+        text = bench.format_timings(rows)
     else:
-        click.echo("no CUDA device: counting bytes moved under Triton's interpreter (time is meaningless there)")
-        click.echo(bench.format_traffic(bench.traffic(dtype, quick=quick, progress=_progress)))
+        rows = bench.traffic(dtype, quick=quick, progress=_progress)
+        text = "no CUDA device: counting bytes moved under Triton's interpreter (time is meaningless there)\n" + \
+            bench.format_traffic(rows)
+    if as_json:
+        text = json.dumps([{**dataclasses.asdict(r), **({"ratio": r.ratio} if hasattr(r, "ratio") else {})}
+                           for r in rows], indent=1)
+    click.echo(text)
 
 
 if __name__ == "__main__":

@@ -158,3 +158,17 @@ def test_debug_leaves_expected_errors_one_line(tmp_path):
     r = _invoke("--debug", "derive", "nosuchop")
     assert r.exit_code == 1
     assert r.output.startswith("Error: unknown op 'nosuchop'") and r.output.count("\n") == 1
+
+
+def test_bench_json_is_the_table_as_data(run):
+    import json
+
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU, bench times kernels instead")
+    r = run("bench", "--quick", "--json", "--dtype", "float32")
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.output[r.output.index("["):])
+    softmax = [row for row in rows if row["op"] == "softmax"]
+    assert [row["direction"] for row in softmax] == ["forward", "backward"]
+    assert all(row["ratio"] == 1.0 and row["loaded"] > 0 for row in softmax)
