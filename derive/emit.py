@@ -33,6 +33,7 @@ import jinja2
 from . import spec as SP
 from .derivation import REPO_ROOT, Derivation, builtin_ops, derive
 from .plan import plan
+from .names import comment_text, docstring_text, visible  # noqa: F401 -- the escaping filters
 from .spec import SpecError
 
 TEMPLATES = REPO_ROOT / "templates"
@@ -47,37 +48,6 @@ _OLD_TEMPORARY = re.compile(r"\..+\.py\..+\.tmp")  # per-file temporaries of ear
 
 
 # ---- escaping of user text ------------------------------------------------------------
-_NAMED_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
-
-
-def visible(text) -> str:
-    """``text`` on one line of printable characters, escaped the way ``repr`` escapes
-    (a backslash, newlines, tabs, control, format and separator characters, lone
-    surrogates), so the result is unambiguous and cannot end a line of source."""
-    out = []
-    for ch in str(text):
-        if ch in _NAMED_ESCAPES:
-            out.append(_NAMED_ESCAPES[ch])
-        elif ch.isprintable():
-            out.append(ch)
-        else:
-            o = ord(ch)
-            out.append(f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}")
-    return "".join(out)
-
-
-def comment_text(text) -> str:
-    """User text for a ``#`` comment: one line, nothing that Python reads as code."""
-    return visible(text)
-
-
-def docstring_text(text) -> str:
-    """User text for a triple-quoted docstring: one line; backslashes and every
-    double quote escaped, so the string reads back (``__doc__``) as ``visible(text)``
-    and cannot close the literal or start an escape sequence."""
-    return visible(text).replace("\\", "\\\\").replace('"', '\\"')
-
-
 def environment() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True,

@@ -39,7 +39,7 @@ from sympy import Indexed, Symbol
 
 from .derivation import REPO_ROOT, Derivation
 from .ir import ArgmaxIndicator, Equation, IndexMax, IndexSum, base_name, free_indices
-from .names import Names, template_names
+from .names import Names, comment_text, template_names
 from .printer import NotSupported, triton_code
 from .report import display_indices
 from .simplify import rename_free
@@ -269,11 +269,6 @@ class _KEq:
     argmax: bool = False
 
 
-def _comment(text: str) -> str:
-    """User text in a ``#`` comment: one line, no control characters."""
-    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(text))
-
-
 class _Kernel:
     """Schedules a list of kernel equations into the single and looped shapes."""
 
@@ -344,13 +339,13 @@ class _Kernel:
 
     # -- statements
     def assign(self, e: _KEq) -> str:
-        return f"{self.value_of[e.name]} = {self.code(e.expr)}  # {_comment(e.comment)}"
+        return f"{self.value_of[e.name]} = {self.code(e.expr)}  # {comment_text(e.comment)}"
 
     def max_single(self, e: _KEq) -> list[str]:
         n, v = self.n, self.value_of[e.name]
         blk = self.N.of(("blk", e.name), f"{v}_blk")
         nan = self.N.of(("nan", e.name), f"{v}_nan")
-        lines = [f"{blk} = tl.where({n['mask']}, {self.code(e.expr)}, float(\"-inf\"))  # {_comment(e.comment)}",
+        lines = [f"{blk} = tl.where({n['mask']}, {self.code(e.expr)}, float(\"-inf\"))  # {comment_text(e.comment)}",
                  "# a NaN anywhere makes the max NaN (as torch.amax); its index is the first NaN's",
                  f"{nan} = tl.min(tl.where({blk} != {blk}, {n['col']}, {n['n_cols']}), axis=0)",
                  f"{blk} = tl.where({blk} != {blk}, float(\"-inf\"), {blk})"]
@@ -367,11 +362,11 @@ class _Kernel:
     def sum_single(self, e: _KEq) -> list[str]:
         v = self.value_of[e.name]
         return [f"{v} = tl.sum(tl.where({self.n['mask']}, {self.code(e.expr)}, 0.0), axis=0)  "
-                f"# {_comment(e.comment)}"]
+                f"# {comment_text(e.comment)}"]
 
     def acc_update(self, e: _KEq) -> str:
         acc = self.N.of(("acc", e.name), f"{self.value_of[e.name]}_acc")
-        return f"{acc} += tl.where({self.n['mask']}, {self.code(e.expr)}, 0.0)  # {_comment(e.comment)}"
+        return f"{acc} += tl.where({self.n['mask']}, {self.code(e.expr)}, 0.0)  # {comment_text(e.comment)}"
 
     # -- the looped shape
     def loop_for(self, reds: list[_KEq], online: dict[str, tuple]) -> Loop:
@@ -394,7 +389,7 @@ class _Kernel:
             init += [f"{run[e.name]} = tl.full([{n['BLOCK']}], float(\"-inf\"), {n['ACC']})",
                      f"{nan} = tl.zeros([{n['BLOCK']}], dtype=tl.int32) + {n['n_cols']}  # first NaN column per lane"]
             block_code += [f"{blk} = tl.where({n['mask']}, {self.code(e.expr)}, float(\"-inf\"))  "
-                           f"# {_comment(e.comment)}",
+                           f"# {comment_text(e.comment)}",
                            f"{isnan} = {blk} != {blk}",
                            f"{nan} = tl.minimum({nan}, tl.where({isnan}, {n['col']}, {n['n_cols']}))",
                            f"{blk} = tl.where({isnan}, float(\"-inf\"), {blk})"]
@@ -414,11 +409,11 @@ class _Kernel:
             if e.name in online:
                 m, body_online, step, final = online[e.name]
                 block_code.append(f"{run[e.name]} = {run[e.name]} * {step} + tl.where({n['mask']}, {body_online}, "
-                                  f"0.0)  # {_comment(e.comment)}, rescaled to the new running max")
+                                  f"0.0)  # {comment_text(e.comment)}, rescaled to the new running max")
                 finish_sum = f"{v} = tl.sum({run[e.name]} * {final}, axis=0)"
             else:
                 block_code.append(f"{run[e.name]} += tl.where({n['mask']}, {self.code(e.expr)}, 0.0)  "
-                                  f"# {_comment(e.comment)}")
+                                  f"# {comment_text(e.comment)}")
                 finish_sum = f"{v} = tl.sum({run[e.name]}, axis=0)"
             finish.append(finish_sum)
         for e in maxes:
@@ -587,11 +582,6 @@ def _row_sum(expr, kept: tuple[Symbol, ...], ir, pos):
         body = s.body.xreplace({by_set[k.name]: k for k in kept})
         body_terms.append(rest * body)
     return sympy.Add(*body_terms)
-
-
-def _role_names(ir, shape: _Shape) -> set[str]:
-    return {t.name for t in ir.tensors.values()} | {p.name for p in ir.params} | \
-        {i.name for i in ir.index_order} | {ir.name}
 
 
 def plan_rowwise(d: Derivation) -> RowwisePlan:
