@@ -85,10 +85,6 @@ class KTensor:
         return self.key
 
     @property
-    def is_elem(self) -> bool:
-        return self.level == "elem"
-
-    @property
     def blockwise(self) -> bool:
         """Loaded or stored a block of columns at a time."""
         return self.level in ("elem", "col", "part")
