@@ -252,7 +252,11 @@ def capture(module_name: str, arch: int) -> list[Launch]:
 
             try:
                 with _pretend_cuda(arch, record):
-                    xs = [torch.empty(list(s), dtype=dtype).as_subclass(cuda_looking).requires_grad_()
+                    # an input is a shape (in the case's dtype), or {"shape": [...], "dtype": "int64"}
+                    # for an integer input (class targets: no gradient)
+                    xs = [torch.zeros(list(s["shape"]), dtype=getattr(torch, s["dtype"])).as_subclass(cuda_looking)
+                          if isinstance(s, dict) else
+                          torch.empty(list(s), dtype=dtype).as_subclass(cuda_looking).requires_grad_()
                           for s in case["inputs"]]
                     out = op(*xs, **case.get("kwargs", {}))
                     outs = [o for o in (out if isinstance(out, (tuple, list)) else [out])

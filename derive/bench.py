@@ -66,7 +66,9 @@ def _rowwise_inputs(meta, shape, dim, dtype):
     dims = [d % len(shape) for d in ((dim,) if isinstance(dim, int) else dim)]
     sizes = {"elem": list(shape), "col": [shape[d] for d in dims],
              "row": [n for d, n in enumerate(shape) if d not in dims]}
-    inputs = [torch.randn(sizes[m["level"]], dtype=dtype, requires_grad=True) for m in meta["inputs"]]
+    n_cols = math.prod(sizes["col"])
+    inputs = [torch.randint(0, n_cols, sizes[m["level"]]) if m.get("dtype") == "int" else
+              torch.randn(sizes[m["level"]], dtype=dtype, requires_grad=True) for m in meta["inputs"]]
     params = [None if q["default"] == "eps" else (q["default"] if q["default"] is not None else 1e-5)
               for q in meta["params"]]
     return inputs, params, dims
@@ -116,7 +118,8 @@ def traffic(dtype_name: str = "float16", quick: bool = False, progress=None) -> 
         read += 4 * n_rows * sum(1 for n in meta["saved"] if n not in saved)  # per-row statistics
         read += sum(nbytes(g) for g in gs)
         # (the weights' gradients are written by the second stage, a torch sum the counter does not see)
-        ideal_b = read + sum(nbytes(t) for m, t in zip(meta["inputs"], inputs) if m["level"] != "col")
+        ideal_b = read + sum(nbytes(t) for m, gr, t in zip(meta["inputs"], meta["grads"], inputs)
+                             if m["level"] != "col" and not gr["zero"])  # (a gradient that is zero is not written)
         # Per program, not per op: each program reads the column weights once (rows that fit a
         # block), and the weights' gradients are per-program partials (fp32) summed in a second stage.
         weights = [t for m, t in zip(meta["inputs"], inputs) if m["level"] == "col"]

@@ -123,6 +123,32 @@ class ArgmaxIndicator(Expr):
         return f"1[{idx} = argmax {printer._print(self.reduced)}]"
 
 
+class Pick(Expr):
+    """``1[k = t[r]]``: 1 where the index ``k`` equals the integer tensor ``t``'s
+    value, 0 elsewhere.  ``x[r, t]`` (x's row r at column t[r]) is
+    ``sum[k](x[r, k] * 1[k = t[r]])``, so its pullback into x is this indicator,
+    as a max's is its argmax's.  Piecewise constant: no gradient flows to ``t``."""
+
+    is_commutative = True
+
+    def __new__(cls, index, value):
+        return Expr.__new__(cls, index, value)
+
+    @property
+    def index(self) -> Symbol:
+        return self.args[0]
+
+    @property
+    def value(self) -> Indexed:
+        return self.args[1]
+
+    def _eval_derivative(self, x):
+        return sympy.S.Zero
+
+    def _sympystr(self, printer):
+        return f"1[{printer._print(self.index)} = {printer._print(self.value)}]"
+
+
 def size_symbol(indices) -> Symbol:
     """The number of elements of index sets, ``|c|``: ``mean[c](x) = sum[c](x) / |c|``.
     A scalar named after the sets (not the index symbols), so renaming an index leaves it alone."""
@@ -137,6 +163,8 @@ def free_indices(expr) -> set[Symbol]:
         return free_indices(expr.body) - set(expr.indices)
     if isinstance(expr, ArgmaxIndicator):
         return free_indices(expr.reduced) | set(expr.indices)
+    if isinstance(expr, Pick):
+        return {expr.index} | free_indices(expr.value)
     out: set[Symbol] = set()
     for a in expr.args:
         out |= free_indices(a)
@@ -154,6 +182,7 @@ class Tensor:
     name: str
     indices: tuple[Symbol, ...]
     role: str  # "input", "intermediate" or "output"
+    dtype: str = "float"  # "int" for an integer input (it selects; it has no gradient)
 
     @property
     def base(self) -> IndexedBase:
@@ -217,6 +246,7 @@ class _Builder:
         self.index_order = tuple(order)
         self.tensors: dict[str, Tensor] = {}
         self.params = {p: Symbol(p) for p in spec.params}
+        self.picks = 0
 
     def err(self, msg: str, pos: S.Pos) -> SpecError:
         return SpecError(msg, self.file, pos.line, pos.col)
@@ -237,7 +267,8 @@ class _Builder:
             if len(set(decl.indices)) != len(decl.indices):
                 raise self.err(f"input {decl.name} repeats an index", decl.pos)
             seen_inputs.add(decl.name)
-            self.tensors[decl.name] = Tensor(decl.name, tuple(Symbol(i) for i in decl.indices), "input")
+            self.tensors[decl.name] = Tensor(decl.name, tuple(Symbol(i) for i in decl.indices), "input",
+                                             decl.dtype)
         for p in spec.params:
             self.check_name(p, spec.output.pos, "a parameter")
         # Definitions may appear in any order; order them by dependency.
@@ -359,8 +390,31 @@ class _Builder:
             if node.name not in self.tensors:  # pragma: no cover - caught in topological()
                 raise self.err(f"undefined tensor {node.name!r}", node.pos)
             tensor = self.tensors[node.name]
+            if tensor.dtype == "int":
+                raise self.err(f"{node.name} is an integer tensor: it selects an element, as in x[r, {node.name}], "
+                               f"and is not a value itself", node.pos)
             if node.indices is None:
                 return tensor.indexed
+            picks = [(k, self.tensors[i]) for k, i in enumerate(node.indices)
+                     if i in self.tensors and self.tensors[i].dtype == "int"]
+            if picks:  # x[r, t]: the element of x's row at column t[r]
+                if len(node.indices) != len(tensor.indices):
+                    raise self.err(f"{node.name} has {len(tensor.indices)} index sets "
+                                   f"[{', '.join(i.name for i in tensor.indices)}], not {len(node.indices)}", node.pos)
+                self.picks += 1
+                idx = [Symbol(i) for i in node.indices]
+                bound = []
+                factor = sympy.S.One
+                for k, t in picks:
+                    b = Symbol(f"{tensor.indices[k].name}#pick{self.picks}_{k}")
+                    idx[k] = b
+                    bound.append(b)
+                    factor *= Pick(b, t.indexed)
+                return IndexSum(tensor.at(idx) * factor, *bound)
+            for i in node.indices:
+                if i in self.tensors:
+                    raise self.err(f"{i} is a tensor; only an integer input (declared {i}[...]: int) selects in "
+                                   f"{node.name}[...]", node.pos)
             if len(node.indices) != len(tensor.indices):
                 raise self.err(f"{node.name} has {len(tensor.indices)} index sets "
                                f"[{', '.join(i.name for i in tensor.indices)}], not {len(node.indices)}", node.pos)

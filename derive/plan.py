@@ -243,6 +243,10 @@ def match_rowwise(d: Derivation) -> _Shape:
             raise _located(ir, _decl_pos(d, t.name),
                            f"{t.name}[{', '.join(i.name for i in t.indices)}] does not fit the row-wise family: "
                            f"every tensor is indexed [{want}], [{', '.join(i.name for i in kept)}] or [{red.name}]")
+    for t in ir.inputs:
+        if t.dtype == "int" and levels[t.name] != "row":
+            raise _located(ir, _decl_pos(d, t.name), f"the integer input {t.name} selects one element of each row: "
+                           f"index it like a row, [{', '.join(i.name for i in kept)}]")
     if not any(levels[t.name] == "elem" for t in ir.inputs):
         raise _located(ir, _decl_pos(d, ir.inputs[0].name),
                        f"the row-wise family needs an input indexed [{', '.join(i.name for i in kept + (red,))}]")
@@ -654,7 +658,8 @@ def plan_rowwise(d: Derivation) -> RowwisePlan:
         return KTensor(key, level, kind, doc, v, ptr, base, off, sk, sr)
 
     params = {q.name: names.of(("param", q.name), q.name) for q in ir.params}
-    t_in = {x.name: tensor(x.name, levels[x.name], "data", f"the input {x.indexed}", x.name) for x in inputs}
+    t_in = {x.name: tensor(x.name, levels[x.name], "index" if x.dtype == "int" else "data", f"the input {x.indexed}",
+                           x.name) for x in inputs}
     t_outs = {o.name: tensor(o.name, levels[o.name], "data", f"the output {o.indexed}", o.name) for o in outs}
     t_arg = {m: tensor(f"argmax:{m}", "row", "index", f"first argmax of {m}'s row", f"{m}_argmax")
              for m in argmax_of}
@@ -726,7 +731,7 @@ def plan_rowwise(d: Derivation) -> RowwisePlan:
         [e for e in eqs if e.kind in ("sum", "max")]))
     meta = {
         "name": ir.name,
-        "inputs": [{"name": x.name, "level": levels[x.name], "default": decl.default}
+        "inputs": [{"name": x.name, "level": levels[x.name], "default": decl.default, "dtype": x.dtype}
                    for x, decl in zip(inputs, d.spec.inputs)],
         "params": [{"name": q.name, "default": q.default} for q in d.spec.param_decls],
         "outputs": [{"name": o.name, "level": levels[o.name]} for o in outs],
@@ -764,8 +769,9 @@ def _aot_cases(fn: str, inputs, levels, reduces: str, api_params: dict, api_dim:
         kwargs = {q: 0.001 for q in api_params.values()}
         if reduces == "dim":
             kwargs[api_dim] = dim
-        cases.append({"op": fn, "label": label, "inputs": [sizes[levels[x.name]] for x in inputs], "kwargs": kwargs,
-                      "dtypes": dtypes})
+        cases.append({"op": fn, "label": label, "kwargs": kwargs, "dtypes": dtypes,
+                      "inputs": [{"shape": sizes[levels[x.name]], "dtype": "int64"} if x.dtype == "int"
+                                 else sizes[levels[x.name]] for x in inputs]})
     return cases
 
 

@@ -18,7 +18,7 @@ import sympy
 from sympy.printing.codeprinter import CodePrinter
 from sympy.printing.precedence import precedence
 
-from .ir import ArgmaxIndicator, IndexMax, IndexSum
+from .ir import ArgmaxIndicator, IndexMax, IndexSum, Pick
 
 FLOAT32_MAX = 3.4028234663852886e38  # the largest finite float32
 
@@ -149,12 +149,16 @@ class TritonPrinter(CodePrinter):
 
     def _print_Mul(self, expr):
         # 1[s = argmax] * rest -> tl.where(col == argmax, rest, 0): no 0 * inf
-        picks = [f for f in expr.args if isinstance(f, ArgmaxIndicator)]
+        picks = [f for f in expr.args if isinstance(f, (ArgmaxIndicator, Pick))]
         if picks:
             rest = sympy.Mul(*[f for f in expr.args if f not in picks])
             cond = " & ".join(self._print(p) for p in picks)
             return f"tl.where({cond}, {self._print(rest)}, 0.0)"
         return super()._print_Mul(expr)
+
+    def _print_Pick(self, expr):
+        # 1[c = t[r]]: the column index against the integer tensor's value
+        return f"({self._settings['column']} == {self._print(expr.value)})"
 
     def _print_ArgmaxIndicator(self, expr):
         label = str(expr.reduced.base.label)

@@ -93,6 +93,9 @@ class _Latex(LatexPrinter):
         idx = " ".join(self._print(i) for i in expr.indices)
         return rf"\mathbb{{1}}\left[{idx} = \operatorname{{argmax}}_{{{idx}}} {self._print(expr.reduced)}\right]"
 
+    def _print_Pick(self, expr):
+        return rf"\mathbb{{1}}\left[{self._print(expr.index)} = {self._print(expr.value)}\right]"
+
 
 def _s(expr) -> str:
     return _Str().doprint(expr)

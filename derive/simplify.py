@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import sympy
 from sympy import Add, Indexed, KroneckerDelta, Mul, Pow, Symbol, Wild
 
-from .ir import ArgmaxIndicator, Equation, IndexMax, IndexSum, base_name, free_indices, size_symbol
+from .ir import ArgmaxIndicator, Equation, IndexMax, IndexSum, Pick, base_name, free_indices, size_symbol
 
 _fresh = itertools.count(1)
 
@@ -414,6 +414,8 @@ def rename_free(expr, mapping: dict) -> sympy.Expr:
             return e.xreplace(mapping)
         if isinstance(e, ArgmaxIndicator):
             return ArgmaxIndicator(walk(e.reduced, mapping), *[mapping.get(i, i) for i in e.indices])
+        if isinstance(e, Pick):
+            return Pick(mapping.get(e.index, e.index), walk(e.value, mapping))
         if not e.args:
             return mapping.get(e, e)
         return e.func(*[walk(a, mapping) for a in e.args])

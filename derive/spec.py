@@ -157,6 +157,7 @@ class TensorDecl:
     indices: tuple[str, ...]
     pos: Pos
     default: float | None = None  # an optional input: None at the call means this constant
+    dtype: str = "float"          # "int": integer values (class targets), used to select, never differentiated
 
 
 @dataclass(frozen=True)
@@ -209,7 +210,7 @@ class _IndexNames:
 # ---- header tokenizer ---------------------------------------------------------
 _SPACE = re.compile(r"\s*")
 _TOKEN = re.compile(r"\s*(?:(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<arrow>->)"
-                    r"|(?P<num>-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)|(?P<punct>[\[\](),;=]))")
+                    r"|(?P<num>-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)|(?P<punct>[\[\](),;=:]))")
 
 
 class _Header:
@@ -269,11 +270,21 @@ class _Header:
             self.i += 1
             indices.append(self.index())
         self.expect("]", what="']' or ','")
+        dtype = "float"
+        if self.peek() and self.peek()[1] == ":":  # an integer input: target[r]: int
+            self.i += 1
+            tok = self.expect(kind="name", what="'int' (the only type an input can declare)")
+            if tok[1] != "int":
+                raise SpecError(f"unknown type {tok[1]!r} for {name}; an input is float (the default) or int",
+                                self.file, self.line, tok[2])
+            if output:
+                raise SpecError(f"the output {name} cannot be an integer tensor", self.file, self.line, tok[2])
+            dtype = "int"
         default = None
         if self.peek() and self.peek()[1] == "=":
             self.i += 1
             default = self.number(f"the default value of {name}")
-        return TensorDecl(name, tuple(indices), Pos(self.line, col), default)
+        return TensorDecl(name, tuple(indices), Pos(self.line, col), default, dtype)
 
     def number(self, what: str) -> float:
         _, text, col = self.expect(kind="num", what=f"a number ({what})")

@@ -242,7 +242,7 @@ def _l2_normalize_bwd(
 
 # ---- what the shared runtime needs to launch, register and differentiate this op
 META = {'name': 'l2_normalize',
- 'inputs': [{'name': 'x', 'level': 'elem', 'default': None}],
+ 'inputs': [{'name': 'x', 'level': 'elem', 'default': None, 'dtype': 'float'}],
  'params': [{'name': 'eps', 'default': 1e-12}],
  'outputs': [{'name': 'y', 'level': 'elem'}],
  'extras': [{'name': 'norm', 'level': 'row', 'kind': 'stat'}],
@@ -263,16 +263,16 @@ def l2_normalize(x, dim=-1, *, eps=1e-12) -> torch.Tensor:
 # ---- ahead-of-time builds (`pullback build`): representative calls, whose kernel launches the build captures
 AOT_CASES = [{'op': 'l2_normalize',
   'label': 'rows of 4096',
-  'inputs': [[1024, 4096]],
   'kwargs': {'eps': 0.001, 'dim': -1},
-  'dtypes': ['float16', 'bfloat16', 'float32', 'float64']},
+  'dtypes': ['float16', 'bfloat16', 'float32', 'float64'],
+  'inputs': [[1024, 4096]]},
  {'op': 'l2_normalize',
   'label': 'rows of 100000',
-  'inputs': [[16, 100000]],
   'kwargs': {'eps': 0.001, 'dim': -1},
-  'dtypes': ['float16', 'bfloat16', 'float32', 'float64']},
+  'dtypes': ['float16', 'bfloat16', 'float32', 'float64'],
+  'inputs': [[16, 100000]]},
  {'op': 'l2_normalize',
   'label': 'dims (0, 2)',
-  'inputs': [[64, 96, 48]],
   'kwargs': {'eps': 0.001, 'dim': (0, 2)},
-  'dtypes': ['float16']}]
+  'dtypes': ['float16'],
+  'inputs': [[64, 96, 48]]}]

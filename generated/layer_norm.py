@@ -330,9 +330,9 @@ def _layer_norm_bwd(
 
 # ---- what the shared runtime needs to launch, register and differentiate this op
 META = {'name': 'layer_norm',
- 'inputs': [{'name': 'x', 'level': 'elem', 'default': None},
-            {'name': 'weight', 'level': 'col', 'default': 1.0},
-            {'name': 'bias', 'level': 'col', 'default': 0.0}],
+ 'inputs': [{'name': 'x', 'level': 'elem', 'default': None, 'dtype': 'float'},
+            {'name': 'weight', 'level': 'col', 'default': 1.0, 'dtype': 'float'},
+            {'name': 'bias', 'level': 'col', 'default': 0.0, 'dtype': 'float'}],
  'params': [{'name': 'eps', 'default': 1e-05}],
  'outputs': [{'name': 'y', 'level': 'elem'}],
  'extras': [{'name': 'mu', 'level': 'row', 'kind': 'stat'}, {'name': 'std', 'level': 'row', 'kind': 'stat'}],
@@ -356,11 +356,11 @@ def layer_norm(x, weight=None, bias=None, eps=1e-05) -> torch.Tensor:
 # ---- ahead-of-time builds (`pullback build`): representative calls, whose kernel launches the build captures
 AOT_CASES = [{'op': 'layer_norm',
   'label': 'rows of 4096',
-  'inputs': [[1024, 4096], [4096], [4096]],
   'kwargs': {'eps': 0.001},
-  'dtypes': ['float16', 'bfloat16', 'float32', 'float64']},
+  'dtypes': ['float16', 'bfloat16', 'float32', 'float64'],
+  'inputs': [[1024, 4096], [4096], [4096]]},
  {'op': 'layer_norm',
   'label': 'rows of 100000',
-  'inputs': [[16, 100000], [100000], [100000]],
   'kwargs': {'eps': 0.001},
-  'dtypes': ['float16', 'bfloat16', 'float32', 'float64']}]
+  'dtypes': ['float16', 'bfloat16', 'float32', 'float64'],
+  'inputs': [[16, 100000], [100000], [100000]]}]

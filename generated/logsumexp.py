@@ -219,7 +219,7 @@ def _logsumexp_bwd(
 
 # ---- what the shared runtime needs to launch, register and differentiate this op
 META = {'name': 'logsumexp',
- 'inputs': [{'name': 'x', 'level': 'elem', 'default': None}],
+ 'inputs': [{'name': 'x', 'level': 'elem', 'default': None, 'dtype': 'float'}],
  'params': [],
  'outputs': [{'name': 'y', 'level': 'row'}],
  'extras': [{'name': 'm', 'level': 'row', 'kind': 'stat'}, {'name': 's', 'level': 'row', 'kind': 'stat'}],
@@ -240,16 +240,16 @@ def logsumexp(x, dim=-1, keepdim: bool = False) -> torch.Tensor:
 # ---- ahead-of-time builds (`pullback build`): representative calls, whose kernel launches the build captures
 AOT_CASES = [{'op': 'logsumexp',
   'label': 'rows of 4096',
-  'inputs': [[1024, 4096]],
   'kwargs': {'dim': -1},
-  'dtypes': ['float16', 'bfloat16', 'float32', 'float64']},
+  'dtypes': ['float16', 'bfloat16', 'float32', 'float64'],
+  'inputs': [[1024, 4096]]},
  {'op': 'logsumexp',
   'label': 'rows of 100000',
-  'inputs': [[16, 100000]],
   'kwargs': {'dim': -1},
-  'dtypes': ['float16', 'bfloat16', 'float32', 'float64']},
+  'dtypes': ['float16', 'bfloat16', 'float32', 'float64'],
+  'inputs': [[16, 100000]]},
  {'op': 'logsumexp',
   'label': 'dims (0, 2)',
-  'inputs': [[64, 96, 48]],
   'kwargs': {'dim': (0, 2)},
-  'dtypes': ['float16']}]
+  'dtypes': ['float16'],
+  'inputs': [[64, 96, 48]]}]

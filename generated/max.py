@@ -196,7 +196,7 @@ def _max_bwd(
 
 # ---- what the shared runtime needs to launch, register and differentiate this op
 META = {'name': 'max',
- 'inputs': [{'name': 'A', 'level': 'elem', 'default': None}],
+ 'inputs': [{'name': 'A', 'level': 'elem', 'default': None, 'dtype': 'float'}],
  'params': [],
  'outputs': [{'name': 'B', 'level': 'row'}],
  'extras': [{'name': 'argmax:B', 'level': 'row', 'kind': 'index'}],
@@ -217,16 +217,16 @@ def max_1(A, dim=-1, keepdim: bool = False) -> torch.Tensor:
 # ---- ahead-of-time builds (`pullback build`): representative calls, whose kernel launches the build captures
 AOT_CASES = [{'op': 'max_1',
   'label': 'rows of 4096',
-  'inputs': [[1024, 4096]],
   'kwargs': {'dim': -1},
-  'dtypes': ['float16', 'bfloat16', 'float32', 'float64']},
+  'dtypes': ['float16', 'bfloat16', 'float32', 'float64'],
+  'inputs': [[1024, 4096]]},
  {'op': 'max_1',
   'label': 'rows of 100000',
-  'inputs': [[16, 100000]],
   'kwargs': {'dim': -1},
-  'dtypes': ['float16', 'bfloat16', 'float32', 'float64']},
+  'dtypes': ['float16', 'bfloat16', 'float32', 'float64'],
+  'inputs': [[16, 100000]]},
  {'op': 'max_1',
   'label': 'dims (0, 2)',
-  'inputs': [[64, 96, 48]],
   'kwargs': {'dim': (0, 2)},
-  'dtypes': ['float16']}]
+  'dtypes': ['float16'],
+  'inputs': [[64, 96, 48]]}]

@@ -267,8 +267,8 @@ def _rms_norm_bwd(
 
 # ---- what the shared runtime needs to launch, register and differentiate this op
 META = {'name': 'rms_norm',
- 'inputs': [{'name': 'x', 'level': 'elem', 'default': None},
-            {'name': 'weight', 'level': 'col', 'default': 1.0}],
+ 'inputs': [{'name': 'x', 'level': 'elem', 'default': None, 'dtype': 'float'},
+            {'name': 'weight', 'level': 'col', 'default': 1.0, 'dtype': 'float'}],
  'params': [{'name': 'eps', 'default': 'eps'}],
  'outputs': [{'name': 'y', 'level': 'elem'}],
  'extras': [{'name': 'rms', 'level': 'row', 'kind': 'stat'}],
@@ -290,11 +290,11 @@ def rms_norm(x, weight=None, eps=None) -> torch.Tensor:
 # ---- ahead-of-time builds (`pullback build`): representative calls, whose kernel launches the build captures
 AOT_CASES = [{'op': 'rms_norm',
   'label': 'rows of 4096',
-  'inputs': [[1024, 4096], [4096]],
   'kwargs': {'eps': 0.001},
-  'dtypes': ['float16', 'bfloat16', 'float32', 'float64']},
+  'dtypes': ['float16', 'bfloat16', 'float32', 'float64'],
+  'inputs': [[1024, 4096], [4096]]},
  {'op': 'rms_norm',
   'label': 'rows of 100000',
-  'inputs': [[16, 100000], [100000]],
   'kwargs': {'eps': 0.001},
-  'dtypes': ['float16', 'bfloat16', 'float32', 'float64']}]
+  'dtypes': ['float16', 'bfloat16', 'float32', 'float64'],
+  'inputs': [[16, 100000], [100000]]}]

@@ -249,7 +249,7 @@ def _softmax_bwd(
 
 # ---- what the shared runtime needs to launch, register and differentiate this op
 META = {'name': 'softmax',
- 'inputs': [{'name': 'A', 'level': 'elem', 'default': None}],
+ 'inputs': [{'name': 'A', 'level': 'elem', 'default': None, 'dtype': 'float'}],
  'params': [],
  'outputs': [{'name': 'B', 'level': 'elem'}],
  'extras': [],
@@ -270,16 +270,16 @@ def softmax(A, dim=-1) -> torch.Tensor:
 # ---- ahead-of-time builds (`pullback build`): representative calls, whose kernel launches the build captures
 AOT_CASES = [{'op': 'softmax',
   'label': 'rows of 4096',
-  'inputs': [[1024, 4096]],
   'kwargs': {'dim': -1},
-  'dtypes': ['float16', 'bfloat16', 'float32', 'float64']},
+  'dtypes': ['float16', 'bfloat16', 'float32', 'float64'],
+  'inputs': [[1024, 4096]]},
  {'op': 'softmax',
   'label': 'rows of 100000',
-  'inputs': [[16, 100000]],
   'kwargs': {'dim': -1},
-  'dtypes': ['float16', 'bfloat16', 'float32', 'float64']},
+  'dtypes': ['float16', 'bfloat16', 'float32', 'float64'],
+  'inputs': [[16, 100000]]},
  {'op': 'softmax',
   'label': 'dims (0, 2)',
-  'inputs': [[64, 96, 48]],
   'kwargs': {'dim': (0, 2)},
-  'dtypes': ['float16']}]
+  'dtypes': ['float16'],
+  'inputs': [[64, 96, 48]]}]

@@ -212,7 +212,8 @@ def _swiglu_bwd(
 
 # ---- what the shared runtime needs to launch, register and differentiate this op
 META = {'name': 'swiglu',
- 'inputs': [{'name': 'a', 'level': 'elem', 'default': None}, {'name': 'b', 'level': 'elem', 'default': None}],
+ 'inputs': [{'name': 'a', 'level': 'elem', 'default': None, 'dtype': 'float'},
+            {'name': 'b', 'level': 'elem', 'default': None, 'dtype': 'float'}],
  'params': [],
  'outputs': [{'name': 'y', 'level': 'elem'}],
  'extras': [],
@@ -234,11 +235,11 @@ def swiglu(a, b) -> torch.Tensor:
 # ---- ahead-of-time builds (`pullback build`): representative calls, whose kernel launches the build captures
 AOT_CASES = [{'op': 'swiglu',
   'label': 'rows of 4096',
-  'inputs': [[1024, 4096], [1024, 4096]],
   'kwargs': {},
-  'dtypes': ['float16', 'bfloat16', 'float32', 'float64']},
+  'dtypes': ['float16', 'bfloat16', 'float32', 'float64'],
+  'inputs': [[1024, 4096], [1024, 4096]]},
  {'op': 'swiglu',
   'label': 'rows of 100000',
-  'inputs': [[16, 100000], [16, 100000]],
   'kwargs': {},
-  'dtypes': ['float16', 'bfloat16', 'float32', 'float64']}]
+  'dtypes': ['float16', 'bfloat16', 'float32', 'float64'],
+  'inputs': [[16, 100000], [16, 100000]]}]

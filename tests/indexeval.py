@@ -19,7 +19,7 @@ import math
 import torch
 from sympy import Indexed, KroneckerDelta, Symbol
 
-from derive.ir import ArgmaxIndicator, IndexMax, IndexSum, OpIR, base_name
+from derive.ir import ArgmaxIndicator, IndexMax, IndexSum, OpIR, Pick, base_name
 
 DTYPE = torch.float64
 
@@ -124,6 +124,12 @@ def evaluate(expr, env: dict, sizes: dict, defs: OpIR | None = None) -> NT:
         return NT(t, idx)
     if isinstance(expr, ArgmaxIndicator):
         return _argmax_indicator(expr, env, sizes, defs)
+    if isinstance(expr, Pick):  # one-hot of the integer tensor's values along the index
+        value = evaluate(expr.value, {**env, str(expr.value.base.label):
+                                      torch.as_tensor(env[str(expr.value.base.label)]).to(DTYPE)}, sizes, defs)
+        n = size_of(expr.index, sizes)
+        hot = (torch.arange(n, dtype=DTYPE).reshape([n] + [1] * value.t.dim()) == value.t.unsqueeze(0)).to(DTYPE)
+        return NT(hot, [expr.index] + value.idx)
     if isinstance(expr, KroneckerDelta):
         a, b = expr.args
         if base_name(a) != base_name(b):

@@ -7,6 +7,7 @@ import pytest
 from derive import derive, derive_text
 from derive import emit as E
 from derive.plan import PlanError, plan
+from derive.spec import SpecError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -281,3 +282,56 @@ def test_a_row_length_meets_float_math_in_the_accumulation_dtype(tmp_path, monke
     _check_user_op(tmp_path, monkeypatch, "op sqm(X[r, c]; eps) -> Y[r]\nY[r] = sqrt(mean[c](X + X) * eps)\n",
                    lambda op, x: op(x.abs(), -1, eps=0.5), lambda x: torch.sqrt((x.abs() + x.abs()).mean(-1) * 0.5),
                    (4, 10), "sqm")
+
+
+NLL = """op nll(x[r, c], t[r]: int; smoothing = 0) -> loss[r]
+m[r] = max[c](x)
+lse[r] = m + log(sum[c](exp(x - m)))
+loss[r] = lse - (1 - smoothing) * x[r, t] - smoothing * mean[c](x)
+"""
+
+
+def test_an_integer_input_selects_one_element_of_each_row(tmp_path, monkeypatch):
+    """x[r, t] with t[r]: int is x's row r at column t[r]; its pullback is the
+    indicator 1[c = t[r]], printed as tl.where(col == t, ...), and t has no
+    gradient.  Cross-entropy per row (with label smoothing) against torch."""
+    import importlib
+
+    import torch
+    import torch.nn.functional as F
+    d = derive_text(NLL, "nll.op")
+    assert "1[c' = t[r]]" in d.text() and d.pullbacks["t"] == 0
+    p = plan(d)
+    assert any("tl.where((col == t)" in line for line in p.bwd.single.code)
+    spec = tmp_path / "nll.op"
+    spec.write_text(NLL)
+    E.emit(str(spec), tmp_path / "userops_nll")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    op = importlib.import_module("userops_nll").nll
+    runtime = importlib.import_module("userops_nll._runtime")
+    for block in (4096, 8):
+        monkeypatch.setattr(runtime, "MAX_BLOCK", block)
+        for smoothing in (0.0, 0.1):
+            x = torch.randn(6, 11, dtype=torch.float64, requires_grad=True)
+            t = torch.randint(0, 11, (6,))
+            y = op(x, t, -1, smoothing=smoothing)
+            ref = F.cross_entropy(x, t, reduction="none", label_smoothing=smoothing)
+            torch.testing.assert_close(y, ref)
+            g = torch.rand_like(y)
+            torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0])
+    torch.library.opcheck(getattr(torch.ops, "pullback_userops_nll").nll_forward, (x, t, [1], 0.1))
+    with pytest.raises(TypeError, match=r"nll: expected t to be an integer tensor .* got torch.float32"):
+        op(x, t.float())
+    with pytest.raises(ValueError, match=r"nll: t has shape \(5,\), expected \(6,\)"):
+        op(x, t[:5])
+
+
+@pytest.mark.parametrize("text,message", [
+    ("op f(x[r, c], t[r]: int) -> y[r]\ny[r] = sum[c](x) + t\n",
+     r"f.op:2:20: t is an integer tensor: it selects an element, as in x\[r, t\], and is not a value itself"),
+    ("op f(x[r, c], t[r, c]: int) -> y[r]\ny[r] = sum[c](x)\n",
+     r"f.op:1:15: the integer input t selects one element of each row: index it like a row, \[r\]"),
+])
+def test_integer_inputs_misused(text, message):
+    with pytest.raises(SpecError, match=message):
+        plan(derive_text(text, "f.op"))

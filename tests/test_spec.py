@@ -321,3 +321,13 @@ def test_use_site_indices_must_be_names():
     with pytest.raises(SpecError, match=r"A\[\.\.\.\] takes index names") as e:
         parse("op f(A[s2, s1]) -> B[s2, s1]\nB = A[s2, 1]\n", "t.op")
     assert (e.value.line, e.value.col) == (2, 11)
+
+
+@pytest.mark.parametrize("header,token,fragment", [
+    ("op f(A[s2]: float) -> B[s2]", "float", "unknown type 'float' for A; an input is float (the default) or int"),
+    ("op f(A[s2]) -> B[s2]: int", "int", "the output B cannot be an integer tensor"),
+])
+def test_bad_integer_declarations(header, token, fragment):
+    with pytest.raises(SpecError) as e:
+        parse(header + "\nB = A\n", "t.op")
+    assert fragment in e.value.message and e.value.col == header.index(token) + 1
