@@ -222,6 +222,10 @@ class OpIR:
     index_order: tuple[Symbol, ...] = ()
     outputs: list[Tensor] = field(default_factory=list)  # every output, in the header's order
 
+    def __post_init__(self):
+        if not self.outputs:
+            self.outputs = [self.output]
+
     def definition(self, name: str) -> Equation | None:
         for eq in self.equations:
             if eq.target.name == name:
@@ -239,7 +243,7 @@ class _Builder:
         self.spec = spec
         self.file = spec.file
         order: list[Symbol] = []
-        for decl in spec.inputs + (spec.outputs or [spec.output]):
+        for decl in spec.inputs + spec.outputs:
             for i in decl.indices:
                 if Symbol(i) not in order:
                     order.append(Symbol(i))
@@ -288,7 +292,7 @@ class _Builder:
             if name.startswith("d") and name[1:] in names:
                 pos = defs[name].pos if name in defs else next(d.pos for d in spec.inputs if d.name == name)
                 raise self.err(f"the name {name!r} is taken by the gradient of {name[1:]}; rename the tensor", pos)
-        decls = spec.outputs or [spec.output]
+        decls = spec.outputs
         for decl in decls:
             if decl.name not in defs:
                 raise self.err(f"the output {decl.name} is never defined", decl.pos)
@@ -341,7 +345,7 @@ class _Builder:
     def equation(self, eq: S.Equation) -> Equation:
         rhs = self.expr(eq.expr, top=True)
         free = free_indices(rhs)
-        decl = next((o for o in (self.spec.outputs or [self.spec.output]) if o.name == eq.target), None)
+        decl = next((o for o in self.spec.outputs if o.name == eq.target), None)
         is_output = decl is not None
         if eq.indices is None and is_output and set(decl.indices) == {i.name for i in free}:
             indices = tuple(Symbol(i) for i in decl.indices)  # the header's order

@@ -200,7 +200,7 @@ def _decl_pos(d: Derivation, name: str) -> Pos | None:
     eq = ir.definition(name)
     if eq is not None:
         return eq.pos
-    for decl in d.spec.inputs + (d.spec.outputs or [d.spec.output]):
+    for decl in d.spec.inputs + d.spec.outputs:
         if decl.name == name:
             return decl.pos
     return None
@@ -250,7 +250,7 @@ def match_rowwise(d: Derivation) -> _Shape:
     if not any(levels[t.name] == "elem" for t in ir.inputs):
         raise _located(ir, _decl_pos(d, ir.inputs[0].name),
                        f"the row-wise family needs an input indexed [{', '.join(i.name for i in kept + (red,))}]")
-    for o in ir.outputs or [ir.output]:
+    for o in ir.outputs:
         if levels[o.name] == "col":
             raise _located(ir, _decl_pos(d, o.name),
                            f"an output indexed [{red.name}] sums over rows; the row-wise family writes row or "
@@ -282,7 +282,7 @@ class _Kernel:
         self.stores = stores
         self.by_name = {e.name: e for e in eqs}
         # spec name -> kernel value name
-        self.value_of = {t.key: t.value for t in tensors if not t.key.startswith(("argmax:", "partial:"))}
+        self.value_of = {t.key: t.value for t in tensors}  # spec name (or "argmax:M") -> kernel value
         for e in eqs:
             self.value_of.setdefault(e.name, names.of(("value", e.name), e.name.replace(":", "_")))
         self.argmax_of = {t.key[len("argmax:"):]: t.value for t in tensors if t.key.startswith("argmax:")}
@@ -591,7 +591,7 @@ def plan_rowwise(d: Derivation) -> RowwisePlan:
     names = Names(template_names(TEMPLATES / "rowwise.py.j2"))
     # the template's own identifiers, by role (its text uses these exact words)
     n = {w: w for w in ("row", "col", "mask", "n_cols", "ACC", "BLOCK")}
-    outs = list(ir.outputs or [ir.output])
+    outs = list(ir.outputs)
     out_names = {o.name for o in outs}
     # scalar intermediates (numbers and parameters) are written in place
     equations = [Equation(eq.target, eq.rhs.xreplace(shape.scalars), eq.pos) for eq in ir.equations
@@ -683,9 +683,6 @@ def plan_rowwise(d: Derivation) -> RowwisePlan:
         [(t, s) for s, t in t_stat.items()]
     k_fwd = _Kernel(names, n, names.take(f"_{ir.name}_fwd"), f"forward of {ir.name}", fwd_tensors, eqs,
                     fwd_stores, red, params)
-    # argmax stores carry the index value, not a spec tensor
-    for m, t in t_arg.items():
-        k_fwd.value_of[f"argmax:{m}"] = t.value
     fwd = k_fwd.build()
 
     # -- backward kernel
@@ -784,25 +781,22 @@ def _api(ir, spec, levels, has_reduction: bool) -> tuple[str, str, str, dict, st
     api = Names({"OP"}, builtins=False)
     args = [api.take(x.name) for x in ir.inputs]
     qs = [api.take(q.name) for q in ir.params]
-    names = api
     has_col = any(levels[x.name] == "col" for x in ir.inputs)
     sig = [a if decl.default is None else f"{a}=None" for a, decl in zip(args, spec.inputs)]
     qsig = [q if decl.default is None else f"{q}=None" if decl.default == "eps" else f"{q}={decl.default!r}"
             for q, decl in zip(qs, spec.param_decls)]
+    takes_dim = has_reduction and not has_col  # else: the weights' dims, or the last dim
     dim = keepdim = "None"
-    if has_col or not has_reduction:
-        sig += qsig
-        if any(levels[o.name] == "row" for o in ir.outputs or [ir.output]):
-            keepdim = names.of(("api", "keepdim"), "keepdim")
-            sig.append(f"{keepdim}: bool = False")
-    else:
-        dim = names.of(("api", "dim"), "dim")
+    if takes_dim:
+        dim = api.take("dim")
         sig.append(f"{dim}=-1")
-        if any(levels[o.name] == "row" for o in ir.outputs or [ir.output]):
-            keepdim = names.of(("api", "keepdim"), "keepdim")
-            sig.append(f"{keepdim}: bool = False")
-        if qs:
-            sig += ["*"] + qsig
+    else:
+        sig += qsig
+    if any(levels[o.name] == "row" for o in ir.outputs):
+        keepdim = api.take("keepdim")
+        sig.append(f"{keepdim}: bool = False")
+    if takes_dim and qs:
+        sig += ["*"] + qsig
     optional = False
     for a in sig:
         if a == "*":
@@ -825,9 +819,9 @@ def _api_doc(ir, levels, red, reduces: str) -> str:
         where = f"The reduced set {red.name} is ``dim``: an int or a tuple of ints (negative allowed)."
     else:
         where = f"Elementwise: {red.name} is the last dim, the other dims are rows."
-    if any(levels[o.name] == "row" for o in ir.outputs or [ir.output]):
+    if any(levels[o.name] == "row" for o in ir.outputs):
         where += " ``keepdim`` keeps the reduced dims with size 1."
-    if len(ir.outputs or [ir.output]) > 1:
+    if len(ir.outputs) > 1:
         where += f" Returns ({', '.join(o.name for o in ir.outputs)})."
     return where
 

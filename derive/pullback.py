@@ -88,7 +88,7 @@ class _Reverse:
     def __init__(self, ir: OpIR):
         self.ir = ir
         self.folder = Folder(ir.equations)
-        self.keep = (contraction_tensors(ir) | {t.name for t in ir.inputs}) - {t.name for t in ir.outputs or [ir.output]}
+        self.keep = (contraction_tensors(ir) | {t.name for t in ir.inputs}) - {t.name for t in ir.outputs}
         self.inlined: dict[str, object] = {}    # name -> simplified dX (own indices)
         self.kept_defs: dict[str, object] = {}  # name -> simplified dX
         self.adjoint_folder = Folder([])
@@ -140,7 +140,7 @@ class _Reverse:
         ir = self.ir
         contributions: dict[str, list] = defaultdict(list)
         steps: list[AdjointStep] = []
-        outputs = {t.name for t in ir.outputs or [ir.output]}
+        outputs = {t.name for t in ir.outputs}
         for eq in reversed(ir.equations):
             y = eq.target
             with _located(ir, y.name, eq):

@@ -128,7 +128,7 @@ def _lines(d):
 
 
 def _outputs(ir) -> str:
-    outs = ir.outputs or [ir.output]
+    outs = ir.outputs
     return _s(outs[0].indexed) if len(outs) == 1 else "(" + ", ".join(_s(o.indexed) for o in outs) + ")"
 
 
@@ -139,8 +139,8 @@ def render(d, fmt: str = "text") -> str:
     head = f"{ir.name}({', '.join(_s(t.indexed) for t in ir.inputs)}" \
            f"{'; ' + ', '.join(p.name for p in ir.params) if ir.params else ''}) -> {_outputs(ir)}"
     rows = _lines(d)
-    grad = ", ".join(f"d{o.name}[{', '.join(i.name for i in o.indices)}]" for o in ir.outputs or [ir.output])
-    is_are, plural = ("are", "s") if len(ir.outputs or [ir.output]) > 1 else ("is", "")
+    grad = ", ".join(f"d{o.name}[{', '.join(i.name for i in o.indices)}]" for o in ir.outputs)
+    is_are, plural = ("are", "s") if len(ir.outputs) > 1 else ("is", "")
     needs = ", ".join(d.backward_needs) or "nothing"
     if fmt == "latex":
         out = [f"% {head} -- derived by pullback from {d.path}", r"\begin{align*}"]

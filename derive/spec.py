@@ -188,6 +188,10 @@ class OpSpec:
     name_pos: Pos = Pos(0, 0)  # where the op name stands in the header
     outputs: list[TensorDecl] = field(default_factory=list)  # all outputs (``output`` is the first)
 
+    def __post_init__(self):
+        if not self.outputs:
+            self.outputs = [self.output]
+
 
 def _short(text: str, n: int = 24) -> str:
     """User text shortened for a message (a number may be thousands of digits long)."""
