@@ -149,6 +149,78 @@ class Pick(Expr):
         return f"1[{printer._print(self.index)} = {printer._print(self.value)}]"
 
 
+def condition_text(printer, cond) -> str:
+    """A condition in the spec's own notation: ``t[r] != k and i >= j``."""
+    if isinstance(cond, (sympy.And, sympy.Or)):
+        op = " and " if isinstance(cond, sympy.And) else " or "
+        return op.join(f"({condition_text(printer, a)})" if isinstance(a, (sympy.And, sympy.Or)) else
+                       condition_text(printer, a) for a in cond.args)
+    if isinstance(cond, sympy.Not):
+        return f"not ({condition_text(printer, cond.args[0])})"
+    if isinstance(cond, sympy.core.relational.Relational):
+        return f"{printer._print(cond.lhs)} {cond.rel_op} {printer._print(cond.rhs)}"
+    return printer._print(cond)
+
+
+class Indicator(Expr):
+    """``1[cond]``: 1 where the condition holds, 0 elsewhere.  A factor of the
+    pullback of ``where(cond, a, b)``; printed as a ``tl.where`` around the rest
+    of its product, so that ``1[cond] * inf`` is 0, never NaN.  Piecewise
+    constant: no gradient flows into the condition."""
+
+    is_commutative = True
+
+    def __new__(cls, cond):
+        if cond is sympy.true:
+            return sympy.S.One
+        if cond is sympy.false:
+            return sympy.S.Zero
+        return Expr.__new__(cls, cond)
+
+    @property
+    def cond(self):
+        return self.args[0]
+
+    def _eval_derivative(self, x):
+        return sympy.S.Zero
+
+    def _sympystr(self, printer):
+        return f"1[{condition_text(printer, self.cond)}]"
+
+
+class Where(Expr):
+    """``where(cond, a, b)``: ``a`` where ``cond`` holds, else ``b``.  Its
+    derivative is ``1[cond] da + 1[not cond] db``: the branch not taken gets
+    nothing, so a masked score (``where(ok, s, -inf)``) has a zero pullback."""
+
+    is_commutative = True
+
+    def __new__(cls, cond, then, other):
+        if cond is sympy.true or then == other:
+            return then
+        if cond is sympy.false:
+            return other
+        return Expr.__new__(cls, cond, then, other)
+
+    @property
+    def cond(self):
+        return self.args[0]
+
+    @property
+    def then(self):
+        return self.args[1]
+
+    @property
+    def other(self):
+        return self.args[2]
+
+    def _eval_derivative(self, x):
+        return Indicator(self.cond) * self.then.diff(x) + Indicator(sympy.Not(self.cond)) * self.other.diff(x)
+
+    def _sympystr(self, printer):
+        return f"where({condition_text(printer, self.cond)}, {printer._print(self.then)}, {printer._print(self.other)})"
+
+
 def size_symbol(indices) -> Symbol:
     """The number of elements of index sets, ``|c|``: ``mean[c](x) = sum[c](x) / |c|``.
     A scalar named after the sets (not the index symbols), so renaming an index leaves it alone."""
@@ -172,8 +244,9 @@ def free_indices(expr) -> set[Symbol]:
 
 
 def tensors_in(expr) -> set[str]:
-    """Names of the tensors an expression reads."""
-    return {str(t.base.label) for t in expr.atoms(Indexed)}
+    """Names of the tensors an expression reads (a tensor with no indices, a
+    total over the rows, is its bare ``IndexedBase``)."""
+    return {str(b.label) for b in expr.atoms(IndexedBase)}
 
 
 # ---- the IR ---------------------------------------------------------------------
@@ -193,7 +266,7 @@ class Tensor:
         return Indexed(self.base, *self.indices) if self.indices else self.base
 
     def at(self, indices) -> Indexed:
-        return Indexed(self.base, *indices)
+        return Indexed(self.base, *indices) if indices else self.base
 
 
 @dataclass(frozen=True)
@@ -251,12 +324,13 @@ class _Builder:
         self.tensors: dict[str, Tensor] = {}
         self.params = {p: Symbol(p) for p in spec.params}
         self.picks = 0
+        self.in_condition = 0  # > 0 while building a comparison: integer tensors are values there
 
     def err(self, msg: str, pos: S.Pos) -> SpecError:
         return SpecError(msg, self.file, pos.line, pos.col)
 
     def check_name(self, name: str, pos: S.Pos, what: str):
-        if name in S.FUNCTIONS or name in S.BINARY_FUNCTIONS or name in S.REDUCTIONS or name == "op":
+        if name in S.FUNCTIONS or name in S.BINARY_FUNCTIONS or name in S.REDUCTIONS or name in ("op", S.CONDITIONAL):
             raise self.err(f"{name!r} is reserved and cannot name {what}", pos)
         if Symbol(name) in self.index_order:
             raise self.err(f"{name!r} is an index name and cannot name {what}", pos)
@@ -382,6 +456,21 @@ class _Builder:
                         raise self.err(f"this expression's value is {why}", node.pos)
         return out
 
+    def condition(self, node):
+        """A comparison, or comparisons joined by and / or / not, as a SymPy boolean."""
+        if isinstance(node, S.Logic):
+            args = [self.condition(a) for a in node.args]
+            return {"and": sympy.And, "or": sympy.Or, "not": sympy.Not}[node.op](*args)
+        self.in_condition += 1
+        try:
+            a, b = self.expr(node.left), self.expr(node.right)
+        finally:
+            self.in_condition -= 1
+        try:
+            return _RELATIONS[node.op](a, b)
+        except TypeError as e:  # pragma: no cover - only real operands reach here
+            raise self.err(f"cannot compare: {e}", node.pos) from None
+
     def _expr(self, node, top: bool = False) -> Expr:
         if isinstance(node, S.Num):
             return sympy.Integer(node.value) if isinstance(node.value, int) else sympy.Float(node.value)
@@ -394,9 +483,10 @@ class _Builder:
             if node.name not in self.tensors:  # pragma: no cover - caught in topological()
                 raise self.err(f"undefined tensor {node.name!r}", node.pos)
             tensor = self.tensors[node.name]
-            if tensor.dtype == "int":
+            if tensor.dtype == "int" and not self.in_condition:
                 raise self.err(f"{node.name} is an integer tensor: it selects an element, as in x[r, {node.name}], "
-                               f"and is not a value itself", node.pos)
+                               f"or is compared, as in where({node.name} != k, a, b); it is not a value itself",
+                               node.pos)
             if node.indices is None:
                 return tensor.indexed
             picks = [(k, self.tensors[i]) for k, i in enumerate(node.indices)
@@ -440,6 +530,8 @@ class _Builder:
                     "maximum": lambda: sympy.Max(a, b), "minimum": lambda: sympy.Min(a, b)}[node.op]()
         if isinstance(node, S.Func):
             return getattr(sympy, node.name)(self.expr(node.arg))
+        if isinstance(node, S.Where):
+            return Where(self.condition(node.cond), self.expr(node.then), self.expr(node.other))
         if isinstance(node, S.Reduce):
             body = self.expr(node.arg)
             have = free_indices(body)
@@ -462,6 +554,9 @@ class _Builder:
         raise TypeError(node)  # pragma: no cover
 
 
+_RELATIONS = {"==": sympy.Eq, "!=": sympy.Ne, "<": sympy.Lt, "<=": sympy.Le, ">": sympy.Gt, ">=": sympy.Ge}
+
+
 def _refs(node) -> list[S.Ref]:
     """The tensor references of a spec expression, left to right (an explicit stack: no recursion)."""
     out, stack = [], [node]
@@ -470,9 +565,11 @@ def _refs(node) -> list[S.Ref]:
         if isinstance(n, S.Ref):
             out.append(n)
             continue
-        for child in ("arg", "right", "left", "operand"):  # pushed in reverse: popped left first
+        for child in ("arg", "right", "left", "operand", "other", "then", "cond"):  # pushed in reverse: popped left first
             if hasattr(n, child):
                 stack.append(getattr(n, child))
+        if isinstance(n, S.Logic):
+            stack.extend(reversed(n.args))
     return out
 
 

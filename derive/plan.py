@@ -38,8 +38,8 @@ import sympy
 from sympy import Indexed, Symbol
 
 from .derivation import REPO_ROOT, Derivation
-from .ir import ArgmaxIndicator, Equation, IndexMax, IndexSum, base_name, free_indices
-from .names import Names, comment_text, template_names
+from .ir import ArgmaxIndicator, Equation, IndexMax, IndexSum, base_name, free_indices, size_symbol
+from .names import Names, comment_text, template_names, visible
 from .printer import NotSupported, triton_code
 from .report import display_indices
 from .simplify import rename_free
@@ -70,7 +70,8 @@ class KTensor:
     """A tensor a kernel reads or writes, with every name the kernel uses for it."""
 
     key: str      # the spec's name ("A", "dB"), "argmax:M" or "partial:dW"
-    level: str    # "elem" [K, c] | "row" [K] | "col" [c] | "part" [programs, c] (contiguous)
+    level: str    # "elem" [K, c] | "row" [K] | "col" [c] | "part" [programs, c] (contiguous) | "total" []
+                  # (a scalar: a sum over the rows) | "tpart" [programs] (a total's per-program partials)
     kind: str     # "data" (the op's dtype) | "stat" (accumulation dtype) | "index" (int32)
     doc: str
     value: str    # the kernel value loaded from / stored to it
@@ -133,11 +134,25 @@ class RowKernel:
     loops: list[Loop]
     final: Block | None                    # computes element outputs and accumulators (looped shape)
     n: dict[str, str]                      # the kernel's own names: "row", "col", ...
+    total_loads: list[KTensor] = field(default_factory=list)  # scalars loaded once (totals, their gradients)
+    taccs: list[Acc] = field(default_factory=list)            # per-program sums over the rows (scalars)
 
     @property
     def loads(self) -> list[KTensor]:
         stored = {t.key for t, _ in self.elem_stores + self.row_stores} | {a.tensor.key for a in self.accs}
         return [t for t in self.tensors if t.key not in stored]
+
+
+@dataclass
+class FinishKernel:
+    """The second stage of sums over the rows: one program sums each total's
+    per-program partials in a fixed order, then computes the totals made of them."""
+
+    name: str
+    doc: str
+    tensors: list[KTensor]             # partials read, then totals written
+    code: list[str]
+    stores: list[tuple[KTensor, str]]
 
 
 @dataclass
@@ -158,6 +173,9 @@ class RowwisePlan:
     call: str = ""             # its call of the runtime
     doc: str = ""
     aot_cases: list = field(default_factory=list)  # representative calls for `pullback build`
+    real_params: list = field(default_factory=list)  # (kernel name, spec name) of real parameters, loaded
+    int_params: list = field(default_factory=list)   # (kernel name, spec name) of integer ones, passed as ints
+    fin: FinishKernel | None = None                   # sums over the rows, second stage
 
     @property
     def aot_text(self) -> str:
@@ -175,6 +193,7 @@ class _Shape:
     red: Symbol
     levels: dict[str, str]
     scalars: dict = field(default_factory=dict)  # IndexedBase of a scalar intermediate -> its value
+    totals: list = field(default_factory=list)   # equations of scalars made of sums over the rows
 
 
 def _scalars(ir) -> dict:
@@ -210,8 +229,11 @@ def match_rowwise(d: Derivation) -> _Shape:
     """The kept and reduced sets of a row-wise spec, or a located PlanError."""
     ir = d.ir
     scalars = _scalars(ir)
+    totals = [eq for eq in ir.equations if not eq.target.indices and eq.target.base not in scalars]
     reduced: dict[str, Pos] = {}
     for eq in ir.equations:
+        if eq in totals:
+            continue  # sums over the rows: checked once the rows are known
         for r in list(eq.rhs.atoms(IndexSum)) + list(eq.rhs.atoms(IndexMax)):
             for i in r.indices:
                 reduced.setdefault(base_name(i), eq.pos)
@@ -221,18 +243,21 @@ def match_rowwise(d: Derivation) -> _Shape:
                        f"reduces over {', '.join(names)}")
     if reduced:
         red = Symbol(next(iter(reduced)))
-    elif ir.output.indices:
-        red = ir.output.indices[-1]  # elementwise: the last index set is the columns
+    elif any(o.indices for o in ir.outputs):
+        red = next(o for o in ir.outputs if o.indices).indices[-1]  # elementwise: the last index set is the columns
     else:
-        raise _located(ir, _decl_pos(d, ir.output.name), "the output has no indices")
+        raise _located(ir, _decl_pos(d, ir.output.name), "the output has no indices and the op reduces nothing "
+                       "per row: write the rows' values first, e.g. y[r] = sum[c](x), then total = sum[r](y)")
     row_like = [t for t in ir.tensors.values() if red in t.indices and len(t.indices) > 1]
-    kept_source = row_like[0] if row_like else ir.output
+    kept_source = row_like[0] if row_like else next(o for o in ir.outputs if o.indices)
     kept = tuple(i for i in kept_source.indices if i != red)
     levels = {}
     for t in ir.tensors.values():
         if t.base in scalars:
             continue
-        if t.indices == kept + (red,):
+        if not t.indices:
+            levels[t.name] = "total"
+        elif t.indices == kept + (red,):
             levels[t.name] = "elem"
         elif t.indices == kept and kept:
             levels[t.name] = "row"
@@ -255,7 +280,40 @@ def match_rowwise(d: Derivation) -> _Shape:
             raise _located(ir, _decl_pos(d, o.name),
                            f"an output indexed [{red.name}] sums over rows; the row-wise family writes row or "
                            f"per-row outputs")
-    return _Shape(kept, red, levels, scalars)
+    for eq in totals:
+        _check_total(ir, eq, kept, levels)
+    for eq in ir.equations:
+        if eq not in totals:
+            late = sorted(n for n in {str(b.label) for b in eq.rhs.atoms(sympy.IndexedBase)}
+                          if levels.get(n) == "total")
+            if late:
+                raise _located(ir, eq.pos, f"{eq.target.name} uses {', '.join(late)}, a total over the rows: the "
+                               f"row-wise family computes totals after the rows, never rows from totals")
+    return _Shape(kept, red, levels, scalars, totals)
+
+
+def _row_sums(expr) -> list:
+    """The outermost sums of an expression (a total's sums over the rows)."""
+    out, todo = [], [expr]
+    while todo:
+        e = todo.pop()
+        if isinstance(e, IndexSum):
+            out.append(e)
+        else:
+            todo.extend(e.args)
+    return out
+
+
+def _check_total(ir, eq, kept, levels):
+    """A total: numbers, parameters, other totals and sums over all the rows of row values."""
+    rows = ", ".join(k.name for k in kept)
+    if eq.rhs.has(IndexMax):
+        raise _located(ir, eq.pos, f"{eq.target.name} takes a max over the rows; the row-wise family sums over "
+                       f"the rows (sum[{rows}](...)) but takes no max across them")
+    for s in _row_sums(eq.rhs):
+        if {base_name(i) for i in s.indices} != {k.name for k in kept} or free_indices(s.body) - set(s.indices):
+            raise _located(ir, eq.pos, f"{eq.target.name} sums over {', '.join(i.name for i in s.indices)}: a total "
+                           f"sums row values over all the rows, sum[{rows}](y) with y indexed [{rows}]")
 
 
 # ---- kernel equations and their schedule -------------------------------------------
@@ -278,7 +336,7 @@ class _Kernel:
         self.name, self.doc, self.eqs, self.red = name, doc, eqs, red
         self.stored = {t.key for t, _ in stores}
         self.tensors = tensors
-        self.loads = [t for t in tensors if t.key not in self.stored and t.level != "part"]
+        self.loads = [t for t in tensors if t.key not in self.stored and t.level not in ("part", "tpart")]
         self.stores = stores
         self.by_name = {e.name: e for e in eqs}
         # spec name -> kernel value name
@@ -470,6 +528,7 @@ class _Kernel:
         col_loads = [t for t in self.loads if t.level == "col"]
         single_code: list[str] = []
         accs: list[Acc] = []
+        taccs: list[Acc] = []
         for e in eqs:
             if e.kind == "value":
                 single_code.append(self.assign(e))
@@ -477,13 +536,18 @@ class _Kernel:
                 single_code += self.sum_single(e)
             elif e.kind == "max":
                 single_code += self.max_single(e)
+            elif e.kind == "tacc":  # a total: its row's term, added at the end of the row
+                part = next(t for t in self.tensors if t.key == f"tpartial:{e.name}")
+                acc = self.N.of(("tacc", e.name), f"{self.value_of[e.name]}_acc")
+                taccs.append(Acc(part, acc, f"{acc} = tl.zeros((), dtype={self.n['ACC']})",
+                                 f"{acc} += {self.code(e.expr)}  # {comment_text(e.comment)}"))
             else:  # a sum over the rows: accumulated per program
                 single_code.append(self.acc_update(e))
                 part = next(t for t in self.tensors if t.key == f"partial:{e.name}")
                 acc = self.N.given[("acc", e.name)]
                 accs.append(Acc(part, acc, f"{acc} = tl.zeros([{self.n['BLOCK']}], dtype={self.n['ACC']})",
                                 self.acc_update(e)))
-        single_exprs = [e.expr for e in eqs]
+        single_exprs = [e.expr for e in eqs if e.kind != "tacc"]
         single = Block(self.block_loads(single_exprs, hoisted={t.key for t in col_loads}), single_code)
         # -- the looped shape: the level of each row value = the passes it waits for
         ready: dict[str, int] = {t.key: 0 for t in self.loads if t.level == "row"}
@@ -525,7 +589,8 @@ class _Kernel:
         stores = [(t, self.value_of[v]) for t, v in self.stores]
         return RowKernel(self.name, self.doc, self.tensors, [t for t in self.loads if t.level == "row"], col_loads,
                          single, [(t, v) for t, v in stores if t.level == "elem"],
-                         [(t, v) for t, v in stores if t.level == "row"], accs, before, loops, final, self.n)
+                         [(t, v) for t, v in stores if t.level == "row"], accs, before, loops, final, self.n,
+                         [t for t in self.loads if t.level == "total"], taccs)
 
 
 # ---- from a derivation to the two kernels --------------------------------------------
@@ -618,7 +683,7 @@ def plan_rowwise(d: Derivation) -> RowwisePlan:
         out_: set[str] = set()
         for g in gs:  # an argmax indicator reads the saved index, not its max's values
             g = g.replace(lambda e: isinstance(e, ArgmaxIndicator), lambda e: Symbol("_pick"))
-            out_ |= {str(t.base.label) for t in g.atoms(Indexed)}
+            out_ |= {str(b.label) for b in g.atoms(sympy.IndexedBase)}
         return out_ - set(grad_outs)
 
     # adjoints the derivation keeps as named values (of contraction operands) are
@@ -648,7 +713,7 @@ def plan_rowwise(d: Derivation) -> RowwisePlan:
             grads, reads = again, reads_of(again.values())
     argmax_of = sorted({str(a.reduced.base.label) for g in grads.values() for a in g.atoms(ArgmaxIndicator)})
     saved_fwd = [t.name for t in inputs if t.name in reads] + [o.name for o in outs if o.name in reads]
-    stat_names = sorted(r for r in reads if r in fwd_defs and r not in out_names and levels[r] == "row")
+    stat_names = sorted(r for r in reads if r in fwd_defs and r not in out_names and levels[r] in ("row", "total"))
 
     def tensor(key, level, kind, doc, want) -> KTensor:
         v = names.of(("value", key), want)
@@ -663,12 +728,29 @@ def plan_rowwise(d: Derivation) -> RowwisePlan:
     t_outs = {o.name: tensor(o.name, levels[o.name], "data", f"the output {o.indexed}", o.name) for o in outs}
     t_arg = {m: tensor(f"argmax:{m}", "row", "index", f"first argmax of {m}'s row", f"{m}_argmax")
              for m in argmax_of}
-    t_stat = {s: tensor(s, "row", "stat", f"{s} saved for the backward", s) for s in stat_names}
+    t_stat = {s: tensor(s, levels[s], "stat", f"{s} saved for the backward", s) for s in stat_names}
 
     # -- forward kernel
     eqs: list[_KEq] = []
+    t_parts: list[KTensor] = []       # per-program partials of the sums over the rows
+    fin_eqs: list[tuple[str, object, str]] = []  # totals made of those sums: (name, value, comment)
     for eq in equations:
         lvl = levels[eq.target.name]
+        if lvl == "total":  # each sum over the rows: one term per row, summed per program, then across programs
+            subs = {}
+            for k, srow in enumerate(_row_sums(eq.rhs)):
+                name = eq.target.name if srow == eq.rhs else f"{eq.target.name}_rows:{k}"
+                by_set = {base_name(i): i for i in srow.indices}
+                body = srow.body.xreplace({by_set[q.name]: q for q in kept})
+                body = _extract_sums(body, red, eqs, f"{name}_sum", names, ir, eq.pos, kept)
+                eqs.append(_KEq(name, "total", "tacc", body, f"{eq.target.name}[] = {sympy.sstr(srow)}"))
+                t_parts.append(tensor(f"tpartial:{name}", "tpart", "stat",
+                                      f"per-program partial sums of {name} (summed in a second stage)",
+                                      f"{name.replace(':', '_')}_partial"))
+                subs[srow] = sympy.IndexedBase(name)
+            if eq.rhs not in subs:
+                fin_eqs.append((eq.target.name, eq.rhs.xreplace(subs), str(eq)))
+            continue
         if isinstance(eq.rhs, IndexSum):
             body = _extract_sums(eq.rhs.body, red, eqs, f"{eq.target.name}_sum", names, ir, eq.pos, kept)
             eqs.append(_KEq(eq.target.name, lvl, "sum", body, str(eq)))
@@ -678,12 +760,15 @@ def plan_rowwise(d: Derivation) -> RowwisePlan:
         else:  # sums inside an expression (a mean, say) become row values of their own
             rhs = _extract_sums(eq.rhs, red, eqs, f"{eq.target.name}_sum", names, ir, eq.pos, kept)
             eqs.append(_KEq(eq.target.name, lvl, "value", rhs, str(eq)))
-    fwd_tensors = list(t_in.values()) + list(t_outs.values()) + list(t_arg.values()) + list(t_stat.values())
-    fwd_stores = [(t, o) for o, t in t_outs.items()] + [(t, f"argmax:{m}") for m, t in t_arg.items()] + \
-        [(t, s) for s, t in t_stat.items()]
+    fin_tensors = [t for t in list(t_outs.values()) + list(t_stat.values()) if t.level == "total"]
+    fwd_tensors = [t for t in list(t_in.values()) + list(t_outs.values()) + list(t_arg.values()) +
+                   list(t_stat.values()) if t.level != "total"] + t_parts
+    fwd_stores = [(t, o) for o, t in t_outs.items() if t.level != "total"] + \
+        [(t, f"argmax:{m}") for m, t in t_arg.items()] + [(t, s) for s, t in t_stat.items() if t.level != "total"]
     k_fwd = _Kernel(names, n, names.take(f"_{ir.name}_fwd"), f"forward of {ir.name}", fwd_tensors, eqs,
                     fwd_stores, red, params)
     fwd = k_fwd.build()
+    fin = _finish(names, ir, kept, t_parts, fin_eqs, fin_tensors, params) if t_parts else None
 
     # -- backward kernel
     t_grads = [tensor(f"d{o.name}", levels[o.name], "data", f"the gradient of {o.name}", f"d{o.name}")
@@ -730,28 +815,53 @@ def plan_rowwise(d: Derivation) -> RowwisePlan:
         "name": ir.name,
         "inputs": [{"name": x.name, "level": levels[x.name], "default": decl.default, "dtype": x.dtype}
                    for x, decl in zip(inputs, d.spec.inputs)],
-        "params": [{"name": q.name, "default": q.default} for q in d.spec.param_decls],
+        "params": [{"name": q.name, "default": q.default, "dtype": q.dtype} for q in d.spec.param_decls],
         "outputs": [{"name": o.name, "level": levels[o.name]} for o in outs],
-        "extras": [{"name": t.key, "level": "row", "kind": t.kind} for t in list(t_arg.values()) + list(t_stat.values())],
+        "extras": [{"name": t.key, "level": t.level, "kind": t.kind}
+                   for t in list(t_arg.values()) + list(t_stat.values())],
         "saved": saved_fwd + [t.key for t in list(t_arg.values()) + list(t_stat.values())],
         "grads": [{"name": f"d{x.name}", "of": x.name, "level": levels[x.name], "zero": x.name in zero_grads}
                   for x in inputs],
         "forward": {"kernel": fwd.name, "tensors": [t.key for t in fwd.tensors]},
         "backward": {"kernel": bwd.name, "tensors": [t.key for t in bwd.tensors]},
+        "finish": {"kernel": fin.name, "tensors": [t.key for t in fin.tensors]} if fin else None,
+        "choice": None if d.spec.choice is None else {"keyword": d.spec.choice[0],
+                                                      "values": dict(d.spec.choice[1])},
     }
     meta["reduces"] = reduces
     extras = list(t_arg.values()) + list(t_stat.values())
     doc = (f"{ir.name}({', '.join(str(x.indexed) for x in inputs)}"
            f"{'; ' + ', '.join(q.name for q in ir.params) if ir.params else ''}) -> "
            f"{', '.join(str(o.indexed) for o in outs)}, "
-           f"from {d.path}.\n\n{_api_doc(ir, levels, red, meta['reduces'])}\n"
+           f"from {visible(str(d.path))}.\n\n{_api_doc(ir, levels, red, meta['reduces'])}\n"
            f"Forward and backward run the generated Triton kernels above.")
     return RowwisePlan("rowwise", ir.name, fn, fwd, bwd, meta, meta["saved"], extras, [q.name for q in ir.params],
                        [str(e) for e in ir.equations], pullback_text, list(params.values()), signature, call, doc,
-                       _aot_cases(fn, inputs, levels, reduces, api_params, api_dim))
+                       _aot_cases(fn, inputs, levels, reduces, api_params, api_dim, d.spec.param_decls),
+                       [(params[q.name], q.name) for q in d.spec.param_decls if q.dtype != "int"],
+                       [(params[q.name], q.name) for q in d.spec.param_decls if q.dtype == "int"], fin)
 
 
-def _aot_cases(fn: str, inputs, levels, reduces: str, api_params: dict, api_dim: str) -> list[dict]:
+def _finish(names: Names, ir, kept, parts: list[KTensor], fin_eqs, stores: list[KTensor], params) -> FinishKernel:
+    """The second stage of the sums over the rows, and the totals made of them."""
+    value_of = {t.key: t.value for t in stores}
+    code = []
+    for t in parts:
+        name = t.key[len("tpartial:"):]
+        v = value_of.setdefault(name, names.of(("value", name), name.replace(":", "_")))
+        code.append(f"{v} = tl.sum(tl.load({t.ptr} + offs, mask=offs < n_parts, other=0.0), axis=0)  "
+                    f"# {comment_text(name)}: the per-program partials, summed in a fixed order")
+    for name, value, comment in fin_eqs:
+        v = value_of.setdefault(name, names.of(("value", name), name))
+        printing = dict(value_of)
+        printing.update(params)
+        printing[str(size_symbol(kept))] = "tl.cast(n_rows, ACC)"
+        code.append(f"{v} = {triton_code(value, names=printing)}  # {comment_text(comment)}")
+    return FinishKernel(names.take(f"_{ir.name}_fin"), f"sums over the rows of {ir.name}, second stage",
+                        parts + stores, code, [(t, t.value) for t in stores])
+
+
+def _aot_cases(fn: str, inputs, levels, reduces: str, api_params: dict, api_dim: str, decls=()) -> list[dict]:
     """Representative calls of the op for ``pullback build``, which captures the
     kernels they launch: rows that fit a block (4096), long rows (100000) and,
     for ops that take ``dim``, non-adjacent reduced dims."""
@@ -763,7 +873,8 @@ def _aot_cases(fn: str, inputs, levels, reduces: str, api_params: dict, api_dim:
     for label, shape, dim, dtypes in shapes:
         dims = [d % len(shape) for d in ((dim,) if isinstance(dim, int) else dim)]
         sizes = {"elem": shape, "col": [shape[d] for d in dims], "row": [n for d, n in enumerate(shape) if d not in dims]}
-        kwargs = {q: 0.001 for q in api_params.values()}
+        ints = {q.name for q in decls if q.dtype == "int"}
+        kwargs = {q: -100 if name in ints else 0.001 for name, q in api_params.items()}
         if reduces == "dim":
             kwargs[api_dim] = dim
         cases.append({"op": fn, "label": label, "kwargs": kwargs, "dtypes": dtypes,
@@ -787,6 +898,17 @@ def _api(ir, spec, levels, has_reduction: bool) -> tuple[str, str, str, dict, st
             for q, decl in zip(qs, spec.param_decls)]
     takes_dim = has_reduction and not has_col  # else: the weights' dims, or the last dim
     dim = keepdim = "None"
+    if spec.choice is not None:
+        # one output, chosen by a keyword (torch's losses: reduction="mean"), then the parameters
+        # positionally (as F.cross_entropy's ignore_index, label_smoothing), the reduced dim last
+        ch = api.take(spec.choice[0])
+        sig += [f"{ch}={spec.choice[1][0][0]!r}"] + qsig
+        if takes_dim:
+            dim = api.take("dim")
+            sig += ["*", f"{dim}=-1"]
+        call = f"[{', '.join(args)}], [{', '.join(qs)}], {dim}, False, {ch}"
+        reduces = "weights" if has_col else ("dim" if takes_dim else "last")
+        return ", ".join(sig), call, reduces, dict(zip([q.name for q in ir.params], qs)), dim
     if takes_dim:
         dim = api.take("dim")
         sig.append(f"{dim}=-1")

@@ -18,7 +18,7 @@ import sympy
 from sympy.printing.codeprinter import CodePrinter
 from sympy.printing.precedence import precedence
 
-from .ir import ArgmaxIndicator, IndexMax, IndexSum, Pick
+from .ir import ArgmaxIndicator, IndexMax, IndexSum, Indicator, Pick, Where
 
 FLOAT32_MAX = 3.4028234663852886e38  # the largest finite float32
 
@@ -42,6 +42,10 @@ class TritonPrinter(CodePrinter):
     # -- leaves -------------------------------------------------------------------------
     def _print_Indexed(self, expr):
         label = str(expr.base.label)
+        return self._settings["names"].get(label, label)
+
+    def _print_IndexedBase(self, expr):  # a tensor with no indices: a total over the rows
+        label = str(expr.label)
         return self._settings["names"].get(label, label)
 
     def _print_Symbol(self, expr):
@@ -145,11 +149,35 @@ class TritonPrinter(CodePrinter):
         return out
 
     def _print_Relational(self, expr):
-        return f"({self._print(expr.lhs)} {expr.rel_op} {self._print(expr.rhs)})"
+        # an integer constant compared stays an integer (a class index against -100, a position against 0)
+        def side(e):
+            return str(int(e)) if e.is_Integer and abs(int(e)) < 2 ** 53 else self._print(e)
+        return f"({side(expr.lhs)} {expr.rel_op} {side(expr.rhs)})"
+
+    def _print_And(self, expr):
+        return "(" + " & ".join(self._print(a) for a in expr.args) + ")"
+
+    def _print_Or(self, expr):
+        return "(" + " | ".join(self._print(a) for a in expr.args) + ")"
+
+    def _print_Not(self, expr):
+        return f"({self._print(expr.args[0])} == 0)"
+
+    def _print_BooleanTrue(self, expr):
+        return "True"
+
+    def _print_BooleanFalse(self, expr):
+        return "False"
+
+    def _print_Where(self, expr):
+        return f"tl.where({self._print(expr.cond)}, {self._print(expr.then)}, {self._print(expr.other)})"
+
+    def _print_Indicator(self, expr):
+        return self._print(expr.cond)
 
     def _print_Mul(self, expr):
         # 1[s = argmax] * rest -> tl.where(col == argmax, rest, 0): no 0 * inf
-        picks = [f for f in expr.args if isinstance(f, (ArgmaxIndicator, Pick))]
+        picks = [f for f in expr.args if isinstance(f, (ArgmaxIndicator, Pick, Indicator))]
         if picks:
             rest = sympy.Mul(*[f for f in expr.args if f not in picks])
             cond = " & ".join(self._print(p) for p in picks)

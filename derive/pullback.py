@@ -29,6 +29,9 @@ from .simplify import Folder, Term, TooLarge, combine, pretty, rename_free, term
 from .spec import SpecError
 
 
+_NO_TENSOR = Tensor("", (sympy.Symbol("_"),), "none")
+
+
 def adjoint_name(name: str) -> str:
     return "d" + name
 
@@ -77,7 +80,11 @@ def local_pullback(eq: Equation, x: Tensor) -> sympy.Expr:
     if isinstance(rhs, IndexMax):
         rhs = IndexSum(ArgmaxIndicator(eq.lhs, *rhs.indices) * rhs.body, *rhs.indices)
     primes = {i: primed(i) for i in x.indices}
-    d_rhs = rhs.diff(x.at([primes[i] for i in x.indices]))
+    if x.indices:
+        d_rhs = rhs.diff(x.at([primes[i] for i in x.indices]))
+    else:  # a scalar (a total over the rows): SymPy differentiates by symbols, not IndexedBase
+        s = sympy.Dummy(x.name)
+        d_rhs = rhs.xreplace({x.base: s}).diff(s).xreplace({s: x.base})
     dy = adjoint_of(eq.target).indexed
     contribution = IndexSum(dy * d_rhs, *eq.target.indices)
     expr = pretty(combine(terms_of(contribution)))
@@ -94,14 +101,21 @@ class _Reverse:
         self.adjoint_folder = Folder([])
 
     def substitute_inlined(self, expr):
+        def label(e):
+            if isinstance(e, Indexed):
+                return str(e.base.label)
+            if isinstance(e, IndexedBase) and not self.ir.tensors.get(str(e.label)[1:], _NO_TENSOR).indices:
+                return str(e.label)  # the adjoint of a scalar
+            return ""
+
         def is_inlined(e):
-            return isinstance(e, Indexed) and str(e.base.label)[1:] in self.inlined and \
-                str(e.base.label).startswith("d")
+            name = label(e)
+            return name.startswith("d") and name[1:] in self.inlined
 
         def expand(e):
-            name = str(e.base.label)[1:]
+            name = label(e)[1:]
             t = self.ir.tensors[name]
-            return rename_free(self.inlined[name], dict(zip(t.indices, e.indices)))
+            return rename_free(self.inlined[name], dict(zip(t.indices, getattr(e, "indices", ()))))
 
         return expr.replace(is_inlined, expand)
 

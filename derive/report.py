@@ -96,6 +96,13 @@ class _Latex(LatexPrinter):
     def _print_Pick(self, expr):
         return rf"\mathbb{{1}}\left[{self._print(expr.index)} = {self._print(expr.value)}\right]"
 
+    def _print_Indicator(self, expr):
+        return rf"\mathbb{{1}}\left[{self._print(expr.cond)}\right]"
+
+    def _print_Where(self, expr):
+        return (rf"\begin{{cases}} {self._print(expr.then)} & \text{{if }} {self._print(expr.cond)} \\ "
+                rf"{self._print(expr.other)} & \text{{otherwise}} \end{{cases}}")
+
 
 def _s(expr) -> str:
     return _Str().doprint(expr)

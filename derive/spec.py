@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 FUNCTIONS = ("exp", "log", "sqrt", "tanh")
 BINARY_FUNCTIONS = ("maximum", "minimum")  # elementwise, as torch.maximum / torch.minimum
 REDUCTIONS = ("sum", "mean", "max")
+CONDITIONAL = "where"        # where(cond, a, b): a where cond holds, else b
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 # ---- limits (each a located SpecError when exceeded; README lists them) ----------------
@@ -143,6 +144,29 @@ class Func:
 
 
 @dataclass(frozen=True)
+class Cmp:
+    op: str  # == != < <= > >=
+    left: object
+    right: object
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class Logic:
+    op: str  # "and", "or" or "not" (one operand)
+    args: tuple
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class Where:
+    cond: object  # a Cmp or Logic
+    then: object
+    other: object
+    pos: Pos
+
+
+@dataclass(frozen=True)
 class Reduce:
     kind: str  # "sum", "mean" or "max"
     indices: tuple[str, ...]
@@ -164,7 +188,8 @@ class TensorDecl:
 class ParamDecl:
     name: str
     pos: Pos
-    default: float | str | None = None  # a number, "eps" (the dtype's machine epsilon) or None (required)
+    default: float | int | str | None = None  # a number, "eps" (the dtype's machine epsilon) or None (required)
+    dtype: str = "float"                       # "int": an integer parameter (ignore_index: int = -100)
 
 
 @dataclass(frozen=True)
@@ -187,6 +212,9 @@ class OpSpec:
     param_decls: list[ParamDecl] = field(default_factory=list)
     name_pos: Pos = Pos(0, 0)  # where the op name stands in the header
     outputs: list[TensorDecl] = field(default_factory=list)  # all outputs (``output`` is the first)
+    # ``-> reduction{mean: loss, sum: total, none: nll[r]}``: the caller picks one output by a keyword
+    # (the parameter's name), whose values are the keys (the first is the default)
+    choice: tuple[str, tuple[tuple[str, str], ...]] | None = None  # (keyword, ((value, output), ...))
 
     def __post_init__(self):
         if not self.outputs:
@@ -214,7 +242,7 @@ class _IndexNames:
 # ---- header tokenizer ---------------------------------------------------------
 _SPACE = re.compile(r"\s*")
 _TOKEN = re.compile(r"\s*(?:(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<arrow>->)"
-                    r"|(?P<num>-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)|(?P<punct>[\[\](),;=:]))")
+                    r"|(?P<num>-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)|(?P<punct>[\[\](){},;=:]))")
 
 
 class _Header:
@@ -268,12 +296,16 @@ class _Header:
         _, name, col = self.expect(kind="name", what="a tensor name")
         if not output:
             self.count_arg(col)
-        self.expect("[", what=f"'[' and the indices of {name}")
-        indices = [self.index()]
-        while self.peek() and self.peek()[1] == ",":
-            self.i += 1
+        indices = []
+        if output and not (self.peek() and self.peek()[1] == "["):
+            pass  # an output with no indices: a scalar (a loss summed or averaged over the rows)
+        else:
+            self.expect("[", what=f"'[' and the indices of {name}")
             indices.append(self.index())
-        self.expect("]", what="']' or ','")
+            while self.peek() and self.peek()[1] == ",":
+                self.i += 1
+                indices.append(self.index())
+            self.expect("]", what="']' or ','")
         dtype = "float"
         if self.peek() and self.peek()[1] == ":":  # an integer input: target[r]: int
             self.i += 1
@@ -301,16 +333,30 @@ class _Header:
     def param(self) -> ParamDecl:
         _, name, col = self.expect(kind="name", what="a parameter name")
         self.count_arg(col)
+        dtype = "float"
+        if self.peek() and self.peek()[1] == ":":  # an integer parameter: ignore_index: int = -100
+            self.i += 1
+            tok = self.expect(kind="name", what="'int' (the only type a parameter can declare)")
+            if tok[1] != "int":
+                raise SpecError(f"unknown type {tok[1]!r} for {name}; a parameter is float (the default) or int",
+                                self.file, self.line, tok[2])
+            dtype = "int"
         default = None
         if self.peek() and self.peek()[1] == "=":
             self.i += 1
             tok = self.peek()
-            if tok is not None and tok[1] == "eps":
+            if tok is not None and tok[1] == "eps" and dtype == "float":
                 self.i += 1
                 default = "eps"
+            elif dtype == "int":
+                _, text, at = self.expect(kind="num", what=f"an integer (the default value of {name})")
+                if not re.fullmatch(r"-?\d{1,18}", text):
+                    raise SpecError(f"the default value of the integer parameter {name} must be an integer of at "
+                                    f"most 18 digits, got {_short(text)}", self.file, self.line, at)
+                default = int(text)
             else:
                 default = self.number(f"the default value of {name}, or eps for the dtype's machine epsilon")
-        return ParamDecl(name, Pos(self.line, col), default)
+        return ParamDecl(name, Pos(self.line, col), default, dtype)
 
 
 def _parse_header(text: str, offset: int, file: str, line: int, indices: _IndexNames | None = None) -> OpSpec:
@@ -333,7 +379,29 @@ def _parse_header(text: str, offset: int, file: str, line: int, indices: _IndexN
             params.append(h.param())
     h.expect(")", what="')'")
     h.expect("->", what="'->' and the output")
-    if h.peek() and h.peek()[1] == "(":  # several outputs: -> (Y[r, c], L[r])
+    choice = None
+    if h.peek() and h.peek()[0] == "name" and h.i + 1 < len(h.tokens) and h.tokens[h.i + 1][1] == "{":
+        # one output chosen by the caller: -> reduction{mean: loss, sum: total, none: nll[r]}
+        _, key_name, key_col = h.expect(kind="name")
+        h.i += 1
+        keys, outputs = [], []
+        while True:
+            _, key, at = h.expect(kind="name", what=f"a value of {key_name} (a name, as in mean: loss)")
+            if key in keys:
+                raise SpecError(f"{key_name} lists {key} twice", file, line, at)
+            keys.append(key)
+            h.expect(":", what=f"':' and the output {key_name} = {key!r} returns")
+            outputs.append(h.tensor(output=True))
+            if h.peek() and h.peek()[1] == ",":
+                h.i += 1
+                continue
+            h.expect("}", what="'}' or ','")
+            break
+        if key_name in [q.name for q in params] or key_name in [t.name for t in inputs]:
+            raise SpecError(f"{key_name} names an input or parameter already; the output choice needs its own "
+                            f"name", file, line, key_col)
+        choice = (key_name, tuple((k, o.name) for k, o in zip(keys, outputs)))
+    elif h.peek() and h.peek()[1] == "(":  # several outputs: -> (Y[r, c], L[r])
         h.i += 1
         outputs = [h.tensor(output=True)]
         while h.peek() and h.peek()[1] == ",":
@@ -343,6 +411,8 @@ def _parse_header(text: str, offset: int, file: str, line: int, indices: _IndexN
     else:
         outputs = [h.tensor(output=True)]
     seen: set[str] = set()
+    if choice is not None:  # the same output may stand for several keys
+        outputs = [o for k, o in enumerate(outputs) if o.name not in [q.name for q in outputs[:k]]]
     for output in outputs:
         if output.default is not None:
             raise SpecError(f"the output {output.name} cannot have a default value", file, line, output.pos.col)
@@ -353,11 +423,13 @@ def _parse_header(text: str, offset: int, file: str, line: int, indices: _IndexN
         tok = h.peek()
         raise SpecError(f"unexpected {tok[1]!r} after the output", file, line, tok[2])
     return OpSpec(name=name, inputs=inputs, params=[q.name for q in params], output=outputs[0], file=file,
-                  param_decls=params, name_pos=Pos(line, name_col), outputs=outputs)
+                  param_decls=params, name_pos=Pos(line, name_col), outputs=outputs, choice=choice)
 
 
 # ---- expressions through a whitelisted ast ----------------------------------
 _BINOPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.Pow: "**"}
+_COMPARE = {ast.Eq: "==", ast.NotEq: "!=", ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">="}
+_CONDITIONS = (Cmp, Logic)
 _UNARY = {ast.USub: "-", ast.UAdd: "+"}
 
 
@@ -427,6 +499,36 @@ class _Expr:
         return Pos(self.line, self.column(node))
 
     def convert(self, node: ast.AST):
+        """A value: a condition stands only as where's first argument."""
+        out = self.any(node)
+        if isinstance(out, _CONDITIONS):
+            raise self.err("a comparison is a condition, not a value: use it in where(cond, a, b), e.g. "
+                           "where(t != k, 1, 0)", node)
+        return out
+
+    def condition(self, node: ast.AST):
+        """A condition: comparisons joined by and / or / not."""
+        if isinstance(node, ast.BoolOp):
+            return Logic("and" if isinstance(node.op, ast.And) else "or",
+                         tuple(self.condition(v) for v in node.values), self.pos(node))
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+            return Logic("not", (self.condition(node.operand),), self.pos(node))
+        if isinstance(node, ast.Compare):
+            parts, left = [], self.convert(node.left)
+            for op, right_node in zip(node.ops, node.comparators):
+                if type(op) not in _COMPARE:
+                    raise self.err(f"unsupported comparison ({type(op).__name__}); expected "
+                                   f"{' '.join(_COMPARE.values())}", node)
+                right = self.convert(right_node)
+                parts.append(Cmp(_COMPARE[type(op)], left, right, self.pos(node)))
+                left = right
+            return parts[0] if len(parts) == 1 else Logic("and", tuple(parts), self.pos(node))  # a < b < c
+        raise self.err("expected a condition: a comparison (== != < <= > >=), joined by and / or / not", node)
+
+    def any(self, node: ast.AST):
+        if isinstance(node, (ast.Compare, ast.BoolOp)) or (isinstance(node, ast.UnaryOp)
+                                                          and isinstance(node.op, ast.Not)):
+            return self.condition(node)
         if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
             return Bin(_BINOPS[type(node.op)], self.convert(node.left), self.convert(node.right), self.pos(node))
         if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
@@ -441,7 +543,7 @@ class _Expr:
                                f"(kernels compute in float32)", node)
             return Num(node.value, self.pos(node))
         if isinstance(node, ast.Name):
-            if node.id in FUNCTIONS or node.id in BINARY_FUNCTIONS or node.id in REDUCTIONS:
+            if node.id in FUNCTIONS or node.id in BINARY_FUNCTIONS or node.id in REDUCTIONS or node.id == CONDITIONAL:
                 raise self.err(f"{node.id} is a function: call it, e.g. {node.id}(x)", node)
             return Ref(node.id, self.pos(node))
         if isinstance(node, ast.Call):
@@ -481,12 +583,18 @@ class _Expr:
         if isinstance(func, ast.Name):
             if func.id in REDUCTIONS:
                 raise self.err(f"{func.id} needs the indices it reduces: {func.id}[i](x)", func)
+            if func.id == CONDITIONAL:
+                if len(node.args) != 3:
+                    raise self.err(f"where takes exactly three arguments (cond, a, b), got {len(node.args)}", node)
+                return Where(self.condition(node.args[0]), self.convert(node.args[1]), self.convert(node.args[2]),
+                             self.pos(node))
             if func.id in BINARY_FUNCTIONS:
                 if len(node.args) != 2:
                     raise self.err(f"{func.id} takes exactly two arguments, got {len(node.args)}", node)
                 return Bin(func.id, self.convert(node.args[0]), self.convert(node.args[1]), self.pos(node))
             if func.id not in FUNCTIONS:
-                raise self.err(f"unknown function {func.id!r}; known: {', '.join(FUNCTIONS + BINARY_FUNCTIONS)}",
+                raise self.err(f"unknown function {func.id!r}; known: "
+                               f"{', '.join(FUNCTIONS + BINARY_FUNCTIONS + (CONDITIONAL,))}",
                                func)
             if len(node.args) != 1:
                 raise self.err(f"{func.id} takes exactly one argument, got {len(node.args)}", node)

@@ -24,7 +24,7 @@ def _l2_normalize_fwd(
     y_ptr, y_sk0, y_sk1, y_sk2, y_sr0, y_sr1, y_sr2,  # the output y[r, c]
     norm_ptr, norm_sk0, norm_sk1, norm_sk2,  # norm saved for the backward
     n_rows, n_cols, nk1, nk2, nr1, nr2,  # rows, row length; sizes of the inner kept and reduced groups
-    params_ptr,  # the op's scalar parameters, in the accumulation dtype
+    params_ptr,  # the op's real parameters, in the accumulation dtype
     ACC: tl.constexpr,     # accumulation dtype: fp32, or fp64 for fp64 inputs
     BLOCK: tl.constexpr,   # columns held at once (a power of two)
     SINGLE: tl.constexpr,  # the whole row fits one block: read once, write once
@@ -131,7 +131,7 @@ def _l2_normalize_bwd(
     dy_ptr, dy_sk0, dy_sk1, dy_sk2, dy_sr0, dy_sr1, dy_sr2,  # the gradient of y
     dx_ptr, dx_sk0, dx_sk1, dx_sk2, dx_sr0, dx_sr1, dx_sr2,  # the gradient of x
     n_rows, n_cols, nk1, nk2, nr1, nr2,  # rows, row length; sizes of the inner kept and reduced groups
-    params_ptr,  # the op's scalar parameters, in the accumulation dtype
+    params_ptr,  # the op's real parameters, in the accumulation dtype
     ACC: tl.constexpr,     # accumulation dtype: fp32, or fp64 for fp64 inputs
     BLOCK: tl.constexpr,   # columns held at once (a power of two)
     SINGLE: tl.constexpr,  # the whole row fits one block: read once, write once
@@ -243,20 +243,25 @@ def _l2_normalize_bwd(
 # ---- what the shared runtime needs to launch, register and differentiate this op
 META = {'name': 'l2_normalize',
  'inputs': [{'name': 'x', 'level': 'elem', 'default': None, 'dtype': 'float'}],
- 'params': [{'name': 'eps', 'default': 1e-12}],
+ 'params': [{'name': 'eps', 'default': 1e-12, 'dtype': 'float'}],
  'outputs': [{'name': 'y', 'level': 'elem'}],
  'extras': [{'name': 'norm', 'level': 'row', 'kind': 'stat'}],
  'saved': ['x', 'norm'],
  'grads': [{'name': 'dx', 'of': 'x', 'level': 'elem', 'zero': False}],
  'forward': {'kernel': '_l2_normalize_fwd', 'tensors': ['x', 'y', 'norm']},
  'backward': {'kernel': '_l2_normalize_bwd', 'tensors': ['x', 'norm', 'dy', 'dx']},
+ 'finish': None,
+ 'choice': None,
  'reduces': 'dim'}
 
 OP = rt.RowwiseOp(META, _l2_normalize_fwd, _l2_normalize_bwd, __package__)
 
 
 def l2_normalize(x, dim=-1, *, eps=1e-12) -> torch.Tensor:
-    """l2_normalize(x[r, c]; eps) -> y[r, c], from derive/ops/l2_normalize.op.\\n\\nThe reduced set c is ``dim``: an int or a tuple of ints (negative allowed).\\nForward and backward run the generated Triton kernels above."""
+    """l2_normalize(x[r, c]; eps) -> y[r, c], from derive/ops/l2_normalize.op.
+    The reduced set c is ``dim``: an int or a tuple of ints (negative allowed).
+    Forward and backward run the generated Triton kernels above.
+    """
     return OP([x], [eps], dim, False)
 
 

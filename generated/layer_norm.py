@@ -32,7 +32,7 @@ def _layer_norm_fwd(
     mu_ptr, mu_sk0, mu_sk1, mu_sk2,  # mu saved for the backward
     std_ptr, std_sk0, std_sk1, std_sk2,  # std saved for the backward
     n_rows, n_cols, nk1, nk2, nr1, nr2,  # rows, row length; sizes of the inner kept and reduced groups
-    params_ptr,  # the op's scalar parameters, in the accumulation dtype
+    params_ptr,  # the op's real parameters, in the accumulation dtype
     ACC: tl.constexpr,     # accumulation dtype: fp32, or fp64 for fp64 inputs
     BLOCK: tl.constexpr,   # columns held at once (a power of two)
     SINGLE: tl.constexpr,  # the whole row fits one block: read once, write once
@@ -186,7 +186,7 @@ def _layer_norm_bwd(
     dweight_partial_ptr,  # per-program partial sums of dweight (summed in a second stage)
     dbias_partial_ptr,  # per-program partial sums of dbias (summed in a second stage)
     n_rows, n_cols, nk1, nk2, nr1, nr2,  # rows, row length; sizes of the inner kept and reduced groups
-    params_ptr,  # the op's scalar parameters, in the accumulation dtype
+    params_ptr,  # the op's real parameters, in the accumulation dtype
     ACC: tl.constexpr,     # accumulation dtype: fp32, or fp64 for fp64 inputs
     BLOCK: tl.constexpr,   # columns held at once (a power of two)
     SINGLE: tl.constexpr,  # the whole row fits one block: read once, write once
@@ -333,7 +333,7 @@ META = {'name': 'layer_norm',
  'inputs': [{'name': 'x', 'level': 'elem', 'default': None, 'dtype': 'float'},
             {'name': 'weight', 'level': 'col', 'default': 1.0, 'dtype': 'float'},
             {'name': 'bias', 'level': 'col', 'default': 0.0, 'dtype': 'float'}],
- 'params': [{'name': 'eps', 'default': 1e-05}],
+ 'params': [{'name': 'eps', 'default': 1e-05, 'dtype': 'float'}],
  'outputs': [{'name': 'y', 'level': 'elem'}],
  'extras': [{'name': 'mu', 'level': 'row', 'kind': 'stat'}, {'name': 'std', 'level': 'row', 'kind': 'stat'}],
  'saved': ['x', 'weight', 'mu', 'std'],
@@ -343,13 +343,18 @@ META = {'name': 'layer_norm',
  'forward': {'kernel': '_layer_norm_fwd', 'tensors': ['x', 'weight', 'bias', 'y', 'mu', 'std']},
  'backward': {'kernel': '_layer_norm_bwd',
               'tensors': ['x', 'weight', 'mu', 'std', 'dy', 'dx', 'partial:dweight', 'partial:dbias']},
+ 'finish': None,
+ 'choice': None,
  'reduces': 'weights'}
 
 OP = rt.RowwiseOp(META, _layer_norm_fwd, _layer_norm_bwd, __package__)
 
 
 def layer_norm(x, weight=None, bias=None, eps=1e-05) -> torch.Tensor:
-    """layer_norm(x[r, c], weight[c], bias[c]; eps) -> y[r, c], from derive/ops/layer_norm.op.\\n\\nThe reduced set c is the trailing dims of the inputs indexed [c] (like normalized_shape in torch's norms).\\nForward and backward run the generated Triton kernels above."""
+    """layer_norm(x[r, c], weight[c], bias[c]; eps) -> y[r, c], from derive/ops/layer_norm.op.
+    The reduced set c is the trailing dims of the inputs indexed [c] (like normalized_shape in torch's norms).
+    Forward and backward run the generated Triton kernels above.
+    """
     return OP([x, weight, bias], [eps], None, False)
 
 

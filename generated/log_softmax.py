@@ -271,13 +271,18 @@ META = {'name': 'log_softmax',
  'grads': [{'name': 'dx', 'of': 'x', 'level': 'elem', 'zero': False}],
  'forward': {'kernel': '_log_softmax_fwd', 'tensors': ['x', 'y', 'm', 's']},
  'backward': {'kernel': '_log_softmax_bwd', 'tensors': ['x', 'm', 's', 'dy', 'dx']},
+ 'finish': None,
+ 'choice': None,
  'reduces': 'dim'}
 
 OP = rt.RowwiseOp(META, _log_softmax_fwd, _log_softmax_bwd, __package__)
 
 
 def log_softmax(x, dim=-1) -> torch.Tensor:
-    """log_softmax(x[r, c]) -> y[r, c], from derive/ops/log_softmax.op.\\n\\nThe reduced set c is ``dim``: an int or a tuple of ints (negative allowed).\\nForward and backward run the generated Triton kernels above."""
+    """log_softmax(x[r, c]) -> y[r, c], from derive/ops/log_softmax.op.
+    The reduced set c is ``dim``: an int or a tuple of ints (negative allowed).
+    Forward and backward run the generated Triton kernels above.
+    """
     return OP([x], [], dim, False)
 
 

@@ -227,13 +227,18 @@ META = {'name': 'logsumexp',
  'grads': [{'name': 'dx', 'of': 'x', 'level': 'elem', 'zero': False}],
  'forward': {'kernel': '_logsumexp_fwd', 'tensors': ['x', 'y', 'm', 's']},
  'backward': {'kernel': '_logsumexp_bwd', 'tensors': ['x', 'm', 's', 'dy', 'dx']},
+ 'finish': None,
+ 'choice': None,
  'reduces': 'dim'}
 
 OP = rt.RowwiseOp(META, _logsumexp_fwd, _logsumexp_bwd, __package__)
 
 
 def logsumexp(x, dim=-1, keepdim: bool = False) -> torch.Tensor:
-    """logsumexp(x[r, c]) -> y[r], from derive/ops/logsumexp.op.\\n\\nThe reduced set c is ``dim``: an int or a tuple of ints (negative allowed). ``keepdim`` keeps the reduced dims with size 1.\\nForward and backward run the generated Triton kernels above."""
+    """logsumexp(x[r, c]) -> y[r], from derive/ops/logsumexp.op.
+    The reduced set c is ``dim``: an int or a tuple of ints (negative allowed). ``keepdim`` keeps the reduced dims with size 1.
+    Forward and backward run the generated Triton kernels above.
+    """
     return OP([x], [], dim, keepdim)
 
 

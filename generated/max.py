@@ -204,13 +204,18 @@ META = {'name': 'max',
  'grads': [{'name': 'dA', 'of': 'A', 'level': 'elem', 'zero': False}],
  'forward': {'kernel': '_max_fwd', 'tensors': ['A', 'B', 'argmax:B']},
  'backward': {'kernel': '_max_bwd', 'tensors': ['argmax:B', 'dB', 'dA']},
+ 'finish': None,
+ 'choice': None,
  'reduces': 'dim'}
 
 OP = rt.RowwiseOp(META, _max_fwd, _max_bwd, __package__)
 
 
 def max_1(A, dim=-1, keepdim: bool = False) -> torch.Tensor:
-    """max(A[s2, s1]) -> B[s2], from derive/ops/max.op.\\n\\nThe reduced set s1 is ``dim``: an int or a tuple of ints (negative allowed). ``keepdim`` keeps the reduced dims with size 1.\\nForward and backward run the generated Triton kernels above."""
+    """max(A[s2, s1]) -> B[s2], from derive/ops/max.op.
+    The reduced set s1 is ``dim``: an int or a tuple of ints (negative allowed). ``keepdim`` keeps the reduced dims with size 1.
+    Forward and backward run the generated Triton kernels above.
+    """
     return OP([A], [], dim, keepdim)
 
 

@@ -26,7 +26,7 @@ def _rms_norm_fwd(
     y_ptr, y_sk0, y_sk1, y_sk2, y_sr0, y_sr1, y_sr2,  # the output y[r, c]
     rms_ptr, rms_sk0, rms_sk1, rms_sk2,  # rms saved for the backward
     n_rows, n_cols, nk1, nk2, nr1, nr2,  # rows, row length; sizes of the inner kept and reduced groups
-    params_ptr,  # the op's scalar parameters, in the accumulation dtype
+    params_ptr,  # the op's real parameters, in the accumulation dtype
     ACC: tl.constexpr,     # accumulation dtype: fp32, or fp64 for fp64 inputs
     BLOCK: tl.constexpr,   # columns held at once (a power of two)
     SINGLE: tl.constexpr,  # the whole row fits one block: read once, write once
@@ -141,7 +141,7 @@ def _rms_norm_bwd(
     dx_ptr, dx_sk0, dx_sk1, dx_sk2, dx_sr0, dx_sr1, dx_sr2,  # the gradient of x
     dweight_partial_ptr,  # per-program partial sums of dweight (summed in a second stage)
     n_rows, n_cols, nk1, nk2, nr1, nr2,  # rows, row length; sizes of the inner kept and reduced groups
-    params_ptr,  # the op's scalar parameters, in the accumulation dtype
+    params_ptr,  # the op's real parameters, in the accumulation dtype
     ACC: tl.constexpr,     # accumulation dtype: fp32, or fp64 for fp64 inputs
     BLOCK: tl.constexpr,   # columns held at once (a power of two)
     SINGLE: tl.constexpr,  # the whole row fits one block: read once, write once
@@ -269,7 +269,7 @@ def _rms_norm_bwd(
 META = {'name': 'rms_norm',
  'inputs': [{'name': 'x', 'level': 'elem', 'default': None, 'dtype': 'float'},
             {'name': 'weight', 'level': 'col', 'default': 1.0, 'dtype': 'float'}],
- 'params': [{'name': 'eps', 'default': 'eps'}],
+ 'params': [{'name': 'eps', 'default': 'eps', 'dtype': 'float'}],
  'outputs': [{'name': 'y', 'level': 'elem'}],
  'extras': [{'name': 'rms', 'level': 'row', 'kind': 'stat'}],
  'saved': ['x', 'weight', 'rms'],
@@ -277,13 +277,18 @@ META = {'name': 'rms_norm',
            {'name': 'dweight', 'of': 'weight', 'level': 'col', 'zero': False}],
  'forward': {'kernel': '_rms_norm_fwd', 'tensors': ['x', 'weight', 'y', 'rms']},
  'backward': {'kernel': '_rms_norm_bwd', 'tensors': ['x', 'weight', 'rms', 'dy', 'dx', 'partial:dweight']},
+ 'finish': None,
+ 'choice': None,
  'reduces': 'weights'}
 
 OP = rt.RowwiseOp(META, _rms_norm_fwd, _rms_norm_bwd, __package__)
 
 
 def rms_norm(x, weight=None, eps=None) -> torch.Tensor:
-    """rms_norm(x[r, c], weight[c]; eps) -> y[r, c], from derive/ops/rms_norm.op.\\n\\nThe reduced set c is the trailing dims of the inputs indexed [c] (like normalized_shape in torch's norms).\\nForward and backward run the generated Triton kernels above."""
+    """rms_norm(x[r, c], weight[c]; eps) -> y[r, c], from derive/ops/rms_norm.op.
+    The reduced set c is the trailing dims of the inputs indexed [c] (like normalized_shape in torch's norms).
+    Forward and backward run the generated Triton kernels above.
+    """
     return OP([x, weight], [eps], None, False)
 
 

@@ -257,13 +257,18 @@ META = {'name': 'softmax',
  'grads': [{'name': 'dA', 'of': 'A', 'level': 'elem', 'zero': False}],
  'forward': {'kernel': '_softmax_fwd', 'tensors': ['A', 'B']},
  'backward': {'kernel': '_softmax_bwd', 'tensors': ['B', 'dB', 'dA']},
+ 'finish': None,
+ 'choice': None,
  'reduces': 'dim'}
 
 OP = rt.RowwiseOp(META, _softmax_fwd, _softmax_bwd, __package__)
 
 
 def softmax(A, dim=-1) -> torch.Tensor:
-    """softmax(A[s2, s1]) -> B[s2, s1], from derive/ops/softmax.op.\\n\\nThe reduced set s1 is ``dim``: an int or a tuple of ints (negative allowed).\\nForward and backward run the generated Triton kernels above."""
+    """softmax(A[s2, s1]) -> B[s2, s1], from derive/ops/softmax.op.
+    The reduced set s1 is ``dim``: an int or a tuple of ints (negative allowed).
+    Forward and backward run the generated Triton kernels above.
+    """
     return OP([A], [], dim, False)
 
 

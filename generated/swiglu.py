@@ -222,13 +222,18 @@ META = {'name': 'swiglu',
            {'name': 'db', 'of': 'b', 'level': 'elem', 'zero': False}],
  'forward': {'kernel': '_swiglu_fwd', 'tensors': ['a', 'b', 'y']},
  'backward': {'kernel': '_swiglu_bwd', 'tensors': ['a', 'b', 'dy', 'da', 'db']},
+ 'finish': None,
+ 'choice': None,
  'reduces': 'last'}
 
 OP = rt.RowwiseOp(META, _swiglu_fwd, _swiglu_bwd, __package__)
 
 
 def swiglu(a, b) -> torch.Tensor:
-    """swiglu(a[r, c], b[r, c]) -> y[r, c], from derive/ops/swiglu.op.\\n\\nElementwise: c is the last dim, the other dims are rows.\\nForward and backward run the generated Triton kernels above."""
+    """swiglu(a[r, c], b[r, c]) -> y[r, c], from derive/ops/swiglu.op.
+    Elementwise: c is the last dim, the other dims are rows.
+    Forward and backward run the generated Triton kernels above.
+    """
     return OP([a, b], [], None, False)
 
 

@@ -19,7 +19,7 @@ import math
 import torch
 from sympy import Indexed, KroneckerDelta, Symbol
 
-from derive.ir import ArgmaxIndicator, IndexMax, IndexSum, OpIR, Pick, base_name
+from derive.ir import ArgmaxIndicator, IndexMax, IndexSum, Indicator, OpIR, Pick, Where, base_name
 
 DTYPE = torch.float64
 
@@ -130,6 +130,24 @@ def evaluate(expr, env: dict, sizes: dict, defs: OpIR | None = None) -> NT:
         n = size_of(expr.index, sizes)
         hot = (torch.arange(n, dtype=DTYPE).reshape([n] + [1] * value.t.dim()) == value.t.unsqueeze(0)).to(DTYPE)
         return NT(hot, [expr.index] + value.idx)
+    if isinstance(expr, Where):
+        (c, a, b), order = align([ev(expr.cond), ev(expr.then), ev(expr.other)])
+        return NT(torch.where(c != 0, a, b).to(DTYPE).expand([size_of(i, sizes) for i in order]).clone(), order)
+    if isinstance(expr, Indicator):
+        return ev(expr.cond)
+    if isinstance(expr, sympy.logic.boolalg.BooleanAtom):
+        return scalar(1.0 if expr is sympy.true else 0.0)
+    if isinstance(expr, (sympy.And, sympy.Or, sympy.Not, sympy.core.relational.Relational)):
+        ts, order = align([ev(a) for a in expr.args])
+        if isinstance(expr, sympy.Not):
+            out = ts[0] == 0
+        elif isinstance(expr, (sympy.And, sympy.Or)):
+            out = ts[0] != 0
+            for t in ts[1:]:
+                out = (out & (t != 0)) if isinstance(expr, sympy.And) else (out | (t != 0))
+        else:
+            out = _RELATIONS[expr.rel_op](ts[0], ts[1])
+        return NT(out.to(DTYPE).expand([size_of(i, sizes) for i in order]).clone(), order)
     if isinstance(expr, KroneckerDelta):
         a, b = expr.args
         if base_name(a) != base_name(b):
@@ -173,6 +191,9 @@ def evaluate(expr, env: dict, sizes: dict, defs: OpIR | None = None) -> NT:
             raise KeyError(f"no value for the scalar {expr.name} (a bare index symbol?)")
         return scalar(env[expr.name])
     raise NotImplementedError(f"cannot evaluate {type(expr).__name__}: {expr}")
+
+
+_RELATIONS = {"==": torch.eq, "!=": torch.ne, "<": torch.lt, "<=": torch.le, ">": torch.gt, ">=": torch.ge}
 
 
 def _argmax_indicator(expr: ArgmaxIndicator, env, sizes, defs: OpIR | None) -> NT:

@@ -328,7 +328,8 @@ def test_an_integer_input_selects_one_element_of_each_row(tmp_path, monkeypatch)
 
 @pytest.mark.parametrize("text,message", [
     ("op f(x[r, c], t[r]: int) -> y[r]\ny[r] = sum[c](x) + t\n",
-     r"f.op:2:20: t is an integer tensor: it selects an element, as in x\[r, t\], and is not a value itself"),
+     r"f.op:2:20: t is an integer tensor: it selects an element, as in x\[r, t\], or is compared, as in "
+     r"where\(t != k, a, b\); it is not a value itself"),
     ("op f(x[r, c], t[r, c]: int) -> y[r]\ny[r] = sum[c](x)\n",
      r"f.op:1:15: the integer input t selects one element of each row: index it like a row, \[r\]"),
 ])

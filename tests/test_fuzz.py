@@ -40,7 +40,7 @@ def test_outcome_of_a_good_and_a_bad_spec():
     kind, d = outcome("op f(A[i, j]) -> B[i]\nB = sum[j](exp(A))\n")
     assert kind == "derived" and str(d.pullbacks["A"]) == "exp(A[i, j])*dB[i]"
     assert outcome("op f(A[i, j]) -> B[i]\nB = sum[j](foo(A))\n") == (
-        "error", f"{FILE}:2:12: unknown function 'foo'; known: exp, log, sqrt, tanh, maximum, minimum")
+        "error", f"{FILE}:2:12: unknown function 'foo'; known: exp, log, sqrt, tanh, maximum, minimum, where")
 
 
 def test_the_generator_is_seeded():

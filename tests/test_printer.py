@@ -72,9 +72,9 @@ def test_general_power_through_exp2_log2():
 
 # ---- structure -----------------------------------------------------------------------------------
 def test_piecewise_is_where():
-    assert triton_code(Piecewise((A, A > 0), (0, True))) == "tl.where((A > 0.0), A, 0.0)"
+    assert triton_code(Piecewise((A, A > 0), (0, True))) == "tl.where((A > 0), A, 0.0)"
     nested = Piecewise((A, A > 1), (B, A > 0), (0, True))
-    assert triton_code(nested) == "tl.where((A > 1.0), A, tl.where((A > 0.0), B, 0.0))"
+    assert triton_code(nested) == "tl.where((A > 1), A, tl.where((A > 0), B, 0.0))"
 
 
 def test_piecewise_without_default_is_refused():

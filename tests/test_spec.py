@@ -200,7 +200,7 @@ def test_bad_header_indented_tokens_are_offset():
     ("B = sum[1](A)", "1", "sum[...] takes index names"),
     ("B = A.T", "A.T", "unsupported syntax (Attribute)"),
     ("B = A if A else A", "A if", "unsupported syntax (IfExp)"),
-    ("B = (A == A)", "A ==", "unsupported syntax (Compare)"),
+    ("B = (A == A)", "A ==", "a comparison is a condition, not a value: use it in where(cond, a, b)"),
     ("B = [A]", "[", "unsupported syntax (List)"),
     ("B = A, A", "A, A", "unsupported syntax (Tuple)"),
     ("B = (lambda: A)()", "(lambda", "unsupported call"),
