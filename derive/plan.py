@@ -30,6 +30,7 @@ rescaling) is printed here as statements; every name in them comes from
 """
 from __future__ import annotations
 
+import dataclasses
 import pprint
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -702,6 +703,29 @@ def plan_rowwise(d: Derivation) -> RowwisePlan:
 
     pullbacks = {x.name: inline_adjoints(d.pullbacks[x.name]).xreplace(shape.scalars) for x in inputs}
     grad_outs = [f"d{o.name}" for o in outs]
+    # every sum over the rows is a total of the forward, named (loss = total / sum[r](counts): "loss_rows:1")
+    row_sums: dict = {}  # its body, over the kept indices -> its name
+    for eq in equations:
+        if levels[eq.target.name] == "total":
+            for k, srow in enumerate(_row_sums(eq.rhs)):
+                by_set = {base_name(i): i for i in srow.indices}
+                body = srow.body.xreplace({by_set[q.name]: q for q in kept})
+                row_sums.setdefault(body, eq.target.name if srow == eq.rhs else f"{eq.target.name}_rows:{k}")
+    for name in row_sums.values():
+        levels.setdefault(name, "total")
+
+    def name_totals(g):
+        """The backward reads a sum over the rows as the forward's total, saved."""
+        subs = {}
+        for srow in g.atoms(IndexSum):
+            if {base_name(i) for i in srow.indices} == {q.name for q in kept}:
+                by_set = {base_name(i): i for i in srow.indices}
+                body = srow.body.xreplace({by_set[q.name]: q for q in kept})
+                if body in row_sums:
+                    subs[srow] = sympy.IndexedBase(row_sums[body])
+        return g.xreplace(subs)
+
+    pullbacks = {x: name_totals(g) for x, g in pullbacks.items()}
     grads = {x.name: recompute(pullbacks[x.name], out_names) for x in inputs}
     reads = reads_of(grads.values())
     elem_outs = {o.name for o in outs if levels[o.name] == "elem"}
@@ -713,7 +737,8 @@ def plan_rowwise(d: Derivation) -> RowwisePlan:
             grads, reads = again, reads_of(again.values())
     argmax_of = sorted({str(a.reduced.base.label) for g in grads.values() for a in g.atoms(ArgmaxIndicator)})
     saved_fwd = [t.name for t in inputs if t.name in reads] + [o.name for o in outs if o.name in reads]
-    stat_names = sorted(r for r in reads if r in fwd_defs and r not in out_names and levels[r] in ("row", "total"))
+    stat_names = sorted(r for r in reads if (r in fwd_defs or r in row_sums.values()) and r not in out_names
+                        and levels[r] in ("row", "total"))
 
     def tensor(key, level, kind, doc, want) -> KTensor:
         v = names.of(("value", key), want)
@@ -739,16 +764,19 @@ def plan_rowwise(d: Derivation) -> RowwisePlan:
         if lvl == "total":  # each sum over the rows: one term per row, summed per program, then across programs
             subs = {}
             for k, srow in enumerate(_row_sums(eq.rhs)):
-                name = eq.target.name if srow == eq.rhs else f"{eq.target.name}_rows:{k}"
                 by_set = {base_name(i): i for i in srow.indices}
                 body = srow.body.xreplace({by_set[q.name]: q for q in kept})
+                name = eq.target.name if srow == eq.rhs else f"{eq.target.name}_rows:{k}"
+                if row_sums[body] != name:  # the same sum twice: one total
+                    subs[srow] = sympy.IndexedBase(row_sums[body])
+                    continue
                 body = _extract_sums(body, red, eqs, f"{name}_sum", names, ir, eq.pos, kept)
                 eqs.append(_KEq(name, "total", "tacc", body, f"{eq.target.name}[] = {sympy.sstr(srow)}"))
                 t_parts.append(tensor(f"tpartial:{name}", "tpart", "stat",
                                       f"per-program partial sums of {name} (summed in a second stage)",
                                       f"{name.replace(':', '_')}_partial"))
                 subs[srow] = sympy.IndexedBase(name)
-            if eq.rhs not in subs:
+            if subs.get(eq.rhs) != sympy.IndexedBase(eq.target.name):
                 fin_eqs.append((eq.target.name, eq.rhs.xreplace(subs), str(eq)))
             continue
         if isinstance(eq.rhs, IndexSum):
@@ -760,16 +788,6 @@ def plan_rowwise(d: Derivation) -> RowwisePlan:
         else:  # sums inside an expression (a mean, say) become row values of their own
             rhs = _extract_sums(eq.rhs, red, eqs, f"{eq.target.name}_sum", names, ir, eq.pos, kept)
             eqs.append(_KEq(eq.target.name, lvl, "value", rhs, str(eq)))
-    fin_tensors = [t for t in list(t_outs.values()) + list(t_stat.values()) if t.level == "total"]
-    fwd_tensors = [t for t in list(t_in.values()) + list(t_outs.values()) + list(t_arg.values()) +
-                   list(t_stat.values()) if t.level != "total"] + t_parts
-    fwd_stores = [(t, o) for o, t in t_outs.items() if t.level != "total"] + \
-        [(t, f"argmax:{m}") for m, t in t_arg.items()] + [(t, s) for s, t in t_stat.items() if t.level != "total"]
-    k_fwd = _Kernel(names, n, names.take(f"_{ir.name}_fwd"), f"forward of {ir.name}", fwd_tensors, eqs,
-                    fwd_stores, red, params)
-    fwd = k_fwd.build()
-    fin = _finish(names, ir, kept, t_parts, fin_eqs, fin_tensors, params) if t_parts else None
-
     # -- backward kernel
     t_grads = [tensor(f"d{o.name}", levels[o.name], "data", f"the gradient of {o.name}", f"d{o.name}")
                for o in outs]
@@ -803,6 +821,42 @@ def plan_rowwise(d: Derivation) -> RowwisePlan:
         body = _extract_sums(g, red, b_eqs, "sum", names, ir, pos, kept)
         b_eqs.append(_KEq(gname, lvl, "value", body, text))
         b_stores.append((tensor(gname, lvl, "data", f"the gradient of {x.name}", gname), gname))
+    # a row sum the backward needs that the forward computes anyway is saved, not
+    # recomputed (cross-entropy's sum[c](exp(x - m)): the looped backward then makes one pass)
+    elem_defs = {e.name: e.expr for e in eqs if e.kind == "value" and e.level in ("elem", "col")}
+
+    def inline_forward(x):
+        for _ in range(len(eqs) + 1):
+            subs = {t: elem_defs[str(t.base.label)] for t in x.atoms(Indexed) if str(t.base.label) in elem_defs}
+            if not subs:
+                break
+            x = x.xreplace(subs)
+        return x
+
+    fwd_sums: dict = {}
+    for e in eqs:
+        if e.kind == "sum" and e.level == "row":
+            fwd_sums.setdefault(inline_forward(e.expr), e.name)
+    reuse = {e.name: fwd_sums[e.expr] for e in b_eqs if e.kind == "sum" and e.level == "row" and e.expr in fwd_sums}
+    if reuse:
+        row_idx = kept or (red,)
+        subs = {Indexed(b, *row_idx): Indexed(f, *row_idx) for b, f in reuse.items()}
+        b_eqs = [dataclasses.replace(e, expr=e.expr.xreplace(subs)) for e in b_eqs if e.name not in reuse]
+        for f in sorted(set(reuse.values())):
+            t_stat[f] = tensor(f, "row", "stat", f"{next(e.comment for e in eqs if e.name == f)}, saved for the "
+                               f"backward", f.replace(":", "_"))
+        saved_t += [t_stat[f] for f in sorted(set(reuse.values()))]
+
+    fin_tensors = [t for t in list(t_outs.values()) + list(t_stat.values()) if t.level == "total"]
+    fwd_tensors = [t for t in list(t_in.values()) + list(t_outs.values()) + list(t_arg.values()) +
+                   list(t_stat.values()) if t.level != "total"] + t_parts
+    fwd_stores = [(t, o) for o, t in t_outs.items() if t.level != "total"] + \
+        [(t, f"argmax:{m}") for m, t in t_arg.items()] + [(t, s) for s, t in t_stat.items() if t.level != "total"]
+    k_fwd = _Kernel(names, n, names.take(f"_{ir.name}_fwd"), f"forward of {ir.name}", fwd_tensors, eqs,
+                    fwd_stores, red, params)
+    fwd = k_fwd.build()
+    fin = _finish(names, ir, kept, t_parts, fin_eqs, fin_tensors, params) if t_parts else None
+
     bwd_tensors = saved_t + t_grads + [t for t, _ in b_stores] + partials
     k_bwd = _Kernel(names, n, names.take(f"_{ir.name}_bwd"), f"backward of {ir.name}", bwd_tensors, b_eqs,
                     b_stores, red, params)
@@ -833,7 +887,7 @@ def plan_rowwise(d: Derivation) -> RowwisePlan:
     doc = (f"{ir.name}({', '.join(str(x.indexed) for x in inputs)}"
            f"{'; ' + ', '.join(q.name for q in ir.params) if ir.params else ''}) -> "
            f"{', '.join(str(o.indexed) for o in outs)}, "
-           f"from {visible(str(d.path))}.\n\n{_api_doc(ir, levels, red, meta['reduces'])}\n"
+           f"from {visible(str(d.path))}.\n\n{_api_doc(ir, levels, red, meta['reduces'], d.spec.choice)}\n"
            f"Forward and backward run the generated Triton kernels above.")
     return RowwisePlan("rowwise", ir.name, fn, fwd, bwd, meta, meta["saved"], extras, [q.name for q in ir.params],
                        [str(e) for e in ir.equations], pullback_text, list(params.values()), signature, call, doc,
@@ -933,7 +987,7 @@ def _api(ir, spec, levels, has_reduction: bool) -> tuple[str, str, str, dict, st
     return ", ".join(sig), call, reduces, dict(zip([q.name for q in ir.params], qs)), dim
 
 
-def _api_doc(ir, levels, red, reduces: str) -> str:
+def _api_doc(ir, levels, red, reduces: str, choice=None) -> str:
     if reduces == "weights":
         where = (f"The reduced set {red.name} is the trailing dims of the inputs indexed [{red.name}] "
                  f"(like normalized_shape in torch's norms).")
@@ -941,6 +995,11 @@ def _api_doc(ir, levels, red, reduces: str) -> str:
         where = f"The reduced set {red.name} is ``dim``: an int or a tuple of ints (negative allowed)."
     else:
         where = f"Elementwise: {red.name} is the last dim, the other dims are rows."
+    if choice is not None:
+        keyword, values = choice
+        return where + f" Returns one output, by ``{keyword}``: " + ", ".join(
+            f"{v!r}: {o}" + ("[...] (one value per row)" if levels[o] == "row" else " (a scalar)")
+            for v, o in values) + "."
     if any(levels[o.name] == "row" for o in ir.outputs):
         where += " ``keepdim`` keeps the reduced dims with size 1."
     if len(ir.outputs) > 1:

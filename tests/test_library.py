@@ -24,6 +24,14 @@ def _rand(*shape, dtype=torch.float64, device="cpu", gen=None):
     return torch.randn(*shape, dtype=dtype, device=device, generator=gen)
 
 
+def _targets(shape, classes, device, ignored=((0, 1),)):
+    """Class indices, some of them ignore_index (-100)."""
+    t = torch.randint(0, classes, shape, generator=torch.Generator().manual_seed(1)).to(device)
+    for at in ignored:
+        t[at] = -100
+    return t
+
+
 # name -> (make inputs(dtype, device) -> (args, kwargs), the op's call, torch's call)
 CASES = {
     "softmax": (lambda dt, dev: ((_rand(4, 6, 9, dtype=dt, device=dev),), {"dim": (0, 2)}),
@@ -44,6 +52,9 @@ CASES = {
                    lambda x, w, b: F.layer_norm(x.double(), (x.shape[-1],), w.double(), b.double(), 1e-5)),
     "l2_normalize": (lambda dt, dev: ((_rand(5, 4, 9, dtype=dt, device=dev),), {"dim": 1}),
                      lambda op, x, dim: op(x, dim), lambda x, dim: F.normalize(x.double(), dim=dim)),
+    "cross_entropy": (lambda dt, dev: ((_rand(2, 3, 11, dtype=dt, device=dev), _targets((2, 3), 11, dev)), {}),
+                      lambda op, x, t: op(x, t, "mean", -100, 0.1),
+                      lambda x, t: F.cross_entropy(x.double().flatten(0, -2), t.flatten(), label_smoothing=0.1)),
     "swiglu": (lambda dt, dev: ((_rand(6, 10, dtype=dt, device=dev), _rand(6, 10, dtype=dt, device=dev)), {}),
                lambda op, a, b: op(a, b), lambda a, b: F.silu(a.double()) * b.double()),
 }
@@ -57,7 +68,8 @@ def _compare(name, dtype, device, prepare=lambda t: t):
     torch.manual_seed(0)
     make, call, ref = CASES[name]
     args, kwargs = make(dtype, device)
-    args = [prepare(a).requires_grad_() for a in args]
+    args = [prepare(a).requires_grad_() if a.is_floating_point() else prepare(a) for a in args]
+    floats = [a for a in args if a.is_floating_point()]  # integer inputs (class targets) take no gradient
     op = getattr(generated, name)
     y = call(op, *args, **kwargs)
     r = ref(*args, **kwargs)
@@ -65,8 +77,8 @@ def _compare(name, dtype, device, prepare=lambda t: t):
     rtol, atol = TOL[dtype]
     torch.testing.assert_close(y.double(), r, rtol=rtol, atol=atol)
     g = torch.randn(y.shape, dtype=torch.float64, device=device)
-    got = torch.autograd.grad(y, args, g.to(dtype))
-    want = torch.autograd.grad(r, args, g)
+    got = torch.autograd.grad(y, floats, g.to(dtype))
+    want = torch.autograd.grad(r, floats, g)
     for a, w in zip(got, want):
         w = w.double()
         scale = max(1.0, w.abs().max().item())
@@ -101,7 +113,7 @@ def test_gradcheck(name, device):
     make, call, _ = CASES[name]
     args, kwargs = make(torch.float64, device)
     meta = importlib.import_module(f"generated.{name}").META
-    args = [(a[:2] if m["level"] == "elem" else a).detach().clone().requires_grad_()
+    args = [(a[:2] if m["level"] == "elem" else a).detach().clone().requires_grad_(a.is_floating_point())
             for a, m in zip(args, meta["inputs"])]
     op = getattr(generated, name)
     assert torch.autograd.gradcheck(lambda *a: call(op, *a, **kwargs), tuple(args), eps=1e-6, atol=1e-7)
@@ -147,12 +159,12 @@ def test_opcheck(name, device):
         k = next(a for a, m in zip(args, mod.META["inputs"]) if m["level"] == "col").dim()
         dims = list(range(x.dim() - k, x.dim()))
     elif mod.META["reduces"] == "dim":
-        d = kwargs["dim"]
+        d = kwargs.get("dim", -1)
         dims = sorted(t % x.dim() for t in ((d,) if isinstance(d, int) else d))
     else:
         dims = [x.dim() - 1]
-    params = [1e-5 for _ in mod.META["params"]]
-    args = [a.requires_grad_() for a in args]
+    params = [-100 if m["dtype"] == "int" else 1e-5 for m in mod.META["params"]]
+    args = [a.requires_grad_(a.is_floating_point()) for a in args]
     torch.library.opcheck(getattr(torch.ops.pullback, f"{name}_forward"), (*args, dims, *params))
 
 
@@ -162,13 +174,17 @@ def test_torch_compile_fullgraph(device):
     x = _rand(5, 16, dtype=torch.float32, device=device).requires_grad_()
     w = _rand(16, dtype=torch.float32, device=device).requires_grad_()
 
+    t = torch.tensor([3, -100, 0, 15, 7], device=device)
+
     def f(x, w):
         h = generated.rms_norm(x, w, 1e-6)
-        return (generated.swiglu(h, h) + generated.log_softmax(h, -1)).sum() + generated.logsumexp(h, 0).sum()
+        return (generated.swiglu(h, h) + generated.log_softmax(h, -1)).sum() + generated.logsumexp(h, 0).sum() + \
+            generated.cross_entropy(h, t, label_smoothing=0.1)
 
     def ref(x, w):
         h = F.rms_norm(x, (16,), w, 1e-6)
-        return (F.silu(h) * h + torch.log_softmax(h, -1)).sum() + torch.logsumexp(h, 0).sum()
+        return (F.silu(h) * h + torch.log_softmax(h, -1)).sum() + torch.logsumexp(h, 0).sum() + \
+            F.cross_entropy(h, t, label_smoothing=0.1)
 
     out = torch.compile(f, fullgraph=True, backend="inductor")(x, w)
     got = torch.autograd.grad(out, (x, w))
@@ -213,7 +229,8 @@ def test_templates_place_the_plans_statements_and_compute_nothing(name):
     lines = [ln.strip() for ln in text.splitlines()]
     printed = set()
     for k in (p.fwd, p.bwd):
-        code = list(k.single.code) + list(k.before) + [a.init for a in k.accs] + [a.update for a in k.accs]
+        code = list(k.single.code) + list(k.before) + [a.init for a in k.accs + k.taccs] + \
+            [a.update for a in k.accs + k.taccs]
         for lp in k.loops:
             code += lp.init + lp.block.code + lp.finish
         if k.final:
@@ -221,8 +238,67 @@ def test_templates_place_the_plans_statements_and_compute_nothing(name):
         for stmt in code:
             assert stmt.strip() in lines, stmt
         printed |= {stmt.strip() for stmt in code}
+    for stmt in p.fin.code if p.fin else ():  # the second stage of the sums over the rows
+        assert stmt.strip() in lines, stmt
+        printed.add(stmt.strip())
     kernels = text[text.index("@triton.jit"):text.index("# ---- what the shared runtime needs")]
     rest = [ln.strip() for ln in kernels.splitlines() if ln.strip() not in printed]
     for ln in rest:
         code = ln.split("#", 1)[0]
         assert not any(tok in code for tok in POLICY), ln
+
+
+# ---- cross-entropy: its reductions, ignored rows, long rows ------------------------------
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("block", [4096, 8])
+def test_cross_entropy_reductions(reduction, block, device, monkeypatch):
+    """reduction="mean" divides by the rows whose target is not ignore_index (torch's
+    rule); label smoothing; rows walked in blocks of 8 as well as whole."""
+    import generated._runtime as rt
+    monkeypatch.setattr(rt, "MAX_BLOCK", block)
+    x = _rand(9, 21, device=device).requires_grad_()
+    t = _targets((9,), 21, device, ignored=(2, 7))
+    for smoothing, ignore in ((0.0, -100), (0.25, -100), (0.1, 3)):
+        y = generated.cross_entropy(x, t, reduction, ignore, smoothing)
+        ref = F.cross_entropy(x, t.clamp(min=0) if ignore != -100 else t, reduction=reduction,
+                              ignore_index=ignore, label_smoothing=smoothing)
+        if ignore != -100:  # torch refuses -100 as a class when it is not ignored; compare those rows alone
+            keep = t != -100
+            y = generated.cross_entropy(x[keep], t[keep], reduction, ignore, smoothing)
+            ref = F.cross_entropy(x[keep], t[keep], reduction=reduction, ignore_index=ignore,
+                                  label_smoothing=smoothing)
+        torch.testing.assert_close(y, ref)
+        g = torch.rand_like(ref)
+        torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0])
+
+
+def test_cross_entropy_long_rows_and_edge_cases(device):
+    """131072 classes (a vocabulary's worth: the looped kernels, one pass forward and
+    one backward, the softmax's row sum saved); every target ignored; no rows."""
+    x = _rand(3, 131072, dtype=torch.float32, device=device).requires_grad_()
+    t = torch.tensor([5, -100, 131071], device=device)
+    y = generated.cross_entropy(x, t, label_smoothing=0.05)
+    ref = F.cross_entropy(x, t, label_smoothing=0.05)
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(torch.autograd.grad(y, x)[0], torch.autograd.grad(ref, x)[0])
+    x = _rand(4, 5, device=device)
+    none = torch.full((4,), -100, device=device)
+    assert torch.isnan(generated.cross_entropy(x, none)) and torch.isnan(F.cross_entropy(x, none))
+    assert generated.cross_entropy(x, none, "sum").item() == 0.0
+    empty = generated.cross_entropy(x[:0], none[:0], "none")
+    assert empty.shape == (0,) and torch.isnan(generated.cross_entropy(x[:0], none[:0]))
+
+
+def test_cross_entropy_bad_input(device):
+    x = _rand(4, 5, dtype=torch.float32, device=device)
+    t = torch.zeros(4, dtype=torch.long, device=device)
+    with pytest.raises(ValueError, match=r"cross_entropy: reduction must be one of 'mean', 'sum', 'none', "
+                                         r"got 'avg'"):
+        generated.cross_entropy(x, t, "avg")
+    with pytest.raises(TypeError, match=r"cross_entropy: ignore_index must be an int, got float 1.5"):
+        generated.cross_entropy(x, t, "mean", 1.5)
+    with pytest.raises(TypeError, match=r"cross_entropy: expected target to be an integer tensor .* "
+                                        r"got torch.float32"):
+        generated.cross_entropy(x, t.float())
+    with pytest.raises(ValueError, match=r"cross_entropy: target has shape \(3,\), expected \(4,\)"):
+        generated.cross_entropy(x, t[:3])
