@@ -100,8 +100,8 @@ def traffic(dtype_name: str = "float16", quick: bool = False, progress=None) -> 
         meta = mod.META
         inputs, params, dims = _rowwise_inputs(meta, shape, dim, dtype)
         call_dim = dim if meta["reduces"] == "dim" else None
-        with count_traffic() as fwd:
-            ys = mod.OP(inputs, params, call_dim, False)
+        with count_traffic() as fwd:  # (an op that returns one output by a keyword: all of them, as the kernels do)
+            ys = (mod.OP._call if meta.get("choice") else mod.OP)(inputs, params, call_dim, False)
         ys = list(ys) if isinstance(ys, tuple) else [ys]
         gs = [torch.randn_like(y) for y in ys]
         with count_traffic() as bwd:
@@ -115,7 +115,8 @@ def traffic(dtype_name: str = "float16", quick: bool = False, progress=None) -> 
         read = sum(nbytes(saved[n]) for n in meta["saved"] if n in saved)
         n_rows = math.prod(n for d, n in enumerate(shape) if d not in dims)
         n_cols = math.prod(shape[d] for d in dims)
-        read += 4 * n_rows * sum(1 for n in meta["saved"] if n not in saved)  # per-row statistics
+        level = {t["name"]: t["level"] for t in meta["extras"]}
+        read += sum(4 * (n_rows if level.get(n) == "row" else 1) for n in meta["saved"] if n not in saved)  # statistics
         read += sum(nbytes(g) for g in gs)
         # (the weights' gradients are written by the second stage, a torch sum the counter does not see)
         ideal_b = read + sum(nbytes(t) for m, gr, t in zip(meta["inputs"], meta["grads"], inputs)
@@ -129,9 +130,11 @@ def traffic(dtype_name: str = "float16", quick: bool = False, progress=None) -> 
         rereads = (n_progs - 1) * sum(nbytes(w) for w in weights) if single else 0
         rereads_b = (n_progs - 1) * sum(nbytes(w) for w in read_back) if single else 0
         partials = len(weights) * 4 * n_cols * (n_progs if single else 2 * n_rows)
+        # totals over the rows: each program writes its partials, the second stage reads them
+        totals = 2 * 4 * n_progs * sum(1 for k in meta["forward"]["tensors"] if k.startswith("tpartial:"))
         label = f"{tuple(shape)} dim={dim}" if meta["reduces"] == "dim" else f"{tuple(shape)}"
         rows.append(TrafficRow(name, label, dtype_name, "forward", fwd.total_loaded, fwd.total_stored, ideal_f,
-                               rereads))
+                               rereads + totals))
         rows.append(TrafficRow(name, label, dtype_name, "backward", bwd.total_loaded, bwd.total_stored, ideal_b,
                                rereads_b + partials))
     for (b, h, m, d), n_keys, causal in _attention_cases(quick):
