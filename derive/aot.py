@@ -314,7 +314,8 @@ def _hints(launch: Launch, signature: dict, attrs: dict) -> str:
 
 def _config_text(launch: Launch, options) -> str:
     """The launch's tile constexprs (BLOCK*, SINGLE), warps and stages."""
-    shown = [f"{k}={v}" for k, v in launch.kwargs.items() if k.startswith("BLOCK") or k == "SINGLE"]
+    shown = [f"{k}={v}" for k, v in launch.kwargs.items() if k.startswith("BLOCK") or k == "SINGLE"
+             or (k == "PHASE" and v)]  # a split row's launches, one per pass
     shown += [f"warps={options.num_warps}", f"stages={options.num_stages}"]
     return ", ".join(shown)
 

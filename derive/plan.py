@@ -108,6 +108,10 @@ class Loop:
     init: list[str]
     block: Block
     finish: list[str]
+    # split rows: a segment stores what its finish computed; a later pass loads the segments'
+    # values into the lane accumulators' names, and the same finish combines them
+    seg_stores: list[tuple[KTensor, str]] = field(default_factory=list)
+    seg_loads: list[tuple[KTensor, str, str]] = field(default_factory=list)  # (buffer, name, value of no segment)
 
 
 @dataclass
@@ -493,7 +497,28 @@ class _Kernel:
                 max_finish.append(f"{self.argmax_of[e.name]} = tl.where({first} < {n['n_cols']}, {first}, "
                                   f"{self.argmax_of[e.name]})")
         loads = self.block_loads(exprs + [self.by_name[nm].expr for nm in values])
-        return Loop([e.name for e in reds], init, Block(loads, block_code), max_finish + finish)
+        seg_stores: list[tuple[KTensor, str]] = []
+        seg_loads: list[tuple[KTensor, str, str]] = []
+
+        def seg(key: str, kind: str, doc: str) -> KTensor:
+            v = self.N.of(("seg", self.name, key), f"{key.replace(':', '_')}_seg")
+            return KTensor(f"seg:{key}", "seg", kind, doc, v, self.N.take(f"{v}_ptr"), "", "")
+        for e in maxes:
+            t = seg(e.name, "stat", f"each segment's {e.name} (split rows)")
+            seg_stores.append((t, self.value_of[e.name]))
+            seg_loads.append((t, run[e.name], 'float("-inf")'))
+            t = seg(f"{e.name}:nan", "index", f"each segment's first NaN column of {e.name} (split rows)")
+            seg_stores.append((t, self.N.given[("first_nan", e.name)]))
+            seg_loads.append((t, self.N.given[("nan", e.name)], n["n_cols"]))
+            if e.argmax:
+                t = seg(f"{e.name}:arg", "index", f"each segment's first argmax of {e.name} (split rows)")
+                seg_stores.append((t, self.argmax_of[e.name]))
+                seg_loads.append((t, self.N.given[("idx", e.name)], "0"))
+        for e in sums:
+            t = seg(e.name, "stat", f"each segment's {comment_text(e.comment)} (split rows)")
+            seg_stores.append((t, self.value_of[e.name]))
+            seg_loads.append((t, run[e.name], "0.0"))
+        return Loop([e.name for e in reds], init, Block(loads, block_code), max_finish + finish, seg_stores, seg_loads)
 
     def online_factor(self, e: _KEq, ready: dict[str, int], level: int):
         """A sum whose summand depends on a max M of the same pass only through a
@@ -592,6 +617,12 @@ class _Kernel:
                          single, [(t, v) for t, v in stores if t.level == "elem"],
                          [(t, v) for t, v in stores if t.level == "row"], accs, before, loops, final, self.n,
                          [t for t in self.loads if t.level == "total"], taccs)
+
+    @staticmethod
+    def with_segments(k: RowKernel) -> RowKernel:
+        """The kernel's signature with the split-row buffers of its passes, last."""
+        k.tensors = k.tensors + [t for lp in k.loops for t, _ in lp.seg_stores]
+        return k
 
 
 # ---- from a derivation to the two kernels --------------------------------------------
@@ -854,13 +885,13 @@ def plan_rowwise(d: Derivation) -> RowwisePlan:
         [(t, f"argmax:{m}") for m, t in t_arg.items()] + [(t, s) for s, t in t_stat.items() if t.level != "total"]
     k_fwd = _Kernel(names, n, names.take(f"_{ir.name}_fwd"), f"forward of {ir.name}", fwd_tensors, eqs,
                     fwd_stores, red, params)
-    fwd = k_fwd.build()
+    fwd = _Kernel.with_segments(k_fwd.build())
     fin = _finish(names, ir, kept, t_parts, fin_eqs, fin_tensors, params) if t_parts else None
 
     bwd_tensors = saved_t + t_grads + [t for t, _ in b_stores] + partials
     k_bwd = _Kernel(names, n, names.take(f"_{ir.name}_bwd"), f"backward of {ir.name}", bwd_tensors, b_eqs,
                     b_stores, red, params)
-    bwd = k_bwd.build()
+    bwd = _Kernel.with_segments(k_bwd.build())
 
     fn = names.of(("fn", ir.name), ir.name)
     signature, call, reduces, api_params, api_dim = _api(ir, d.spec, levels, has_reduction=bool(
@@ -876,8 +907,8 @@ def plan_rowwise(d: Derivation) -> RowwisePlan:
         "saved": saved_fwd + [t.key for t in list(t_arg.values()) + list(t_stat.values())],
         "grads": [{"name": f"d{x.name}", "of": x.name, "level": levels[x.name], "zero": x.name in zero_grads}
                   for x in inputs],
-        "forward": {"kernel": fwd.name, "tensors": [t.key for t in fwd.tensors]},
-        "backward": {"kernel": bwd.name, "tensors": [t.key for t in bwd.tensors]},
+        "forward": _kernel_meta(fwd),
+        "backward": _kernel_meta(bwd),
         "finish": {"kernel": fin.name, "tensors": [t.key for t in fin.tensors]} if fin else None,
         "choice": None if d.spec.choice is None else {"keyword": d.spec.choice[0],
                                                       "values": dict(d.spec.choice[1])},
@@ -894,6 +925,13 @@ def plan_rowwise(d: Derivation) -> RowwisePlan:
                        _aot_cases(fn, inputs, levels, reduces, api_params, api_dim, d.spec.param_decls),
                        [(params[q.name], q.name) for q in d.spec.param_decls if q.dtype != "int"],
                        [(params[q.name], q.name) for q in d.spec.param_decls if q.dtype == "int"], fin)
+
+
+def _kernel_meta(k: RowKernel) -> dict:
+    """A kernel's arguments (tensor keys, in order), its passes over a long row, and the
+    buffers its segments fill when a row is split across programs."""
+    return {"kernel": k.name, "tensors": [t.key for t in k.tensors], "passes": len(k.loops),
+            "segments": {t.key: t.kind for t in k.tensors if t.level == "seg"}}
 
 
 def _finish(names: Names, ir, kept, parts: list[KTensor], fin_eqs, stores: list[KTensor], params) -> FinishKernel:

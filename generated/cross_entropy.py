@@ -33,7 +33,13 @@ def _cross_entropy_fwd(
     lse_sum_logits_m_ptr, lse_sum_logits_m_sk0, lse_sum_logits_m_sk1, lse_sum_logits_m_sk2,  # sum[c](exp(logits[r, c] - m[r])), saved for the backward
     total_partial_ptr,  # per-program partial sums of total (summed in a second stage)
     loss_rows_0_partial_ptr,  # per-program partial sums of loss_rows:0 (summed in a second stage)
+    m_seg_ptr,  # each segment's m (split rows)
+    m_nan_seg_ptr,  # each segment's first NaN column of m (split rows)
+    lse_sum_logits_m_seg_ptr,  # each segment's sum[c](exp(logits[r, c] - m[r])) (split rows)
+    per_row_sum_logits_target_seg_ptr,  # each segment's sum[c](logits[r, c]*1[c = target[r]]) (split rows)
+    per_row_sum_logits_seg_ptr,  # each segment's sum[c](logits[r, c]) (split rows)
     n_rows, n_cols, nk1, nk2, nr1, nr2,  # rows, row length; sizes of the inner kept and reduced groups
+    n_segs, seg_len,  # split rows: segments per row, columns per segment (a multiple of BLOCK)
     params_ptr,  # the op's real parameters, in the accumulation dtype
     ignore_index,  # integer parameter ignore_index
     ACC: tl.constexpr,     # accumulation dtype: fp32, or fp64 for fp64 inputs
@@ -41,6 +47,8 @@ def _cross_entropy_fwd(
     SINGLE: tl.constexpr,  # the whole row fits one block: read once, write once
     RG: tl.constexpr,      # number of strided groups of the reduced axes (1..3)
     IDX64: tl.constexpr,   # offsets need 64 bits
+    PHASE: tl.constexpr,   # 0: whole rows; 1, 2, ...: the launches of a split row
+    SEGS: tl.constexpr,    # at least n_segs (a power of two)
 ):
     """forward of cross_entropy: each program walks rows pid, pid + n_progs, ...
     Each tensor comes as a pointer and its strides over the kept groups
@@ -99,7 +107,7 @@ def _cross_entropy_fwd(
             tl.store(lse_sum_logits_m_row, lse_sum_logits_m.to(lse_sum_logits_m_ptr.dtype.element_ty))  # sum[c](exp(logits[r, c] - m[r])), saved for the backward
             total_acc += per_row  # total[] = sum[r](per_row[r])
             loss_rows_0_acc += counts  # loss[] = sum[r](counts[r])
-    else:
+    elif PHASE == 0:
         # ---- long rows: passes over blocks, lane-wise accumulators reduced at the end
         for row in range(pid, n_rows, n_progs):
             r64 = tl.cast(row, tl.int64)
@@ -160,6 +168,99 @@ def _cross_entropy_fwd(
             tl.store(lse_sum_logits_m_row, lse_sum_logits_m.to(lse_sum_logits_m_ptr.dtype.element_ty))  # sum[c](exp(logits[r, c] - m[r])), saved for the backward
             total_acc += per_row  # total[] = sum[r](per_row[r])
             loss_rows_0_acc += counts  # loss[] = sum[r](counts[r])
+    else:
+        # ---- few long rows, split: a work item is one segment of seg_len columns of a row.
+        # Launch p (PHASE = p) of a pass: the segments' partial reductions, after the passes
+        # before it are combined from their segments' values; the last launch writes the outputs.
+        soffs = tl.arange(0, SEGS)
+        smask = soffs < n_segs
+        for w in range(pid, n_rows * n_segs, n_progs):
+            row = w // n_segs
+            seg = w - row * n_segs
+            seg_start = seg * seg_len
+            seg_end = tl.minimum(seg_start + seg_len, n_cols)
+            r64 = tl.cast(row, tl.int64)
+            k2 = r64 % nk2
+            k1 = (r64 // nk2) % nk1
+            k0 = r64 // (nk2 * nk1)
+            logits_row = logits_ptr + k0 * logits_sk0 + k1 * logits_sk1 + k2 * logits_sk2
+            target_row = target_ptr + k0 * target_sk0 + k1 * target_sk1 + k2 * target_sk2
+            per_row_row = per_row_ptr + k0 * per_row_sk0 + k1 * per_row_sk1 + k2 * per_row_sk2
+            counts_row = counts_ptr + k0 * counts_sk0 + k1 * counts_sk1 + k2 * counts_sk2
+            m_row = m_ptr + k0 * m_sk0 + k1 * m_sk1 + k2 * m_sk2
+            lse_sum_logits_m_row = lse_sum_logits_m_ptr + k0 * lse_sum_logits_m_sk0 + k1 * lse_sum_logits_m_sk1 + k2 * lse_sum_logits_m_sk2
+            target = tl.load(target_row)  # the input target[r]
+            counts = tl.where((target != ignore_index), 1.0, 0.0)  # counts[r] = where(target[r] != ignore_index, 1, 0)
+            if PHASE > 1:
+                # pass 1 (m, lse_sum:logits_m, per_row_sum:logits_target, per_row_sum:logits): its segments' values, combined as its lanes are
+                m_run = tl.load(m_seg_ptr + row * n_segs + soffs, mask=smask, other=float("-inf"))
+                m_nan = tl.load(m_nan_seg_ptr + row * n_segs + soffs, mask=smask, other=n_cols)
+                lse_sum_logits_m_run = tl.load(lse_sum_logits_m_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)
+                per_row_sum_logits_target_run = tl.load(per_row_sum_logits_target_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)
+                per_row_sum_logits_run = tl.load(per_row_sum_logits_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)
+                m = tl.max(m_run, axis=0)
+                # a NaN anywhere makes the max NaN (as torch.amax), at the first NaN
+                m_first_nan = tl.min(m_nan, axis=0)
+                m = tl.where(m_first_nan < n_cols, float("nan"), m)
+                lse_sum_logits_m = tl.sum(lse_sum_logits_m_run * tl.where((m_run == float("-inf")), 0.0, tl.exp(m_run - m)), axis=0)
+                per_row_sum_logits_target = tl.sum(per_row_sum_logits_target_run, axis=0)
+                per_row_sum_logits = tl.sum(per_row_sum_logits_run, axis=0)
+                lse = tl.log(lse_sum_logits_m) + m  # lse[r] = log(sum[c](exp(logits[r, c] - m[r]))) + m[r]
+                per_row = (-label_smoothing*per_row_sum_logits/tl.cast(n_cols, ACC) - (1.0 - label_smoothing)*per_row_sum_logits_target + lse)*counts  # per_row[r] = (-label_smoothing*sum[c](logits[r, c])/|c| - (1 - label_smoothing)*sum[c#pick1_1](logits[r, c#pick1_1]*1[c#pick1_1 = target[r]]) + lse[r])*counts[r]
+            elif PHASE == 1:
+                # pass 1 over this segment
+                m_run = tl.full([BLOCK], float("-inf"), ACC)
+                m_nan = tl.zeros([BLOCK], dtype=tl.int32) + n_cols  # first NaN column per lane
+                lse_sum_logits_m_run = tl.zeros([BLOCK], dtype=ACC)
+                per_row_sum_logits_target_run = tl.zeros([BLOCK], dtype=ACC)
+                per_row_sum_logits_run = tl.zeros([BLOCK], dtype=ACC)
+                for start in range(seg_start, seg_end, BLOCK):
+                    col = start + offs
+                    mask = col < n_cols
+                    if IDX64:
+                        cc = col.to(tl.int64)
+                    else:
+                        cc = col
+                    if RG == 1:  # the reduced axes are one strided run
+                        logits_off = cc * logits_sr2
+                    else:  # split the flat column over the reduced groups
+                        c2 = cc % nr2
+                        c1 = (cc // nr2) % nr1
+                        c0 = cc // (nr2 * nr1)
+                        logits_off = c0 * logits_sr0 + c1 * logits_sr1 + c2 * logits_sr2
+                    logits = tl.load(logits_row + logits_off, mask=mask, other=0.0).to(ACC)  # the input logits[r, c]
+                    m_blk = tl.where(mask, logits, float("-inf"))  # m[r] = max[c](logits[r, c])
+                    m_isnan = m_blk != m_blk
+                    m_nan = tl.minimum(m_nan, tl.where(m_isnan, col, n_cols))
+                    m_blk = tl.where(m_isnan, float("-inf"), m_blk)
+                    m_new = tl.maximum(m_run, m_blk)
+                    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a lane with nothing yet measures against 0, never -inf - -inf
+                    lse_sum_logits_m_run = lse_sum_logits_m_run * tl.where((m_run == float("-inf")), 0.0, tl.exp(-m_new + m_run)) + tl.where(mask, tl.exp(-m_ref + logits), 0.0)  # sum[c](exp(logits[r, c] - m[r])), rescaled to the new running max
+                    per_row_sum_logits_target_run += tl.where(mask, tl.where((col == target), logits, 0.0), 0.0)  # sum[c](logits[r, c]*1[c = target[r]])
+                    per_row_sum_logits_run += tl.where(mask, logits, 0.0)  # sum[c](logits[r, c])
+                    m_run = m_new
+                m = tl.max(m_run, axis=0)
+                # a NaN anywhere makes the max NaN (as torch.amax), at the first NaN
+                m_first_nan = tl.min(m_nan, axis=0)
+                m = tl.where(m_first_nan < n_cols, float("nan"), m)
+                lse_sum_logits_m = tl.sum(lse_sum_logits_m_run * tl.where((m_run == float("-inf")), 0.0, tl.exp(m_run - m)), axis=0)
+                per_row_sum_logits_target = tl.sum(per_row_sum_logits_target_run, axis=0)
+                per_row_sum_logits = tl.sum(per_row_sum_logits_run, axis=0)
+                lse = tl.log(lse_sum_logits_m) + m  # lse[r] = log(sum[c](exp(logits[r, c] - m[r]))) + m[r]
+                per_row = (-label_smoothing*per_row_sum_logits/tl.cast(n_cols, ACC) - (1.0 - label_smoothing)*per_row_sum_logits_target + lse)*counts  # per_row[r] = (-label_smoothing*sum[c](logits[r, c])/|c| - (1 - label_smoothing)*sum[c#pick1_1](logits[r, c#pick1_1]*1[c#pick1_1 = target[r]]) + lse[r])*counts[r]
+                tl.store(m_seg_ptr + row * n_segs + seg, m)  # each segment's m (split rows)
+                tl.store(m_nan_seg_ptr + row * n_segs + seg, m_first_nan)  # each segment's first NaN column of m (split rows)
+                tl.store(lse_sum_logits_m_seg_ptr + row * n_segs + seg, lse_sum_logits_m)  # each segment's sum[c](exp(logits[r, c] - m[r])) (split rows)
+                tl.store(per_row_sum_logits_target_seg_ptr + row * n_segs + seg, per_row_sum_logits_target)  # each segment's sum[c](logits[r, c]*1[c = target[r]]) (split rows)
+                tl.store(per_row_sum_logits_seg_ptr + row * n_segs + seg, per_row_sum_logits)  # each segment's sum[c](logits[r, c]) (split rows)
+            if PHASE == 2:
+                if seg == 0:  # a row's own values: once per row
+                    tl.store(per_row_row, per_row.to(per_row_ptr.dtype.element_ty))  # the output per_row[r]
+                    tl.store(counts_row, counts.to(counts_ptr.dtype.element_ty))  # counts saved for the backward
+                    tl.store(m_row, m.to(m_ptr.dtype.element_ty))  # m saved for the backward
+                    tl.store(lse_sum_logits_m_row, lse_sum_logits_m.to(lse_sum_logits_m_ptr.dtype.element_ty))  # sum[c](exp(logits[r, c] - m[r])), saved for the backward
+                    total_acc += per_row  # total[] = sum[r](per_row[r])
+                    loss_rows_0_acc += counts  # loss[] = sum[r](counts[r])
     tl.store(total_partial_ptr + pid, total_acc)  # per-program partial sums of total (summed in a second stage)
     tl.store(loss_rows_0_partial_ptr + pid, loss_rows_0_acc)  # per-program partial sums of loss_rows:0 (summed in a second stage)
 
@@ -177,6 +278,7 @@ def _cross_entropy_bwd(
     dper_row_ptr, dper_row_sk0, dper_row_sk1, dper_row_sk2,  # the gradient of per_row
     dlogits_ptr, dlogits_sk0, dlogits_sk1, dlogits_sk2, dlogits_sr0, dlogits_sr1, dlogits_sr2,  # the gradient of logits
     n_rows, n_cols, nk1, nk2, nr1, nr2,  # rows, row length; sizes of the inner kept and reduced groups
+    n_segs, seg_len,  # split rows: segments per row, columns per segment (a multiple of BLOCK)
     params_ptr,  # the op's real parameters, in the accumulation dtype
     ignore_index,  # integer parameter ignore_index
     ACC: tl.constexpr,     # accumulation dtype: fp32, or fp64 for fp64 inputs
@@ -184,6 +286,8 @@ def _cross_entropy_bwd(
     SINGLE: tl.constexpr,  # the whole row fits one block: read once, write once
     RG: tl.constexpr,      # number of strided groups of the reduced axes (1..3)
     IDX64: tl.constexpr,   # offsets need 64 bits
+    PHASE: tl.constexpr,   # 0: whole rows; 1, 2, ...: the launches of a split row
+    SEGS: tl.constexpr,    # at least n_segs (a power of two)
 ):
     """backward of cross_entropy: each program walks rows pid, pid + n_progs, ...
     Each tensor comes as a pointer and its strides over the kept groups
@@ -234,7 +338,7 @@ def _cross_entropy_bwd(
             logits = tl.load(logits_row + logits_off, mask=mask, other=0.0).to(ACC)  # the input logits[r, c]
             dlogits = (-label_smoothing*dper_row/tl.cast(n_cols, ACC) - label_smoothing*dloss/(tl.cast(n_cols, ACC)*loss_rows_0) - label_smoothing*dtotal/tl.cast(n_cols, ACC) + tl.where((col == target), (label_smoothing - 1.0)*dper_row, 0.0) + tl.where((col == target), (label_smoothing - 1.0)*dloss/loss_rows_0, 0.0) + tl.where((col == target), (label_smoothing - 1.0)*dtotal, 0.0) + tl.exp(logits - m)*dper_row/lse_sum_logits_m + tl.exp(logits - m)*dloss/(lse_sum_logits_m*loss_rows_0) + tl.exp(logits - m)*dtotal/lse_sum_logits_m)*counts  # dlogits[r, c'] = (-label_smoothing*dper_row[r]/|c| - label_smoothing*dtotal/|c| - label_smoothing*dloss/(|c|*sum[r](counts[r])) + (label_smoothing - 1)*dper_row[r]*1[c' = target[r]] + (label_smoothing - 1)*dtotal*1[c' = target[r]] + (label_smoothing - 1)*dloss*1[c' = target[r]]/sum[r](counts[r]) + exp(logits[r, c'] - m[r])*dper_row[r]/sum[c](exp(logits[r, c] - m[r])) + exp(logits[r, c'] - m[r])*dtotal/sum[c](exp(logits[r, c] - m[r])) + exp(logits[r, c'] - m[r])*dloss/(sum[c](exp(logits[r, c] - m[r]))*sum[r](counts[r])))*counts[r]
             tl.store(dlogits_row + dlogits_off, dlogits.to(dlogits_ptr.dtype.element_ty), mask=mask)  # the gradient of logits
-    else:
+    elif PHASE == 0:
         # ---- long rows: passes over blocks, lane-wise accumulators reduced at the end
         for row in range(pid, n_rows, n_progs):
             r64 = tl.cast(row, tl.int64)
@@ -273,6 +377,54 @@ def _cross_entropy_bwd(
                 logits = tl.load(logits_row + logits_off, mask=mask, other=0.0).to(ACC)  # the input logits[r, c]
                 dlogits = (-label_smoothing*dper_row/tl.cast(n_cols, ACC) - label_smoothing*dloss/(tl.cast(n_cols, ACC)*loss_rows_0) - label_smoothing*dtotal/tl.cast(n_cols, ACC) + tl.where((col == target), (label_smoothing - 1.0)*dper_row, 0.0) + tl.where((col == target), (label_smoothing - 1.0)*dloss/loss_rows_0, 0.0) + tl.where((col == target), (label_smoothing - 1.0)*dtotal, 0.0) + tl.exp(logits - m)*dper_row/lse_sum_logits_m + tl.exp(logits - m)*dloss/(lse_sum_logits_m*loss_rows_0) + tl.exp(logits - m)*dtotal/lse_sum_logits_m)*counts  # dlogits[r, c'] = (-label_smoothing*dper_row[r]/|c| - label_smoothing*dtotal/|c| - label_smoothing*dloss/(|c|*sum[r](counts[r])) + (label_smoothing - 1)*dper_row[r]*1[c' = target[r]] + (label_smoothing - 1)*dtotal*1[c' = target[r]] + (label_smoothing - 1)*dloss*1[c' = target[r]]/sum[r](counts[r]) + exp(logits[r, c'] - m[r])*dper_row[r]/sum[c](exp(logits[r, c] - m[r])) + exp(logits[r, c'] - m[r])*dtotal/sum[c](exp(logits[r, c] - m[r])) + exp(logits[r, c'] - m[r])*dloss/(sum[c](exp(logits[r, c] - m[r]))*sum[r](counts[r])))*counts[r]
                 tl.store(dlogits_row + dlogits_off, dlogits.to(dlogits_ptr.dtype.element_ty), mask=mask)  # the gradient of logits
+    else:
+        # ---- few long rows, split: a work item is one segment of seg_len columns of a row.
+        # Launch p (PHASE = p) of a pass: the segments' partial reductions, after the passes
+        # before it are combined from their segments' values; the last launch writes the outputs.
+        soffs = tl.arange(0, SEGS)
+        smask = soffs < n_segs
+        for w in range(pid, n_rows * n_segs, n_progs):
+            row = w // n_segs
+            seg = w - row * n_segs
+            seg_start = seg * seg_len
+            seg_end = tl.minimum(seg_start + seg_len, n_cols)
+            r64 = tl.cast(row, tl.int64)
+            k2 = r64 % nk2
+            k1 = (r64 // nk2) % nk1
+            k0 = r64 // (nk2 * nk1)
+            logits_row = logits_ptr + k0 * logits_sk0 + k1 * logits_sk1 + k2 * logits_sk2
+            target_row = target_ptr + k0 * target_sk0 + k1 * target_sk1 + k2 * target_sk2
+            counts_row = counts_ptr + k0 * counts_sk0 + k1 * counts_sk1 + k2 * counts_sk2
+            m_row = m_ptr + k0 * m_sk0 + k1 * m_sk1 + k2 * m_sk2
+            lse_sum_logits_m_row = lse_sum_logits_m_ptr + k0 * lse_sum_logits_m_sk0 + k1 * lse_sum_logits_m_sk1 + k2 * lse_sum_logits_m_sk2
+            dper_row_row = dper_row_ptr + k0 * dper_row_sk0 + k1 * dper_row_sk1 + k2 * dper_row_sk2
+            dlogits_row = dlogits_ptr + k0 * dlogits_sk0 + k1 * dlogits_sk1 + k2 * dlogits_sk2
+            target = tl.load(target_row)  # the input target[r]
+            counts = tl.load(counts_row).to(ACC)  # counts saved for the backward
+            m = tl.load(m_row).to(ACC)  # m saved for the backward
+            lse_sum_logits_m = tl.load(lse_sum_logits_m_row).to(ACC)  # sum[c](exp(logits[r, c] - m[r])), saved for the backward
+            dper_row = tl.load(dper_row_row).to(ACC)  # the gradient of per_row
+            if PHASE == 1:
+                # the outputs of this segment
+                for start in range(seg_start, seg_end, BLOCK):
+                    col = start + offs
+                    mask = col < n_cols
+                    if IDX64:
+                        cc = col.to(tl.int64)
+                    else:
+                        cc = col
+                    if RG == 1:  # the reduced axes are one strided run
+                        logits_off = cc * logits_sr2
+                        dlogits_off = cc * dlogits_sr2
+                    else:  # split the flat column over the reduced groups
+                        c2 = cc % nr2
+                        c1 = (cc // nr2) % nr1
+                        c0 = cc // (nr2 * nr1)
+                        logits_off = c0 * logits_sr0 + c1 * logits_sr1 + c2 * logits_sr2
+                        dlogits_off = c0 * dlogits_sr0 + c1 * dlogits_sr1 + c2 * dlogits_sr2
+                    logits = tl.load(logits_row + logits_off, mask=mask, other=0.0).to(ACC)  # the input logits[r, c]
+                    dlogits = (-label_smoothing*dper_row/tl.cast(n_cols, ACC) - label_smoothing*dloss/(tl.cast(n_cols, ACC)*loss_rows_0) - label_smoothing*dtotal/tl.cast(n_cols, ACC) + tl.where((col == target), (label_smoothing - 1.0)*dper_row, 0.0) + tl.where((col == target), (label_smoothing - 1.0)*dloss/loss_rows_0, 0.0) + tl.where((col == target), (label_smoothing - 1.0)*dtotal, 0.0) + tl.exp(logits - m)*dper_row/lse_sum_logits_m + tl.exp(logits - m)*dloss/(lse_sum_logits_m*loss_rows_0) + tl.exp(logits - m)*dtotal/lse_sum_logits_m)*counts  # dlogits[r, c'] = (-label_smoothing*dper_row[r]/|c| - label_smoothing*dtotal/|c| - label_smoothing*dloss/(|c|*sum[r](counts[r])) + (label_smoothing - 1)*dper_row[r]*1[c' = target[r]] + (label_smoothing - 1)*dtotal*1[c' = target[r]] + (label_smoothing - 1)*dloss*1[c' = target[r]]/sum[r](counts[r]) + exp(logits[r, c'] - m[r])*dper_row[r]/sum[c](exp(logits[r, c] - m[r])) + exp(logits[r, c'] - m[r])*dtotal/sum[c](exp(logits[r, c] - m[r])) + exp(logits[r, c'] - m[r])*dloss/(sum[c](exp(logits[r, c] - m[r]))*sum[r](counts[r])))*counts[r]
+                    tl.store(dlogits_row + dlogits_off, dlogits.to(dlogits_ptr.dtype.element_ty), mask=mask)  # the gradient of logits
 
 
 @triton.jit
@@ -323,7 +475,18 @@ META = {'name': 'cross_entropy',
                          'm',
                          'lse_sum:logits_m',
                          'tpartial:total',
-                         'tpartial:loss_rows:0']},
+                         'tpartial:loss_rows:0',
+                         'seg:m',
+                         'seg:m:nan',
+                         'seg:lse_sum:logits_m',
+                         'seg:per_row_sum:logits_target',
+                         'seg:per_row_sum:logits'],
+             'passes': 1,
+             'segments': {'seg:m': 'stat',
+                          'seg:m:nan': 'index',
+                          'seg:lse_sum:logits_m': 'stat',
+                          'seg:per_row_sum:logits_target': 'stat',
+                          'seg:per_row_sum:logits': 'stat'}},
  'backward': {'kernel': '_cross_entropy_bwd',
               'tensors': ['logits',
                           'target',
@@ -334,7 +497,9 @@ META = {'name': 'cross_entropy',
                           'dloss',
                           'dtotal',
                           'dper_row',
-                          'dlogits']},
+                          'dlogits'],
+              'passes': 0,
+              'segments': {}},
  'finish': {'kernel': '_cross_entropy_fin',
             'tensors': ['tpartial:total', 'tpartial:loss_rows:0', 'loss', 'total', 'loss_rows:0']},
  'choice': {'keyword': 'reduction', 'values': {'mean': 'loss', 'sum': 'total', 'none': 'per_row'}},

@@ -23,13 +23,17 @@ def _l2_normalize_fwd(
     x_ptr, x_sk0, x_sk1, x_sk2, x_sr0, x_sr1, x_sr2,  # the input x[r, c]
     y_ptr, y_sk0, y_sk1, y_sk2, y_sr0, y_sr1, y_sr2,  # the output y[r, c]
     norm_ptr, norm_sk0, norm_sk1, norm_sk2,  # norm saved for the backward
+    norm_sum_x_seg_ptr,  # each segment's sum[c](x[r, c]**2) (split rows)
     n_rows, n_cols, nk1, nk2, nr1, nr2,  # rows, row length; sizes of the inner kept and reduced groups
+    n_segs, seg_len,  # split rows: segments per row, columns per segment (a multiple of BLOCK)
     params_ptr,  # the op's real parameters, in the accumulation dtype
     ACC: tl.constexpr,     # accumulation dtype: fp32, or fp64 for fp64 inputs
     BLOCK: tl.constexpr,   # columns held at once (a power of two)
     SINGLE: tl.constexpr,  # the whole row fits one block: read once, write once
     RG: tl.constexpr,      # number of strided groups of the reduced axes (1..3)
     IDX64: tl.constexpr,   # offsets need 64 bits
+    PHASE: tl.constexpr,   # 0: whole rows; 1, 2, ...: the launches of a split row
+    SEGS: tl.constexpr,    # at least n_segs (a power of two)
 ):
     """forward of l2_normalize: each program walks rows pid, pid + n_progs, ...
     Each tensor comes as a pointer and its strides over the kept groups
@@ -71,7 +75,7 @@ def _l2_normalize_fwd(
             y = x/tl.maximum(eps, norm)  # y[r, c] = x[r, c]/Max(eps, norm[r])
             tl.store(y_row + y_off, y.to(y_ptr.dtype.element_ty), mask=mask)  # the output y[r, c]
             tl.store(norm_row, norm.to(norm_ptr.dtype.element_ty))  # norm saved for the backward
-    else:
+    elif PHASE == 0:
         # ---- long rows: passes over blocks, lane-wise accumulators reduced at the end
         for row in range(pid, n_rows, n_progs):
             r64 = tl.cast(row, tl.int64)
@@ -122,6 +126,74 @@ def _l2_normalize_fwd(
                 y = x/tl.maximum(eps, norm)  # y[r, c] = x[r, c]/Max(eps, norm[r])
                 tl.store(y_row + y_off, y.to(y_ptr.dtype.element_ty), mask=mask)  # the output y[r, c]
             tl.store(norm_row, norm.to(norm_ptr.dtype.element_ty))  # norm saved for the backward
+    else:
+        # ---- few long rows, split: a work item is one segment of seg_len columns of a row.
+        # Launch p (PHASE = p) of a pass: the segments' partial reductions, after the passes
+        # before it are combined from their segments' values; the last launch writes the outputs.
+        soffs = tl.arange(0, SEGS)
+        smask = soffs < n_segs
+        for w in range(pid, n_rows * n_segs, n_progs):
+            row = w // n_segs
+            seg = w - row * n_segs
+            seg_start = seg * seg_len
+            seg_end = tl.minimum(seg_start + seg_len, n_cols)
+            r64 = tl.cast(row, tl.int64)
+            k2 = r64 % nk2
+            k1 = (r64 // nk2) % nk1
+            k0 = r64 // (nk2 * nk1)
+            x_row = x_ptr + k0 * x_sk0 + k1 * x_sk1 + k2 * x_sk2
+            y_row = y_ptr + k0 * y_sk0 + k1 * y_sk1 + k2 * y_sk2
+            norm_row = norm_ptr + k0 * norm_sk0 + k1 * norm_sk1 + k2 * norm_sk2
+            if PHASE > 1:
+                # pass 1 (norm_sum:x): its segments' values, combined as its lanes are
+                norm_sum_x_run = tl.load(norm_sum_x_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)
+                norm_sum_x = tl.sum(norm_sum_x_run, axis=0)
+                norm = tl.sqrt(norm_sum_x)  # norm[r] = sqrt(sum[c](x[r, c]**2))
+            elif PHASE == 1:
+                # pass 1 over this segment
+                norm_sum_x_run = tl.zeros([BLOCK], dtype=ACC)
+                for start in range(seg_start, seg_end, BLOCK):
+                    col = start + offs
+                    mask = col < n_cols
+                    if IDX64:
+                        cc = col.to(tl.int64)
+                    else:
+                        cc = col
+                    if RG == 1:  # the reduced axes are one strided run
+                        x_off = cc * x_sr2
+                    else:  # split the flat column over the reduced groups
+                        c2 = cc % nr2
+                        c1 = (cc // nr2) % nr1
+                        c0 = cc // (nr2 * nr1)
+                        x_off = c0 * x_sr0 + c1 * x_sr1 + c2 * x_sr2
+                    x = tl.load(x_row + x_off, mask=mask, other=0.0).to(ACC)  # the input x[r, c]
+                    norm_sum_x_run += tl.where(mask, (x * x), 0.0)  # sum[c](x[r, c]**2)
+                norm_sum_x = tl.sum(norm_sum_x_run, axis=0)
+                norm = tl.sqrt(norm_sum_x)  # norm[r] = sqrt(sum[c](x[r, c]**2))
+                tl.store(norm_sum_x_seg_ptr + row * n_segs + seg, norm_sum_x)  # each segment's sum[c](x[r, c]**2) (split rows)
+            if PHASE == 2:
+                # the outputs of this segment
+                for start in range(seg_start, seg_end, BLOCK):
+                    col = start + offs
+                    mask = col < n_cols
+                    if IDX64:
+                        cc = col.to(tl.int64)
+                    else:
+                        cc = col
+                    if RG == 1:  # the reduced axes are one strided run
+                        x_off = cc * x_sr2
+                        y_off = cc * y_sr2
+                    else:  # split the flat column over the reduced groups
+                        c2 = cc % nr2
+                        c1 = (cc // nr2) % nr1
+                        c0 = cc // (nr2 * nr1)
+                        x_off = c0 * x_sr0 + c1 * x_sr1 + c2 * x_sr2
+                        y_off = c0 * y_sr0 + c1 * y_sr1 + c2 * y_sr2
+                    x = tl.load(x_row + x_off, mask=mask, other=0.0).to(ACC)  # the input x[r, c]
+                    y = x/tl.maximum(eps, norm)  # y[r, c] = x[r, c]/Max(eps, norm[r])
+                    tl.store(y_row + y_off, y.to(y_ptr.dtype.element_ty), mask=mask)  # the output y[r, c]
+                if seg == 0:  # a row's own values: once per row
+                    tl.store(norm_row, norm.to(norm_ptr.dtype.element_ty))  # norm saved for the backward
 
 
 @triton.jit
@@ -130,13 +202,17 @@ def _l2_normalize_bwd(
     norm_ptr, norm_sk0, norm_sk1, norm_sk2,  # norm saved for the backward
     dy_ptr, dy_sk0, dy_sk1, dy_sk2, dy_sr0, dy_sr1, dy_sr2,  # the gradient of y
     dx_ptr, dx_sk0, dx_sk1, dx_sk2, dx_sr0, dx_sr1, dx_sr2,  # the gradient of x
+    sum_dy_x_seg_ptr,  # each segment's sum[c](dy[r, c]*x[r, c]) (split rows)
     n_rows, n_cols, nk1, nk2, nr1, nr2,  # rows, row length; sizes of the inner kept and reduced groups
+    n_segs, seg_len,  # split rows: segments per row, columns per segment (a multiple of BLOCK)
     params_ptr,  # the op's real parameters, in the accumulation dtype
     ACC: tl.constexpr,     # accumulation dtype: fp32, or fp64 for fp64 inputs
     BLOCK: tl.constexpr,   # columns held at once (a power of two)
     SINGLE: tl.constexpr,  # the whole row fits one block: read once, write once
     RG: tl.constexpr,      # number of strided groups of the reduced axes (1..3)
     IDX64: tl.constexpr,   # offsets need 64 bits
+    PHASE: tl.constexpr,   # 0: whole rows; 1, 2, ...: the launches of a split row
+    SEGS: tl.constexpr,    # at least n_segs (a power of two)
 ):
     """backward of l2_normalize: each program walks rows pid, pid + n_progs, ...
     Each tensor comes as a pointer and its strides over the kept groups
@@ -181,7 +257,7 @@ def _l2_normalize_bwd(
             sum_dy_x = tl.sum(tl.where(mask, dy*x, 0.0), axis=0)  # sum[c](dy[r, c]*x[r, c])
             dx = (-tl.where((-eps + norm) > 0, 1.0, tl.where((-eps + norm) < 0, 0.0, 0.5))*sum_dy_x*x/(norm*tl.maximum(eps, norm)) + dy)/tl.maximum(eps, norm)  # dx[r, c'] = (-Heaviside(-eps + norm[r])*sum[c](dy[r, c]*x[r, c])*x[r, c']/(norm[r]*Max(eps, norm[r])) + dy[r, c'])/Max(eps, norm[r])
             tl.store(dx_row + dx_off, dx.to(dx_ptr.dtype.element_ty), mask=mask)  # the gradient of x
-    else:
+    elif PHASE == 0:
         # ---- long rows: passes over blocks, lane-wise accumulators reduced at the end
         for row in range(pid, n_rows, n_progs):
             r64 = tl.cast(row, tl.int64)
@@ -238,6 +314,78 @@ def _l2_normalize_bwd(
                 dy = tl.load(dy_row + dy_off, mask=mask, other=0.0).to(ACC)  # the gradient of y
                 dx = (-tl.where((-eps + norm) > 0, 1.0, tl.where((-eps + norm) < 0, 0.0, 0.5))*sum_dy_x*x/(norm*tl.maximum(eps, norm)) + dy)/tl.maximum(eps, norm)  # dx[r, c'] = (-Heaviside(-eps + norm[r])*sum[c](dy[r, c]*x[r, c])*x[r, c']/(norm[r]*Max(eps, norm[r])) + dy[r, c'])/Max(eps, norm[r])
                 tl.store(dx_row + dx_off, dx.to(dx_ptr.dtype.element_ty), mask=mask)  # the gradient of x
+    else:
+        # ---- few long rows, split: a work item is one segment of seg_len columns of a row.
+        # Launch p (PHASE = p) of a pass: the segments' partial reductions, after the passes
+        # before it are combined from their segments' values; the last launch writes the outputs.
+        soffs = tl.arange(0, SEGS)
+        smask = soffs < n_segs
+        for w in range(pid, n_rows * n_segs, n_progs):
+            row = w // n_segs
+            seg = w - row * n_segs
+            seg_start = seg * seg_len
+            seg_end = tl.minimum(seg_start + seg_len, n_cols)
+            r64 = tl.cast(row, tl.int64)
+            k2 = r64 % nk2
+            k1 = (r64 // nk2) % nk1
+            k0 = r64 // (nk2 * nk1)
+            x_row = x_ptr + k0 * x_sk0 + k1 * x_sk1 + k2 * x_sk2
+            norm_row = norm_ptr + k0 * norm_sk0 + k1 * norm_sk1 + k2 * norm_sk2
+            dy_row = dy_ptr + k0 * dy_sk0 + k1 * dy_sk1 + k2 * dy_sk2
+            dx_row = dx_ptr + k0 * dx_sk0 + k1 * dx_sk1 + k2 * dx_sk2
+            norm = tl.load(norm_row).to(ACC)  # norm saved for the backward
+            if PHASE > 1:
+                # pass 1 (sum:dy_x): its segments' values, combined as its lanes are
+                sum_dy_x_run = tl.load(sum_dy_x_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)
+                sum_dy_x = tl.sum(sum_dy_x_run, axis=0)
+            elif PHASE == 1:
+                # pass 1 over this segment
+                sum_dy_x_run = tl.zeros([BLOCK], dtype=ACC)
+                for start in range(seg_start, seg_end, BLOCK):
+                    col = start + offs
+                    mask = col < n_cols
+                    if IDX64:
+                        cc = col.to(tl.int64)
+                    else:
+                        cc = col
+                    if RG == 1:  # the reduced axes are one strided run
+                        x_off = cc * x_sr2
+                        dy_off = cc * dy_sr2
+                    else:  # split the flat column over the reduced groups
+                        c2 = cc % nr2
+                        c1 = (cc // nr2) % nr1
+                        c0 = cc // (nr2 * nr1)
+                        x_off = c0 * x_sr0 + c1 * x_sr1 + c2 * x_sr2
+                        dy_off = c0 * dy_sr0 + c1 * dy_sr1 + c2 * dy_sr2
+                    x = tl.load(x_row + x_off, mask=mask, other=0.0).to(ACC)  # the input x[r, c]
+                    dy = tl.load(dy_row + dy_off, mask=mask, other=0.0).to(ACC)  # the gradient of y
+                    sum_dy_x_run += tl.where(mask, dy*x, 0.0)  # sum[c](dy[r, c]*x[r, c])
+                sum_dy_x = tl.sum(sum_dy_x_run, axis=0)
+                tl.store(sum_dy_x_seg_ptr + row * n_segs + seg, sum_dy_x)  # each segment's sum[c](dy[r, c]*x[r, c]) (split rows)
+            if PHASE == 2:
+                # the outputs of this segment
+                for start in range(seg_start, seg_end, BLOCK):
+                    col = start + offs
+                    mask = col < n_cols
+                    if IDX64:
+                        cc = col.to(tl.int64)
+                    else:
+                        cc = col
+                    if RG == 1:  # the reduced axes are one strided run
+                        x_off = cc * x_sr2
+                        dy_off = cc * dy_sr2
+                        dx_off = cc * dx_sr2
+                    else:  # split the flat column over the reduced groups
+                        c2 = cc % nr2
+                        c1 = (cc // nr2) % nr1
+                        c0 = cc // (nr2 * nr1)
+                        x_off = c0 * x_sr0 + c1 * x_sr1 + c2 * x_sr2
+                        dy_off = c0 * dy_sr0 + c1 * dy_sr1 + c2 * dy_sr2
+                        dx_off = c0 * dx_sr0 + c1 * dx_sr1 + c2 * dx_sr2
+                    x = tl.load(x_row + x_off, mask=mask, other=0.0).to(ACC)  # the input x[r, c]
+                    dy = tl.load(dy_row + dy_off, mask=mask, other=0.0).to(ACC)  # the gradient of y
+                    dx = (-tl.where((-eps + norm) > 0, 1.0, tl.where((-eps + norm) < 0, 0.0, 0.5))*sum_dy_x*x/(norm*tl.maximum(eps, norm)) + dy)/tl.maximum(eps, norm)  # dx[r, c'] = (-Heaviside(-eps + norm[r])*sum[c](dy[r, c]*x[r, c])*x[r, c']/(norm[r]*Max(eps, norm[r])) + dy[r, c'])/Max(eps, norm[r])
+                    tl.store(dx_row + dx_off, dx.to(dx_ptr.dtype.element_ty), mask=mask)  # the gradient of x
 
 
 # ---- what the shared runtime needs to launch, register and differentiate this op
@@ -248,8 +396,14 @@ META = {'name': 'l2_normalize',
  'extras': [{'name': 'norm', 'level': 'row', 'kind': 'stat'}],
  'saved': ['x', 'norm'],
  'grads': [{'name': 'dx', 'of': 'x', 'level': 'elem', 'zero': False}],
- 'forward': {'kernel': '_l2_normalize_fwd', 'tensors': ['x', 'y', 'norm']},
- 'backward': {'kernel': '_l2_normalize_bwd', 'tensors': ['x', 'norm', 'dy', 'dx']},
+ 'forward': {'kernel': '_l2_normalize_fwd',
+             'tensors': ['x', 'y', 'norm', 'seg:norm_sum:x'],
+             'passes': 1,
+             'segments': {'seg:norm_sum:x': 'stat'}},
+ 'backward': {'kernel': '_l2_normalize_bwd',
+              'tensors': ['x', 'norm', 'dy', 'dx', 'seg:sum:dy_x'],
+              'passes': 1,
+              'segments': {'seg:sum:dy_x': 'stat'}},
  'finish': None,
  'choice': None,
  'reduces': 'dim'}

@@ -31,13 +31,18 @@ def _layer_norm_fwd(
     y_ptr, y_sk0, y_sk1, y_sk2, y_sr0, y_sr1, y_sr2,  # the output y[r, c]
     mu_ptr, mu_sk0, mu_sk1, mu_sk2,  # mu saved for the backward
     std_ptr, std_sk0, std_sk1, std_sk2,  # std saved for the backward
+    mu_sum_x_seg_ptr,  # each segment's sum[c](x[r, c]) (split rows)
+    var_sum_xc_seg_ptr,  # each segment's sum[c](xc[r, c]**2) (split rows)
     n_rows, n_cols, nk1, nk2, nr1, nr2,  # rows, row length; sizes of the inner kept and reduced groups
+    n_segs, seg_len,  # split rows: segments per row, columns per segment (a multiple of BLOCK)
     params_ptr,  # the op's real parameters, in the accumulation dtype
     ACC: tl.constexpr,     # accumulation dtype: fp32, or fp64 for fp64 inputs
     BLOCK: tl.constexpr,   # columns held at once (a power of two)
     SINGLE: tl.constexpr,  # the whole row fits one block: read once, write once
     RG: tl.constexpr,      # number of strided groups of the reduced axes (1..3)
     IDX64: tl.constexpr,   # offsets need 64 bits
+    PHASE: tl.constexpr,   # 0: whole rows; 1, 2, ...: the launches of a split row
+    SEGS: tl.constexpr,    # at least n_segs (a power of two)
 ):
     """forward of layer_norm: each program walks rows pid, pid + n_progs, ...
     Each tensor comes as a pointer and its strides over the kept groups
@@ -91,7 +96,7 @@ def _layer_norm_fwd(
             tl.store(y_row + y_off, y.to(y_ptr.dtype.element_ty), mask=mask)  # the output y[r, c]
             tl.store(mu_row, mu.to(mu_ptr.dtype.element_ty))  # mu saved for the backward
             tl.store(std_row, std.to(std_ptr.dtype.element_ty))  # std saved for the backward
-    else:
+    elif PHASE == 0:
         # ---- long rows: passes over blocks, lane-wise accumulators reduced at the end
         for row in range(pid, n_rows, n_progs):
             r64 = tl.cast(row, tl.int64)
@@ -173,6 +178,113 @@ def _layer_norm_fwd(
                 tl.store(y_row + y_off, y.to(y_ptr.dtype.element_ty), mask=mask)  # the output y[r, c]
             tl.store(mu_row, mu.to(mu_ptr.dtype.element_ty))  # mu saved for the backward
             tl.store(std_row, std.to(std_ptr.dtype.element_ty))  # std saved for the backward
+    else:
+        # ---- few long rows, split: a work item is one segment of seg_len columns of a row.
+        # Launch p (PHASE = p) of a pass: the segments' partial reductions, after the passes
+        # before it are combined from their segments' values; the last launch writes the outputs.
+        soffs = tl.arange(0, SEGS)
+        smask = soffs < n_segs
+        for w in range(pid, n_rows * n_segs, n_progs):
+            row = w // n_segs
+            seg = w - row * n_segs
+            seg_start = seg * seg_len
+            seg_end = tl.minimum(seg_start + seg_len, n_cols)
+            r64 = tl.cast(row, tl.int64)
+            k2 = r64 % nk2
+            k1 = (r64 // nk2) % nk1
+            k0 = r64 // (nk2 * nk1)
+            x_row = x_ptr + k0 * x_sk0 + k1 * x_sk1 + k2 * x_sk2
+            y_row = y_ptr + k0 * y_sk0 + k1 * y_sk1 + k2 * y_sk2
+            mu_row = mu_ptr + k0 * mu_sk0 + k1 * mu_sk1 + k2 * mu_sk2
+            std_row = std_ptr + k0 * std_sk0 + k1 * std_sk1 + k2 * std_sk2
+            if PHASE > 1:
+                # pass 1 (mu_sum:x): its segments' values, combined as its lanes are
+                mu_sum_x_run = tl.load(mu_sum_x_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)
+                mu_sum_x = tl.sum(mu_sum_x_run, axis=0)
+                mu = mu_sum_x/tl.cast(n_cols, ACC)  # mu[r] = sum[c](x[r, c])/|c|
+            elif PHASE == 1:
+                # pass 1 over this segment
+                mu_sum_x_run = tl.zeros([BLOCK], dtype=ACC)
+                for start in range(seg_start, seg_end, BLOCK):
+                    col = start + offs
+                    mask = col < n_cols
+                    if IDX64:
+                        cc = col.to(tl.int64)
+                    else:
+                        cc = col
+                    if RG == 1:  # the reduced axes are one strided run
+                        x_off = cc * x_sr2
+                    else:  # split the flat column over the reduced groups
+                        c2 = cc % nr2
+                        c1 = (cc // nr2) % nr1
+                        c0 = cc // (nr2 * nr1)
+                        x_off = c0 * x_sr0 + c1 * x_sr1 + c2 * x_sr2
+                    x = tl.load(x_row + x_off, mask=mask, other=0.0).to(ACC)  # the input x[r, c]
+                    mu_sum_x_run += tl.where(mask, x, 0.0)  # sum[c](x[r, c])
+                mu_sum_x = tl.sum(mu_sum_x_run, axis=0)
+                mu = mu_sum_x/tl.cast(n_cols, ACC)  # mu[r] = sum[c](x[r, c])/|c|
+                tl.store(mu_sum_x_seg_ptr + row * n_segs + seg, mu_sum_x)  # each segment's sum[c](x[r, c]) (split rows)
+            if PHASE > 2:
+                # pass 2 (var_sum:xc): its segments' values, combined as its lanes are
+                var_sum_xc_run = tl.load(var_sum_xc_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)
+                var_sum_xc = tl.sum(var_sum_xc_run, axis=0)
+                var = var_sum_xc/tl.cast(n_cols, ACC)  # var[r] = sum[c](xc[r, c]**2)/|c|
+                std = tl.sqrt(eps + var)  # std[r] = sqrt(eps + var[r])
+            elif PHASE == 2:
+                # pass 2 over this segment
+                var_sum_xc_run = tl.zeros([BLOCK], dtype=ACC)
+                for start in range(seg_start, seg_end, BLOCK):
+                    col = start + offs
+                    mask = col < n_cols
+                    if IDX64:
+                        cc = col.to(tl.int64)
+                    else:
+                        cc = col
+                    if RG == 1:  # the reduced axes are one strided run
+                        x_off = cc * x_sr2
+                    else:  # split the flat column over the reduced groups
+                        c2 = cc % nr2
+                        c1 = (cc // nr2) % nr1
+                        c0 = cc // (nr2 * nr1)
+                        x_off = c0 * x_sr0 + c1 * x_sr1 + c2 * x_sr2
+                    x = tl.load(x_row + x_off, mask=mask, other=0.0).to(ACC)  # the input x[r, c]
+                    xc = -mu + x  # xc[r, c] = -mu[r] + x[r, c]
+                    var_sum_xc_run += tl.where(mask, (xc * xc), 0.0)  # sum[c](xc[r, c]**2)
+                var_sum_xc = tl.sum(var_sum_xc_run, axis=0)
+                var = var_sum_xc/tl.cast(n_cols, ACC)  # var[r] = sum[c](xc[r, c]**2)/|c|
+                std = tl.sqrt(eps + var)  # std[r] = sqrt(eps + var[r])
+                tl.store(var_sum_xc_seg_ptr + row * n_segs + seg, var_sum_xc)  # each segment's sum[c](xc[r, c]**2) (split rows)
+            if PHASE == 3:
+                # the outputs of this segment
+                for start in range(seg_start, seg_end, BLOCK):
+                    col = start + offs
+                    mask = col < n_cols
+                    if IDX64:
+                        cc = col.to(tl.int64)
+                    else:
+                        cc = col
+                    if RG == 1:  # the reduced axes are one strided run
+                        x_off = cc * x_sr2
+                        weight_off = cc * weight_sr2
+                        bias_off = cc * bias_sr2
+                        y_off = cc * y_sr2
+                    else:  # split the flat column over the reduced groups
+                        c2 = cc % nr2
+                        c1 = (cc // nr2) % nr1
+                        c0 = cc // (nr2 * nr1)
+                        x_off = c0 * x_sr0 + c1 * x_sr1 + c2 * x_sr2
+                        weight_off = c0 * weight_sr0 + c1 * weight_sr1 + c2 * weight_sr2
+                        bias_off = c0 * bias_sr0 + c1 * bias_sr1 + c2 * bias_sr2
+                        y_off = c0 * y_sr0 + c1 * y_sr1 + c2 * y_sr2
+                    x = tl.load(x_row + x_off, mask=mask, other=0.0).to(ACC)  # the input x[r, c]
+                    weight = tl.load(weight_ptr + weight_off, mask=mask, other=0.0).to(ACC)  # the input weight[c]
+                    bias = tl.load(bias_ptr + bias_off, mask=mask, other=0.0).to(ACC)  # the input bias[c]
+                    xc = -mu + x  # xc[r, c] = -mu[r] + x[r, c]
+                    y = bias + weight*xc/std  # y[r, c] = bias[c] + weight[c]*xc[r, c]/std[r]
+                    tl.store(y_row + y_off, y.to(y_ptr.dtype.element_ty), mask=mask)  # the output y[r, c]
+                if seg == 0:  # a row's own values: once per row
+                    tl.store(mu_row, mu.to(mu_ptr.dtype.element_ty))  # mu saved for the backward
+                    tl.store(std_row, std.to(std_ptr.dtype.element_ty))  # std saved for the backward
 
 
 @triton.jit
@@ -185,13 +297,19 @@ def _layer_norm_bwd(
     dx_ptr, dx_sk0, dx_sk1, dx_sk2, dx_sr0, dx_sr1, dx_sr2,  # the gradient of x
     dweight_partial_ptr,  # per-program partial sums of dweight (summed in a second stage)
     dbias_partial_ptr,  # per-program partial sums of dbias (summed in a second stage)
+    sum_dy_weight_seg_ptr,  # each segment's sum[c](dy[r, c]*weight[c]) (split rows)
+    sum_dy_mu_weight_x_seg_ptr,  # each segment's sum[c]((-mu[r] + x[r, c])*dy[r, c]*weight[c]) (split rows)
+    sum_mu_x_seg_ptr,  # each segment's sum[c](-mu[r] + x[r, c]) (split rows)
     n_rows, n_cols, nk1, nk2, nr1, nr2,  # rows, row length; sizes of the inner kept and reduced groups
+    n_segs, seg_len,  # split rows: segments per row, columns per segment (a multiple of BLOCK)
     params_ptr,  # the op's real parameters, in the accumulation dtype
     ACC: tl.constexpr,     # accumulation dtype: fp32, or fp64 for fp64 inputs
     BLOCK: tl.constexpr,   # columns held at once (a power of two)
     SINGLE: tl.constexpr,  # the whole row fits one block: read once, write once
     RG: tl.constexpr,      # number of strided groups of the reduced axes (1..3)
     IDX64: tl.constexpr,   # offsets need 64 bits
+    PHASE: tl.constexpr,   # 0: whole rows; 1, 2, ...: the launches of a split row
+    SEGS: tl.constexpr,    # at least n_segs (a power of two)
 ):
     """backward of layer_norm: each program walks rows pid, pid + n_progs, ...
     Each tensor comes as a pointer and its strides over the kept groups
@@ -249,7 +367,7 @@ def _layer_norm_bwd(
             tl.store(dx_row + dx_off, dx.to(dx_ptr.dtype.element_ty), mask=mask)  # the gradient of x
         tl.store(dweight_partial_ptr + pid.to(tl.int64) * n_cols + col, dweight_acc, mask=mask)  # per-program partial sums of dweight (summed in a second stage)
         tl.store(dbias_partial_ptr + pid.to(tl.int64) * n_cols + col, dbias_acc, mask=mask)  # per-program partial sums of dbias (summed in a second stage)
-    else:
+    elif PHASE == 0:
         # ---- long rows: passes over blocks, lane-wise accumulators reduced at the end
         for row in range(pid, n_rows, n_progs):
             r64 = tl.cast(row, tl.int64)
@@ -326,6 +444,104 @@ def _layer_norm_bwd(
                 tl.store(dx_row + dx_off, dx.to(dx_ptr.dtype.element_ty), mask=mask)  # the gradient of x
                 tl.store(dweight_partial_ptr + pid.to(tl.int64) * n_cols + col, dweight_acc, mask=mask)  # per-program partial sums of dweight (summed in a second stage)
                 tl.store(dbias_partial_ptr + pid.to(tl.int64) * n_cols + col, dbias_acc, mask=mask)  # per-program partial sums of dbias (summed in a second stage)
+    else:
+        # ---- few long rows, split: a work item is one segment of seg_len columns of a row.
+        # Launch p (PHASE = p) of a pass: the segments' partial reductions, after the passes
+        # before it are combined from their segments' values; the last launch writes the outputs.
+        soffs = tl.arange(0, SEGS)
+        smask = soffs < n_segs
+        for w in range(pid, n_rows * n_segs, n_progs):
+            row = w // n_segs
+            seg = w - row * n_segs
+            seg_start = seg * seg_len
+            seg_end = tl.minimum(seg_start + seg_len, n_cols)
+            r64 = tl.cast(row, tl.int64)
+            k2 = r64 % nk2
+            k1 = (r64 // nk2) % nk1
+            k0 = r64 // (nk2 * nk1)
+            x_row = x_ptr + k0 * x_sk0 + k1 * x_sk1 + k2 * x_sk2
+            mu_row = mu_ptr + k0 * mu_sk0 + k1 * mu_sk1 + k2 * mu_sk2
+            std_row = std_ptr + k0 * std_sk0 + k1 * std_sk1 + k2 * std_sk2
+            dy_row = dy_ptr + k0 * dy_sk0 + k1 * dy_sk1 + k2 * dy_sk2
+            dx_row = dx_ptr + k0 * dx_sk0 + k1 * dx_sk1 + k2 * dx_sk2
+            mu = tl.load(mu_row).to(ACC)  # mu saved for the backward
+            std = tl.load(std_row).to(ACC)  # std saved for the backward
+            if PHASE > 1:
+                # pass 1 (sum:dy_weight, sum:dy_mu_weight_x, sum:mu_x): its segments' values, combined as its lanes are
+                sum_dy_weight_run = tl.load(sum_dy_weight_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)
+                sum_dy_mu_weight_x_run = tl.load(sum_dy_mu_weight_x_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)
+                sum_mu_x_run = tl.load(sum_mu_x_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)
+                sum_dy_weight = tl.sum(sum_dy_weight_run, axis=0)
+                sum_dy_mu_weight_x = tl.sum(sum_dy_mu_weight_x_run, axis=0)
+                sum_mu_x = tl.sum(sum_mu_x_run, axis=0)
+            elif PHASE == 1:
+                # pass 1 over this segment
+                sum_dy_weight_run = tl.zeros([BLOCK], dtype=ACC)
+                sum_dy_mu_weight_x_run = tl.zeros([BLOCK], dtype=ACC)
+                sum_mu_x_run = tl.zeros([BLOCK], dtype=ACC)
+                for start in range(seg_start, seg_end, BLOCK):
+                    col = start + offs
+                    mask = col < n_cols
+                    if IDX64:
+                        cc = col.to(tl.int64)
+                    else:
+                        cc = col
+                    if RG == 1:  # the reduced axes are one strided run
+                        x_off = cc * x_sr2
+                        weight_off = cc * weight_sr2
+                        dy_off = cc * dy_sr2
+                    else:  # split the flat column over the reduced groups
+                        c2 = cc % nr2
+                        c1 = (cc // nr2) % nr1
+                        c0 = cc // (nr2 * nr1)
+                        x_off = c0 * x_sr0 + c1 * x_sr1 + c2 * x_sr2
+                        weight_off = c0 * weight_sr0 + c1 * weight_sr1 + c2 * weight_sr2
+                        dy_off = c0 * dy_sr0 + c1 * dy_sr1 + c2 * dy_sr2
+                    x = tl.load(x_row + x_off, mask=mask, other=0.0).to(ACC)  # the input x[r, c]
+                    weight = tl.load(weight_ptr + weight_off, mask=mask, other=0.0).to(ACC)  # the input weight[c]
+                    dy = tl.load(dy_row + dy_off, mask=mask, other=0.0).to(ACC)  # the gradient of y
+                    sum_dy_weight_run += tl.where(mask, dy*weight, 0.0)  # sum[c](dy[r, c]*weight[c])
+                    sum_dy_mu_weight_x_run += tl.where(mask, (-mu + x)*dy*weight, 0.0)  # sum[c]((-mu[r] + x[r, c])*dy[r, c]*weight[c])
+                    sum_mu_x_run += tl.where(mask, -mu + x, 0.0)  # sum[c](-mu[r] + x[r, c])
+                sum_dy_weight = tl.sum(sum_dy_weight_run, axis=0)
+                sum_dy_mu_weight_x = tl.sum(sum_dy_mu_weight_x_run, axis=0)
+                sum_mu_x = tl.sum(sum_mu_x_run, axis=0)
+                tl.store(sum_dy_weight_seg_ptr + row * n_segs + seg, sum_dy_weight)  # each segment's sum[c](dy[r, c]*weight[c]) (split rows)
+                tl.store(sum_dy_mu_weight_x_seg_ptr + row * n_segs + seg, sum_dy_mu_weight_x)  # each segment's sum[c]((-mu[r] + x[r, c])*dy[r, c]*weight[c]) (split rows)
+                tl.store(sum_mu_x_seg_ptr + row * n_segs + seg, sum_mu_x)  # each segment's sum[c](-mu[r] + x[r, c]) (split rows)
+            if PHASE == 2:
+                # the outputs of this segment
+                for start in range(seg_start, seg_end, BLOCK):
+                    col = start + offs
+                    mask = col < n_cols
+                    if IDX64:
+                        cc = col.to(tl.int64)
+                    else:
+                        cc = col
+                    if RG == 1:  # the reduced axes are one strided run
+                        x_off = cc * x_sr2
+                        weight_off = cc * weight_sr2
+                        dy_off = cc * dy_sr2
+                        dx_off = cc * dx_sr2
+                    else:  # split the flat column over the reduced groups
+                        c2 = cc % nr2
+                        c1 = (cc // nr2) % nr1
+                        c0 = cc // (nr2 * nr1)
+                        x_off = c0 * x_sr0 + c1 * x_sr1 + c2 * x_sr2
+                        weight_off = c0 * weight_sr0 + c1 * weight_sr1 + c2 * weight_sr2
+                        dy_off = c0 * dy_sr0 + c1 * dy_sr1 + c2 * dy_sr2
+                        dx_off = c0 * dx_sr0 + c1 * dx_sr1 + c2 * dx_sr2
+                    x = tl.load(x_row + x_off, mask=mask, other=0.0).to(ACC)  # the input x[r, c]
+                    weight = tl.load(weight_ptr + weight_off, mask=mask, other=0.0).to(ACC)  # the input weight[c]
+                    dy = tl.load(dy_row + dy_off, mask=mask, other=0.0).to(ACC)  # the gradient of y
+                    dweight_acc = tl.load(dweight_partial_ptr + pid.to(tl.int64) * n_cols + col, mask=mask, other=0.0)
+                    dbias_acc = tl.load(dbias_partial_ptr + pid.to(tl.int64) * n_cols + col, mask=mask, other=0.0)
+                    dx = (dy*weight - (-mu + x)*sum_dy_mu_weight_x/(tl.cast(n_cols, ACC)*(std * std)) - sum_dy_weight/tl.cast(n_cols, ACC) + sum_dy_mu_weight_x*sum_mu_x/((tl.cast(n_cols, ACC) * tl.cast(n_cols, ACC))*(std * std)))/std  # dx[r, c'] = (dy[r, c']*weight[c'] - sum[c](dy[r, c]*weight[c])/|c| - sum[c](dy[r, c]*weight[c]*xc[r, c])*xc[r, c']/(|c|*std[r]**2) + sum[c](dy[r, c]*weight[c]*xc[r, c])*sum[c''](xc[r, c''])/(|c|**2*std[r]**2))/std[r]
+                    dweight_acc += tl.where(mask, (-mu + x)*dy/std, 0.0)  # dweight[c] = sum[r](dy[r, c]*xc[r, c]/std[r])
+                    dbias_acc += tl.where(mask, dy, 0.0)  # dbias[c] = sum[r](dy[r, c])
+                    tl.store(dx_row + dx_off, dx.to(dx_ptr.dtype.element_ty), mask=mask)  # the gradient of x
+                    tl.store(dweight_partial_ptr + pid.to(tl.int64) * n_cols + col, dweight_acc, mask=mask)  # per-program partial sums of dweight (summed in a second stage)
+                    tl.store(dbias_partial_ptr + pid.to(tl.int64) * n_cols + col, dbias_acc, mask=mask)  # per-program partial sums of dbias (summed in a second stage)
 
 
 # ---- what the shared runtime needs to launch, register and differentiate this op
@@ -340,9 +556,26 @@ META = {'name': 'layer_norm',
  'grads': [{'name': 'dx', 'of': 'x', 'level': 'elem', 'zero': False},
            {'name': 'dweight', 'of': 'weight', 'level': 'col', 'zero': False},
            {'name': 'dbias', 'of': 'bias', 'level': 'col', 'zero': False}],
- 'forward': {'kernel': '_layer_norm_fwd', 'tensors': ['x', 'weight', 'bias', 'y', 'mu', 'std']},
+ 'forward': {'kernel': '_layer_norm_fwd',
+             'tensors': ['x', 'weight', 'bias', 'y', 'mu', 'std', 'seg:mu_sum:x', 'seg:var_sum:xc'],
+             'passes': 2,
+             'segments': {'seg:mu_sum:x': 'stat', 'seg:var_sum:xc': 'stat'}},
  'backward': {'kernel': '_layer_norm_bwd',
-              'tensors': ['x', 'weight', 'mu', 'std', 'dy', 'dx', 'partial:dweight', 'partial:dbias']},
+              'tensors': ['x',
+                          'weight',
+                          'mu',
+                          'std',
+                          'dy',
+                          'dx',
+                          'partial:dweight',
+                          'partial:dbias',
+                          'seg:sum:dy_weight',
+                          'seg:sum:dy_mu_weight_x',
+                          'seg:sum:mu_x'],
+              'passes': 1,
+              'segments': {'seg:sum:dy_weight': 'stat',
+                           'seg:sum:dy_mu_weight_x': 'stat',
+                           'seg:sum:mu_x': 'stat'}},
  'finish': None,
  'choice': None,
  'reduces': 'weights'}

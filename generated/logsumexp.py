@@ -25,12 +25,18 @@ def _logsumexp_fwd(
     y_ptr, y_sk0, y_sk1, y_sk2,  # the output y[r]
     m_ptr, m_sk0, m_sk1, m_sk2,  # m saved for the backward
     s_1_ptr, s_1_sk0, s_1_sk1, s_1_sk2,  # s saved for the backward
+    m_seg_ptr,  # each segment's m (split rows)
+    m_nan_seg_ptr,  # each segment's first NaN column of m (split rows)
+    s_seg_ptr,  # each segment's s[r] = sum[c](exp(-m[r] + x[r, c])) (split rows)
     n_rows, n_cols, nk1, nk2, nr1, nr2,  # rows, row length; sizes of the inner kept and reduced groups
+    n_segs, seg_len,  # split rows: segments per row, columns per segment (a multiple of BLOCK)
     ACC: tl.constexpr,     # accumulation dtype: fp32, or fp64 for fp64 inputs
     BLOCK: tl.constexpr,   # columns held at once (a power of two)
     SINGLE: tl.constexpr,  # the whole row fits one block: read once, write once
     RG: tl.constexpr,      # number of strided groups of the reduced axes (1..3)
     IDX64: tl.constexpr,   # offsets need 64 bits
+    PHASE: tl.constexpr,   # 0: whole rows; 1, 2, ...: the launches of a split row
+    SEGS: tl.constexpr,    # at least n_segs (a power of two)
 ):
     """forward of logsumexp: each program walks rows pid, pid + n_progs, ...
     Each tensor comes as a pointer and its strides over the kept groups
@@ -76,7 +82,7 @@ def _logsumexp_fwd(
             tl.store(y_row, y.to(y_ptr.dtype.element_ty))  # the output y[r]
             tl.store(m_row, m.to(m_ptr.dtype.element_ty))  # m saved for the backward
             tl.store(s_1_row, s_1.to(s_1_ptr.dtype.element_ty))  # s saved for the backward
-    else:
+    elif PHASE == 0:
         # ---- long rows: passes over blocks, lane-wise accumulators reduced at the end
         for row in range(pid, n_rows, n_progs):
             r64 = tl.cast(row, tl.int64)
@@ -123,6 +129,78 @@ def _logsumexp_fwd(
             tl.store(y_row, y.to(y_ptr.dtype.element_ty))  # the output y[r]
             tl.store(m_row, m.to(m_ptr.dtype.element_ty))  # m saved for the backward
             tl.store(s_1_row, s_1.to(s_1_ptr.dtype.element_ty))  # s saved for the backward
+    else:
+        # ---- few long rows, split: a work item is one segment of seg_len columns of a row.
+        # Launch p (PHASE = p) of a pass: the segments' partial reductions, after the passes
+        # before it are combined from their segments' values; the last launch writes the outputs.
+        soffs = tl.arange(0, SEGS)
+        smask = soffs < n_segs
+        for w in range(pid, n_rows * n_segs, n_progs):
+            row = w // n_segs
+            seg = w - row * n_segs
+            seg_start = seg * seg_len
+            seg_end = tl.minimum(seg_start + seg_len, n_cols)
+            r64 = tl.cast(row, tl.int64)
+            k2 = r64 % nk2
+            k1 = (r64 // nk2) % nk1
+            k0 = r64 // (nk2 * nk1)
+            x_row = x_ptr + k0 * x_sk0 + k1 * x_sk1 + k2 * x_sk2
+            y_row = y_ptr + k0 * y_sk0 + k1 * y_sk1 + k2 * y_sk2
+            m_row = m_ptr + k0 * m_sk0 + k1 * m_sk1 + k2 * m_sk2
+            s_1_row = s_1_ptr + k0 * s_1_sk0 + k1 * s_1_sk1 + k2 * s_1_sk2
+            if PHASE > 1:
+                # pass 1 (m, s): its segments' values, combined as its lanes are
+                m_run = tl.load(m_seg_ptr + row * n_segs + soffs, mask=smask, other=float("-inf"))
+                m_nan = tl.load(m_nan_seg_ptr + row * n_segs + soffs, mask=smask, other=n_cols)
+                s_1_run = tl.load(s_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)
+                m = tl.max(m_run, axis=0)
+                # a NaN anywhere makes the max NaN (as torch.amax), at the first NaN
+                m_first_nan = tl.min(m_nan, axis=0)
+                m = tl.where(m_first_nan < n_cols, float("nan"), m)
+                s_1 = tl.sum(s_1_run * tl.where((m_run == float("-inf")), 0.0, tl.exp(m_run - m)), axis=0)
+                y = tl.log(s_1) + m  # y[r] = log(s[r]) + m[r]
+            elif PHASE == 1:
+                # pass 1 over this segment
+                m_run = tl.full([BLOCK], float("-inf"), ACC)
+                m_nan = tl.zeros([BLOCK], dtype=tl.int32) + n_cols  # first NaN column per lane
+                s_1_run = tl.zeros([BLOCK], dtype=ACC)
+                for start in range(seg_start, seg_end, BLOCK):
+                    col = start + offs
+                    mask = col < n_cols
+                    if IDX64:
+                        cc = col.to(tl.int64)
+                    else:
+                        cc = col
+                    if RG == 1:  # the reduced axes are one strided run
+                        x_off = cc * x_sr2
+                    else:  # split the flat column over the reduced groups
+                        c2 = cc % nr2
+                        c1 = (cc // nr2) % nr1
+                        c0 = cc // (nr2 * nr1)
+                        x_off = c0 * x_sr0 + c1 * x_sr1 + c2 * x_sr2
+                    x = tl.load(x_row + x_off, mask=mask, other=0.0).to(ACC)  # the input x[r, c]
+                    m_blk = tl.where(mask, x, float("-inf"))  # m[r] = max[c](x[r, c])
+                    m_isnan = m_blk != m_blk
+                    m_nan = tl.minimum(m_nan, tl.where(m_isnan, col, n_cols))
+                    m_blk = tl.where(m_isnan, float("-inf"), m_blk)
+                    m_new = tl.maximum(m_run, m_blk)
+                    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a lane with nothing yet measures against 0, never -inf - -inf
+                    s_1_run = s_1_run * tl.where((m_run == float("-inf")), 0.0, tl.exp(-m_new + m_run)) + tl.where(mask, tl.exp(-m_ref + x), 0.0)  # s[r] = sum[c](exp(-m[r] + x[r, c])), rescaled to the new running max
+                    m_run = m_new
+                m = tl.max(m_run, axis=0)
+                # a NaN anywhere makes the max NaN (as torch.amax), at the first NaN
+                m_first_nan = tl.min(m_nan, axis=0)
+                m = tl.where(m_first_nan < n_cols, float("nan"), m)
+                s_1 = tl.sum(s_1_run * tl.where((m_run == float("-inf")), 0.0, tl.exp(m_run - m)), axis=0)
+                y = tl.log(s_1) + m  # y[r] = log(s[r]) + m[r]
+                tl.store(m_seg_ptr + row * n_segs + seg, m)  # each segment's m (split rows)
+                tl.store(m_nan_seg_ptr + row * n_segs + seg, m_first_nan)  # each segment's first NaN column of m (split rows)
+                tl.store(s_seg_ptr + row * n_segs + seg, s_1)  # each segment's s[r] = sum[c](exp(-m[r] + x[r, c])) (split rows)
+            if PHASE == 2:
+                if seg == 0:  # a row's own values: once per row
+                    tl.store(y_row, y.to(y_ptr.dtype.element_ty))  # the output y[r]
+                    tl.store(m_row, m.to(m_ptr.dtype.element_ty))  # m saved for the backward
+                    tl.store(s_1_row, s_1.to(s_1_ptr.dtype.element_ty))  # s saved for the backward
 
 
 @triton.jit
@@ -133,11 +211,14 @@ def _logsumexp_bwd(
     dy_ptr, dy_sk0, dy_sk1, dy_sk2,  # the gradient of y
     dx_ptr, dx_sk0, dx_sk1, dx_sk2, dx_sr0, dx_sr1, dx_sr2,  # the gradient of x
     n_rows, n_cols, nk1, nk2, nr1, nr2,  # rows, row length; sizes of the inner kept and reduced groups
+    n_segs, seg_len,  # split rows: segments per row, columns per segment (a multiple of BLOCK)
     ACC: tl.constexpr,     # accumulation dtype: fp32, or fp64 for fp64 inputs
     BLOCK: tl.constexpr,   # columns held at once (a power of two)
     SINGLE: tl.constexpr,  # the whole row fits one block: read once, write once
     RG: tl.constexpr,      # number of strided groups of the reduced axes (1..3)
     IDX64: tl.constexpr,   # offsets need 64 bits
+    PHASE: tl.constexpr,   # 0: whole rows; 1, 2, ...: the launches of a split row
+    SEGS: tl.constexpr,    # at least n_segs (a power of two)
 ):
     """backward of logsumexp: each program walks rows pid, pid + n_progs, ...
     Each tensor comes as a pointer and its strides over the kept groups
@@ -180,7 +261,7 @@ def _logsumexp_bwd(
             x = tl.load(x_row + x_off, mask=mask, other=0.0).to(ACC)  # the input x[r, c]
             dx = tl.exp(-m + x)*dy/s_1  # dx[r, c] = exp(-m[r] + x[r, c])*dy[r]/s[r]
             tl.store(dx_row + dx_off, dx.to(dx_ptr.dtype.element_ty), mask=mask)  # the gradient of x
-    else:
+    elif PHASE == 0:
         # ---- long rows: passes over blocks, lane-wise accumulators reduced at the end
         for row in range(pid, n_rows, n_progs):
             r64 = tl.cast(row, tl.int64)
@@ -215,6 +296,50 @@ def _logsumexp_bwd(
                 x = tl.load(x_row + x_off, mask=mask, other=0.0).to(ACC)  # the input x[r, c]
                 dx = tl.exp(-m + x)*dy/s_1  # dx[r, c] = exp(-m[r] + x[r, c])*dy[r]/s[r]
                 tl.store(dx_row + dx_off, dx.to(dx_ptr.dtype.element_ty), mask=mask)  # the gradient of x
+    else:
+        # ---- few long rows, split: a work item is one segment of seg_len columns of a row.
+        # Launch p (PHASE = p) of a pass: the segments' partial reductions, after the passes
+        # before it are combined from their segments' values; the last launch writes the outputs.
+        soffs = tl.arange(0, SEGS)
+        smask = soffs < n_segs
+        for w in range(pid, n_rows * n_segs, n_progs):
+            row = w // n_segs
+            seg = w - row * n_segs
+            seg_start = seg * seg_len
+            seg_end = tl.minimum(seg_start + seg_len, n_cols)
+            r64 = tl.cast(row, tl.int64)
+            k2 = r64 % nk2
+            k1 = (r64 // nk2) % nk1
+            k0 = r64 // (nk2 * nk1)
+            x_row = x_ptr + k0 * x_sk0 + k1 * x_sk1 + k2 * x_sk2
+            m_row = m_ptr + k0 * m_sk0 + k1 * m_sk1 + k2 * m_sk2
+            s_1_row = s_1_ptr + k0 * s_1_sk0 + k1 * s_1_sk1 + k2 * s_1_sk2
+            dy_row = dy_ptr + k0 * dy_sk0 + k1 * dy_sk1 + k2 * dy_sk2
+            dx_row = dx_ptr + k0 * dx_sk0 + k1 * dx_sk1 + k2 * dx_sk2
+            m = tl.load(m_row).to(ACC)  # m saved for the backward
+            s_1 = tl.load(s_1_row).to(ACC)  # s saved for the backward
+            dy = tl.load(dy_row).to(ACC)  # the gradient of y
+            if PHASE == 1:
+                # the outputs of this segment
+                for start in range(seg_start, seg_end, BLOCK):
+                    col = start + offs
+                    mask = col < n_cols
+                    if IDX64:
+                        cc = col.to(tl.int64)
+                    else:
+                        cc = col
+                    if RG == 1:  # the reduced axes are one strided run
+                        x_off = cc * x_sr2
+                        dx_off = cc * dx_sr2
+                    else:  # split the flat column over the reduced groups
+                        c2 = cc % nr2
+                        c1 = (cc // nr2) % nr1
+                        c0 = cc // (nr2 * nr1)
+                        x_off = c0 * x_sr0 + c1 * x_sr1 + c2 * x_sr2
+                        dx_off = c0 * dx_sr0 + c1 * dx_sr1 + c2 * dx_sr2
+                    x = tl.load(x_row + x_off, mask=mask, other=0.0).to(ACC)  # the input x[r, c]
+                    dx = tl.exp(-m + x)*dy/s_1  # dx[r, c] = exp(-m[r] + x[r, c])*dy[r]/s[r]
+                    tl.store(dx_row + dx_off, dx.to(dx_ptr.dtype.element_ty), mask=mask)  # the gradient of x
 
 
 # ---- what the shared runtime needs to launch, register and differentiate this op
@@ -225,8 +350,14 @@ META = {'name': 'logsumexp',
  'extras': [{'name': 'm', 'level': 'row', 'kind': 'stat'}, {'name': 's', 'level': 'row', 'kind': 'stat'}],
  'saved': ['x', 'm', 's'],
  'grads': [{'name': 'dx', 'of': 'x', 'level': 'elem', 'zero': False}],
- 'forward': {'kernel': '_logsumexp_fwd', 'tensors': ['x', 'y', 'm', 's']},
- 'backward': {'kernel': '_logsumexp_bwd', 'tensors': ['x', 'm', 's', 'dy', 'dx']},
+ 'forward': {'kernel': '_logsumexp_fwd',
+             'tensors': ['x', 'y', 'm', 's', 'seg:m', 'seg:m:nan', 'seg:s'],
+             'passes': 1,
+             'segments': {'seg:m': 'stat', 'seg:m:nan': 'index', 'seg:s': 'stat'}},
+ 'backward': {'kernel': '_logsumexp_bwd',
+              'tensors': ['x', 'm', 's', 'dy', 'dx'],
+              'passes': 0,
+              'segments': {}},
  'finish': None,
  'choice': None,
  'reduces': 'dim'}

@@ -22,12 +22,18 @@ def _max_fwd(
     A_ptr, A_sk0, A_sk1, A_sk2, A_sr0, A_sr1, A_sr2,  # the input A[s2, s1]
     B_ptr, B_sk0, B_sk1, B_sk2,  # the output B[s2]
     B_argmax_ptr, B_argmax_sk0, B_argmax_sk1, B_argmax_sk2,  # first argmax of B's row
+    B_seg_ptr,  # each segment's B (split rows)
+    B_nan_seg_ptr,  # each segment's first NaN column of B (split rows)
+    B_arg_seg_ptr,  # each segment's first argmax of B (split rows)
     n_rows, n_cols, nk1, nk2, nr1, nr2,  # rows, row length; sizes of the inner kept and reduced groups
+    n_segs, seg_len,  # split rows: segments per row, columns per segment (a multiple of BLOCK)
     ACC: tl.constexpr,     # accumulation dtype: fp32, or fp64 for fp64 inputs
     BLOCK: tl.constexpr,   # columns held at once (a power of two)
     SINGLE: tl.constexpr,  # the whole row fits one block: read once, write once
     RG: tl.constexpr,      # number of strided groups of the reduced axes (1..3)
     IDX64: tl.constexpr,   # offsets need 64 bits
+    PHASE: tl.constexpr,   # 0: whole rows; 1, 2, ...: the launches of a split row
+    SEGS: tl.constexpr,    # at least n_segs (a power of two)
 ):
     """forward of max: each program walks rows pid, pid + n_progs, ...
     Each tensor comes as a pointer and its strides over the kept groups
@@ -70,7 +76,7 @@ def _max_fwd(
             B = tl.where(B_nan < n_cols, float("nan"), B)
             tl.store(B_row, B.to(B_ptr.dtype.element_ty))  # the output B[s2]
             tl.store(B_argmax_row, B_argmax)  # first argmax of B's row
-    else:
+    elif PHASE == 0:
         # ---- long rows: passes over blocks, lane-wise accumulators reduced at the end
         for row in range(pid, n_rows, n_progs):
             r64 = tl.cast(row, tl.int64)
@@ -114,6 +120,75 @@ def _max_fwd(
             B_argmax = tl.where(B_first_nan < n_cols, B_first_nan, B_argmax)
             tl.store(B_row, B.to(B_ptr.dtype.element_ty))  # the output B[s2]
             tl.store(B_argmax_row, B_argmax)  # first argmax of B's row
+    else:
+        # ---- few long rows, split: a work item is one segment of seg_len columns of a row.
+        # Launch p (PHASE = p) of a pass: the segments' partial reductions, after the passes
+        # before it are combined from their segments' values; the last launch writes the outputs.
+        soffs = tl.arange(0, SEGS)
+        smask = soffs < n_segs
+        for w in range(pid, n_rows * n_segs, n_progs):
+            row = w // n_segs
+            seg = w - row * n_segs
+            seg_start = seg * seg_len
+            seg_end = tl.minimum(seg_start + seg_len, n_cols)
+            r64 = tl.cast(row, tl.int64)
+            k2 = r64 % nk2
+            k1 = (r64 // nk2) % nk1
+            k0 = r64 // (nk2 * nk1)
+            A_row = A_ptr + k0 * A_sk0 + k1 * A_sk1 + k2 * A_sk2
+            B_row = B_ptr + k0 * B_sk0 + k1 * B_sk1 + k2 * B_sk2
+            B_argmax_row = B_argmax_ptr + k0 * B_argmax_sk0 + k1 * B_argmax_sk1 + k2 * B_argmax_sk2
+            if PHASE > 1:
+                # pass 1 (B): its segments' values, combined as its lanes are
+                B_run = tl.load(B_seg_ptr + row * n_segs + soffs, mask=smask, other=float("-inf"))
+                B_nan = tl.load(B_nan_seg_ptr + row * n_segs + soffs, mask=smask, other=n_cols)
+                B_idx = tl.load(B_arg_seg_ptr + row * n_segs + soffs, mask=smask, other=0)
+                B = tl.max(B_run, axis=0)
+                B_argmax = tl.min(tl.where(B_run == B, B_idx, n_cols), axis=0)
+                # a NaN anywhere makes the max NaN (as torch.amax), at the first NaN
+                B_first_nan = tl.min(B_nan, axis=0)
+                B = tl.where(B_first_nan < n_cols, float("nan"), B)
+                B_argmax = tl.where(B_first_nan < n_cols, B_first_nan, B_argmax)
+            elif PHASE == 1:
+                # pass 1 over this segment
+                B_run = tl.full([BLOCK], float("-inf"), ACC)
+                B_nan = tl.zeros([BLOCK], dtype=tl.int32) + n_cols  # first NaN column per lane
+                B_idx = tl.zeros([BLOCK], dtype=tl.int32)
+                for start in range(seg_start, seg_end, BLOCK):
+                    col = start + offs
+                    mask = col < n_cols
+                    if IDX64:
+                        cc = col.to(tl.int64)
+                    else:
+                        cc = col
+                    if RG == 1:  # the reduced axes are one strided run
+                        A_off = cc * A_sr2
+                    else:  # split the flat column over the reduced groups
+                        c2 = cc % nr2
+                        c1 = (cc // nr2) % nr1
+                        c0 = cc // (nr2 * nr1)
+                        A_off = c0 * A_sr0 + c1 * A_sr1 + c2 * A_sr2
+                    A = tl.load(A_row + A_off, mask=mask, other=0.0).to(ACC)  # the input A[s2, s1]
+                    B_blk = tl.where(mask, A, float("-inf"))  # B[s2] = max[s1](A[s2, s1])
+                    B_isnan = B_blk != B_blk
+                    B_nan = tl.minimum(B_nan, tl.where(B_isnan, col, n_cols))
+                    B_blk = tl.where(B_isnan, float("-inf"), B_blk)
+                    B_idx = tl.where(B_blk > B_run, col, B_idx)  # strict: the earlier index wins ties
+                    B_new = tl.maximum(B_run, B_blk)
+                    B_run = B_new
+                B = tl.max(B_run, axis=0)
+                B_argmax = tl.min(tl.where(B_run == B, B_idx, n_cols), axis=0)
+                # a NaN anywhere makes the max NaN (as torch.amax), at the first NaN
+                B_first_nan = tl.min(B_nan, axis=0)
+                B = tl.where(B_first_nan < n_cols, float("nan"), B)
+                B_argmax = tl.where(B_first_nan < n_cols, B_first_nan, B_argmax)
+                tl.store(B_seg_ptr + row * n_segs + seg, B)  # each segment's B (split rows)
+                tl.store(B_nan_seg_ptr + row * n_segs + seg, B_first_nan)  # each segment's first NaN column of B (split rows)
+                tl.store(B_arg_seg_ptr + row * n_segs + seg, B_argmax)  # each segment's first argmax of B (split rows)
+            if PHASE == 2:
+                if seg == 0:  # a row's own values: once per row
+                    tl.store(B_row, B.to(B_ptr.dtype.element_ty))  # the output B[s2]
+                    tl.store(B_argmax_row, B_argmax)  # first argmax of B's row
 
 
 @triton.jit
@@ -122,11 +197,14 @@ def _max_bwd(
     dB_ptr, dB_sk0, dB_sk1, dB_sk2,  # the gradient of B
     dA_ptr, dA_sk0, dA_sk1, dA_sk2, dA_sr0, dA_sr1, dA_sr2,  # the gradient of A
     n_rows, n_cols, nk1, nk2, nr1, nr2,  # rows, row length; sizes of the inner kept and reduced groups
+    n_segs, seg_len,  # split rows: segments per row, columns per segment (a multiple of BLOCK)
     ACC: tl.constexpr,     # accumulation dtype: fp32, or fp64 for fp64 inputs
     BLOCK: tl.constexpr,   # columns held at once (a power of two)
     SINGLE: tl.constexpr,  # the whole row fits one block: read once, write once
     RG: tl.constexpr,      # number of strided groups of the reduced axes (1..3)
     IDX64: tl.constexpr,   # offsets need 64 bits
+    PHASE: tl.constexpr,   # 0: whole rows; 1, 2, ...: the launches of a split row
+    SEGS: tl.constexpr,    # at least n_segs (a power of two)
 ):
     """backward of max: each program walks rows pid, pid + n_progs, ...
     Each tensor comes as a pointer and its strides over the kept groups
@@ -163,7 +241,7 @@ def _max_bwd(
             dB = tl.load(dB_row).to(ACC)  # the gradient of B
             dA = tl.where((col == B_argmax), dB, 0.0)  # dA[s2, s1] = 1[s1 = argmax B[s2]]*dB[s2]
             tl.store(dA_row + dA_off, dA.to(dA_ptr.dtype.element_ty), mask=mask)  # the gradient of A
-    else:
+    elif PHASE == 0:
         # ---- long rows: passes over blocks, lane-wise accumulators reduced at the end
         for row in range(pid, n_rows, n_progs):
             r64 = tl.cast(row, tl.int64)
@@ -192,6 +270,44 @@ def _max_bwd(
                     dA_off = c0 * dA_sr0 + c1 * dA_sr1 + c2 * dA_sr2
                 dA = tl.where((col == B_argmax), dB, 0.0)  # dA[s2, s1] = 1[s1 = argmax B[s2]]*dB[s2]
                 tl.store(dA_row + dA_off, dA.to(dA_ptr.dtype.element_ty), mask=mask)  # the gradient of A
+    else:
+        # ---- few long rows, split: a work item is one segment of seg_len columns of a row.
+        # Launch p (PHASE = p) of a pass: the segments' partial reductions, after the passes
+        # before it are combined from their segments' values; the last launch writes the outputs.
+        soffs = tl.arange(0, SEGS)
+        smask = soffs < n_segs
+        for w in range(pid, n_rows * n_segs, n_progs):
+            row = w // n_segs
+            seg = w - row * n_segs
+            seg_start = seg * seg_len
+            seg_end = tl.minimum(seg_start + seg_len, n_cols)
+            r64 = tl.cast(row, tl.int64)
+            k2 = r64 % nk2
+            k1 = (r64 // nk2) % nk1
+            k0 = r64 // (nk2 * nk1)
+            B_argmax_row = B_argmax_ptr + k0 * B_argmax_sk0 + k1 * B_argmax_sk1 + k2 * B_argmax_sk2
+            dB_row = dB_ptr + k0 * dB_sk0 + k1 * dB_sk1 + k2 * dB_sk2
+            dA_row = dA_ptr + k0 * dA_sk0 + k1 * dA_sk1 + k2 * dA_sk2
+            B_argmax = tl.load(B_argmax_row)  # first argmax of B's row
+            dB = tl.load(dB_row).to(ACC)  # the gradient of B
+            if PHASE == 1:
+                # the outputs of this segment
+                for start in range(seg_start, seg_end, BLOCK):
+                    col = start + offs
+                    mask = col < n_cols
+                    if IDX64:
+                        cc = col.to(tl.int64)
+                    else:
+                        cc = col
+                    if RG == 1:  # the reduced axes are one strided run
+                        dA_off = cc * dA_sr2
+                    else:  # split the flat column over the reduced groups
+                        c2 = cc % nr2
+                        c1 = (cc // nr2) % nr1
+                        c0 = cc // (nr2 * nr1)
+                        dA_off = c0 * dA_sr0 + c1 * dA_sr1 + c2 * dA_sr2
+                    dA = tl.where((col == B_argmax), dB, 0.0)  # dA[s2, s1] = 1[s1 = argmax B[s2]]*dB[s2]
+                    tl.store(dA_row + dA_off, dA.to(dA_ptr.dtype.element_ty), mask=mask)  # the gradient of A
 
 
 # ---- what the shared runtime needs to launch, register and differentiate this op
@@ -202,8 +318,11 @@ META = {'name': 'max',
  'extras': [{'name': 'argmax:B', 'level': 'row', 'kind': 'index'}],
  'saved': ['argmax:B'],
  'grads': [{'name': 'dA', 'of': 'A', 'level': 'elem', 'zero': False}],
- 'forward': {'kernel': '_max_fwd', 'tensors': ['A', 'B', 'argmax:B']},
- 'backward': {'kernel': '_max_bwd', 'tensors': ['argmax:B', 'dB', 'dA']},
+ 'forward': {'kernel': '_max_fwd',
+             'tensors': ['A', 'B', 'argmax:B', 'seg:B', 'seg:B:nan', 'seg:B:arg'],
+             'passes': 1,
+             'segments': {'seg:B': 'stat', 'seg:B:nan': 'index', 'seg:B:arg': 'index'}},
+ 'backward': {'kernel': '_max_bwd', 'tensors': ['argmax:B', 'dB', 'dA'], 'passes': 0, 'segments': {}},
  'finish': None,
  'choice': None,
  'reduces': 'dim'}

@@ -25,13 +25,17 @@ def _rms_norm_fwd(
     weight_ptr, weight_sr0, weight_sr1, weight_sr2,  # the input weight[c]
     y_ptr, y_sk0, y_sk1, y_sk2, y_sr0, y_sr1, y_sr2,  # the output y[r, c]
     rms_ptr, rms_sk0, rms_sk1, rms_sk2,  # rms saved for the backward
+    rms_sum_x_seg_ptr,  # each segment's sum[c](x[r, c]**2) (split rows)
     n_rows, n_cols, nk1, nk2, nr1, nr2,  # rows, row length; sizes of the inner kept and reduced groups
+    n_segs, seg_len,  # split rows: segments per row, columns per segment (a multiple of BLOCK)
     params_ptr,  # the op's real parameters, in the accumulation dtype
     ACC: tl.constexpr,     # accumulation dtype: fp32, or fp64 for fp64 inputs
     BLOCK: tl.constexpr,   # columns held at once (a power of two)
     SINGLE: tl.constexpr,  # the whole row fits one block: read once, write once
     RG: tl.constexpr,      # number of strided groups of the reduced axes (1..3)
     IDX64: tl.constexpr,   # offsets need 64 bits
+    PHASE: tl.constexpr,   # 0: whole rows; 1, 2, ...: the launches of a split row
+    SEGS: tl.constexpr,    # at least n_segs (a power of two)
 ):
     """forward of rms_norm: each program walks rows pid, pid + n_progs, ...
     Each tensor comes as a pointer and its strides over the kept groups
@@ -76,7 +80,7 @@ def _rms_norm_fwd(
             y = weight*x/rms  # y[r, c] = weight[c]*x[r, c]/rms[r]
             tl.store(y_row + y_off, y.to(y_ptr.dtype.element_ty), mask=mask)  # the output y[r, c]
             tl.store(rms_row, rms.to(rms_ptr.dtype.element_ty))  # rms saved for the backward
-    else:
+    elif PHASE == 0:
         # ---- long rows: passes over blocks, lane-wise accumulators reduced at the end
         for row in range(pid, n_rows, n_progs):
             r64 = tl.cast(row, tl.int64)
@@ -130,6 +134,77 @@ def _rms_norm_fwd(
                 y = weight*x/rms  # y[r, c] = weight[c]*x[r, c]/rms[r]
                 tl.store(y_row + y_off, y.to(y_ptr.dtype.element_ty), mask=mask)  # the output y[r, c]
             tl.store(rms_row, rms.to(rms_ptr.dtype.element_ty))  # rms saved for the backward
+    else:
+        # ---- few long rows, split: a work item is one segment of seg_len columns of a row.
+        # Launch p (PHASE = p) of a pass: the segments' partial reductions, after the passes
+        # before it are combined from their segments' values; the last launch writes the outputs.
+        soffs = tl.arange(0, SEGS)
+        smask = soffs < n_segs
+        for w in range(pid, n_rows * n_segs, n_progs):
+            row = w // n_segs
+            seg = w - row * n_segs
+            seg_start = seg * seg_len
+            seg_end = tl.minimum(seg_start + seg_len, n_cols)
+            r64 = tl.cast(row, tl.int64)
+            k2 = r64 % nk2
+            k1 = (r64 // nk2) % nk1
+            k0 = r64 // (nk2 * nk1)
+            x_row = x_ptr + k0 * x_sk0 + k1 * x_sk1 + k2 * x_sk2
+            y_row = y_ptr + k0 * y_sk0 + k1 * y_sk1 + k2 * y_sk2
+            rms_row = rms_ptr + k0 * rms_sk0 + k1 * rms_sk1 + k2 * rms_sk2
+            if PHASE > 1:
+                # pass 1 (rms_sum:x): its segments' values, combined as its lanes are
+                rms_sum_x_run = tl.load(rms_sum_x_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)
+                rms_sum_x = tl.sum(rms_sum_x_run, axis=0)
+                rms = tl.sqrt(eps + rms_sum_x/tl.cast(n_cols, ACC))  # rms[r] = sqrt(eps + sum[c](x[r, c]**2)/|c|)
+            elif PHASE == 1:
+                # pass 1 over this segment
+                rms_sum_x_run = tl.zeros([BLOCK], dtype=ACC)
+                for start in range(seg_start, seg_end, BLOCK):
+                    col = start + offs
+                    mask = col < n_cols
+                    if IDX64:
+                        cc = col.to(tl.int64)
+                    else:
+                        cc = col
+                    if RG == 1:  # the reduced axes are one strided run
+                        x_off = cc * x_sr2
+                    else:  # split the flat column over the reduced groups
+                        c2 = cc % nr2
+                        c1 = (cc // nr2) % nr1
+                        c0 = cc // (nr2 * nr1)
+                        x_off = c0 * x_sr0 + c1 * x_sr1 + c2 * x_sr2
+                    x = tl.load(x_row + x_off, mask=mask, other=0.0).to(ACC)  # the input x[r, c]
+                    rms_sum_x_run += tl.where(mask, (x * x), 0.0)  # sum[c](x[r, c]**2)
+                rms_sum_x = tl.sum(rms_sum_x_run, axis=0)
+                rms = tl.sqrt(eps + rms_sum_x/tl.cast(n_cols, ACC))  # rms[r] = sqrt(eps + sum[c](x[r, c]**2)/|c|)
+                tl.store(rms_sum_x_seg_ptr + row * n_segs + seg, rms_sum_x)  # each segment's sum[c](x[r, c]**2) (split rows)
+            if PHASE == 2:
+                # the outputs of this segment
+                for start in range(seg_start, seg_end, BLOCK):
+                    col = start + offs
+                    mask = col < n_cols
+                    if IDX64:
+                        cc = col.to(tl.int64)
+                    else:
+                        cc = col
+                    if RG == 1:  # the reduced axes are one strided run
+                        x_off = cc * x_sr2
+                        weight_off = cc * weight_sr2
+                        y_off = cc * y_sr2
+                    else:  # split the flat column over the reduced groups
+                        c2 = cc % nr2
+                        c1 = (cc // nr2) % nr1
+                        c0 = cc // (nr2 * nr1)
+                        x_off = c0 * x_sr0 + c1 * x_sr1 + c2 * x_sr2
+                        weight_off = c0 * weight_sr0 + c1 * weight_sr1 + c2 * weight_sr2
+                        y_off = c0 * y_sr0 + c1 * y_sr1 + c2 * y_sr2
+                    x = tl.load(x_row + x_off, mask=mask, other=0.0).to(ACC)  # the input x[r, c]
+                    weight = tl.load(weight_ptr + weight_off, mask=mask, other=0.0).to(ACC)  # the input weight[c]
+                    y = weight*x/rms  # y[r, c] = weight[c]*x[r, c]/rms[r]
+                    tl.store(y_row + y_off, y.to(y_ptr.dtype.element_ty), mask=mask)  # the output y[r, c]
+                if seg == 0:  # a row's own values: once per row
+                    tl.store(rms_row, rms.to(rms_ptr.dtype.element_ty))  # rms saved for the backward
 
 
 @triton.jit
@@ -140,13 +215,17 @@ def _rms_norm_bwd(
     dy_ptr, dy_sk0, dy_sk1, dy_sk2, dy_sr0, dy_sr1, dy_sr2,  # the gradient of y
     dx_ptr, dx_sk0, dx_sk1, dx_sk2, dx_sr0, dx_sr1, dx_sr2,  # the gradient of x
     dweight_partial_ptr,  # per-program partial sums of dweight (summed in a second stage)
+    sum_dy_rms_weight_x_seg_ptr,  # each segment's sum[c](dy[r, c]*weight[c]*x[r, c]/rms[r]) (split rows)
     n_rows, n_cols, nk1, nk2, nr1, nr2,  # rows, row length; sizes of the inner kept and reduced groups
+    n_segs, seg_len,  # split rows: segments per row, columns per segment (a multiple of BLOCK)
     params_ptr,  # the op's real parameters, in the accumulation dtype
     ACC: tl.constexpr,     # accumulation dtype: fp32, or fp64 for fp64 inputs
     BLOCK: tl.constexpr,   # columns held at once (a power of two)
     SINGLE: tl.constexpr,  # the whole row fits one block: read once, write once
     RG: tl.constexpr,      # number of strided groups of the reduced axes (1..3)
     IDX64: tl.constexpr,   # offsets need 64 bits
+    PHASE: tl.constexpr,   # 0: whole rows; 1, 2, ...: the launches of a split row
+    SEGS: tl.constexpr,    # at least n_segs (a power of two)
 ):
     """backward of rms_norm: each program walks rows pid, pid + n_progs, ...
     Each tensor comes as a pointer and its strides over the kept groups
@@ -197,7 +276,7 @@ def _rms_norm_bwd(
             dweight_acc += tl.where(mask, dy*x/rms, 0.0)  # dweight[c] = sum[r](dy[r, c]*x[r, c]/rms[r])
             tl.store(dx_row + dx_off, dx.to(dx_ptr.dtype.element_ty), mask=mask)  # the gradient of x
         tl.store(dweight_partial_ptr + pid.to(tl.int64) * n_cols + col, dweight_acc, mask=mask)  # per-program partial sums of dweight (summed in a second stage)
-    else:
+    elif PHASE == 0:
         # ---- long rows: passes over blocks, lane-wise accumulators reduced at the end
         for row in range(pid, n_rows, n_progs):
             r64 = tl.cast(row, tl.int64)
@@ -263,6 +342,87 @@ def _rms_norm_bwd(
                 dweight_acc += tl.where(mask, dy*x/rms, 0.0)  # dweight[c] = sum[r](dy[r, c]*x[r, c]/rms[r])
                 tl.store(dx_row + dx_off, dx.to(dx_ptr.dtype.element_ty), mask=mask)  # the gradient of x
                 tl.store(dweight_partial_ptr + pid.to(tl.int64) * n_cols + col, dweight_acc, mask=mask)  # per-program partial sums of dweight (summed in a second stage)
+    else:
+        # ---- few long rows, split: a work item is one segment of seg_len columns of a row.
+        # Launch p (PHASE = p) of a pass: the segments' partial reductions, after the passes
+        # before it are combined from their segments' values; the last launch writes the outputs.
+        soffs = tl.arange(0, SEGS)
+        smask = soffs < n_segs
+        for w in range(pid, n_rows * n_segs, n_progs):
+            row = w // n_segs
+            seg = w - row * n_segs
+            seg_start = seg * seg_len
+            seg_end = tl.minimum(seg_start + seg_len, n_cols)
+            r64 = tl.cast(row, tl.int64)
+            k2 = r64 % nk2
+            k1 = (r64 // nk2) % nk1
+            k0 = r64 // (nk2 * nk1)
+            x_row = x_ptr + k0 * x_sk0 + k1 * x_sk1 + k2 * x_sk2
+            rms_row = rms_ptr + k0 * rms_sk0 + k1 * rms_sk1 + k2 * rms_sk2
+            dy_row = dy_ptr + k0 * dy_sk0 + k1 * dy_sk1 + k2 * dy_sk2
+            dx_row = dx_ptr + k0 * dx_sk0 + k1 * dx_sk1 + k2 * dx_sk2
+            rms = tl.load(rms_row).to(ACC)  # rms saved for the backward
+            if PHASE > 1:
+                # pass 1 (sum:dy_rms_weight_x): its segments' values, combined as its lanes are
+                sum_dy_rms_weight_x_run = tl.load(sum_dy_rms_weight_x_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)
+                sum_dy_rms_weight_x = tl.sum(sum_dy_rms_weight_x_run, axis=0)
+            elif PHASE == 1:
+                # pass 1 over this segment
+                sum_dy_rms_weight_x_run = tl.zeros([BLOCK], dtype=ACC)
+                for start in range(seg_start, seg_end, BLOCK):
+                    col = start + offs
+                    mask = col < n_cols
+                    if IDX64:
+                        cc = col.to(tl.int64)
+                    else:
+                        cc = col
+                    if RG == 1:  # the reduced axes are one strided run
+                        x_off = cc * x_sr2
+                        weight_off = cc * weight_sr2
+                        dy_off = cc * dy_sr2
+                    else:  # split the flat column over the reduced groups
+                        c2 = cc % nr2
+                        c1 = (cc // nr2) % nr1
+                        c0 = cc // (nr2 * nr1)
+                        x_off = c0 * x_sr0 + c1 * x_sr1 + c2 * x_sr2
+                        weight_off = c0 * weight_sr0 + c1 * weight_sr1 + c2 * weight_sr2
+                        dy_off = c0 * dy_sr0 + c1 * dy_sr1 + c2 * dy_sr2
+                    x = tl.load(x_row + x_off, mask=mask, other=0.0).to(ACC)  # the input x[r, c]
+                    weight = tl.load(weight_ptr + weight_off, mask=mask, other=0.0).to(ACC)  # the input weight[c]
+                    dy = tl.load(dy_row + dy_off, mask=mask, other=0.0).to(ACC)  # the gradient of y
+                    sum_dy_rms_weight_x_run += tl.where(mask, dy*weight*x/rms, 0.0)  # sum[c](dy[r, c]*weight[c]*x[r, c]/rms[r])
+                sum_dy_rms_weight_x = tl.sum(sum_dy_rms_weight_x_run, axis=0)
+                tl.store(sum_dy_rms_weight_x_seg_ptr + row * n_segs + seg, sum_dy_rms_weight_x)  # each segment's sum[c](dy[r, c]*weight[c]*x[r, c]/rms[r]) (split rows)
+            if PHASE == 2:
+                # the outputs of this segment
+                for start in range(seg_start, seg_end, BLOCK):
+                    col = start + offs
+                    mask = col < n_cols
+                    if IDX64:
+                        cc = col.to(tl.int64)
+                    else:
+                        cc = col
+                    if RG == 1:  # the reduced axes are one strided run
+                        x_off = cc * x_sr2
+                        weight_off = cc * weight_sr2
+                        dy_off = cc * dy_sr2
+                        dx_off = cc * dx_sr2
+                    else:  # split the flat column over the reduced groups
+                        c2 = cc % nr2
+                        c1 = (cc // nr2) % nr1
+                        c0 = cc // (nr2 * nr1)
+                        x_off = c0 * x_sr0 + c1 * x_sr1 + c2 * x_sr2
+                        weight_off = c0 * weight_sr0 + c1 * weight_sr1 + c2 * weight_sr2
+                        dy_off = c0 * dy_sr0 + c1 * dy_sr1 + c2 * dy_sr2
+                        dx_off = c0 * dx_sr0 + c1 * dx_sr1 + c2 * dx_sr2
+                    x = tl.load(x_row + x_off, mask=mask, other=0.0).to(ACC)  # the input x[r, c]
+                    weight = tl.load(weight_ptr + weight_off, mask=mask, other=0.0).to(ACC)  # the input weight[c]
+                    dy = tl.load(dy_row + dy_off, mask=mask, other=0.0).to(ACC)  # the gradient of y
+                    dweight_acc = tl.load(dweight_partial_ptr + pid.to(tl.int64) * n_cols + col, mask=mask, other=0.0)
+                    dx = (dy*weight - sum_dy_rms_weight_x*x/(tl.cast(n_cols, ACC)*rms))/rms  # dx[r, c'] = (dy[r, c']*weight[c'] - sum[c](dy[r, c]*y[r, c])*x[r, c']/(|c|*rms[r]))/rms[r]
+                    dweight_acc += tl.where(mask, dy*x/rms, 0.0)  # dweight[c] = sum[r](dy[r, c]*x[r, c]/rms[r])
+                    tl.store(dx_row + dx_off, dx.to(dx_ptr.dtype.element_ty), mask=mask)  # the gradient of x
+                    tl.store(dweight_partial_ptr + pid.to(tl.int64) * n_cols + col, dweight_acc, mask=mask)  # per-program partial sums of dweight (summed in a second stage)
 
 
 # ---- what the shared runtime needs to launch, register and differentiate this op
@@ -275,8 +435,14 @@ META = {'name': 'rms_norm',
  'saved': ['x', 'weight', 'rms'],
  'grads': [{'name': 'dx', 'of': 'x', 'level': 'elem', 'zero': False},
            {'name': 'dweight', 'of': 'weight', 'level': 'col', 'zero': False}],
- 'forward': {'kernel': '_rms_norm_fwd', 'tensors': ['x', 'weight', 'y', 'rms']},
- 'backward': {'kernel': '_rms_norm_bwd', 'tensors': ['x', 'weight', 'rms', 'dy', 'dx', 'partial:dweight']},
+ 'forward': {'kernel': '_rms_norm_fwd',
+             'tensors': ['x', 'weight', 'y', 'rms', 'seg:rms_sum:x'],
+             'passes': 1,
+             'segments': {'seg:rms_sum:x': 'stat'}},
+ 'backward': {'kernel': '_rms_norm_bwd',
+              'tensors': ['x', 'weight', 'rms', 'dy', 'dx', 'partial:dweight', 'seg:sum:dy_rms_weight_x'],
+              'passes': 1,
+              'segments': {'seg:sum:dy_rms_weight_x': 'stat'}},
  'finish': None,
  'choice': None,
  'reduces': 'weights'}

@@ -24,12 +24,18 @@ __all__ = ["softmax"]
 def _softmax_fwd(
     A_ptr, A_sk0, A_sk1, A_sk2, A_sr0, A_sr1, A_sr2,  # the input A[s2, s1]
     B_ptr, B_sk0, B_sk1, B_sk2, B_sr0, B_sr1, B_sr2,  # the output B[s2, s1]
+    M_seg_ptr,  # each segment's M (split rows)
+    M_nan_seg_ptr,  # each segment's first NaN column of M (split rows)
+    Z_seg_ptr,  # each segment's Z[s2] = sum[s1](E[s2, s1]) (split rows)
     n_rows, n_cols, nk1, nk2, nr1, nr2,  # rows, row length; sizes of the inner kept and reduced groups
+    n_segs, seg_len,  # split rows: segments per row, columns per segment (a multiple of BLOCK)
     ACC: tl.constexpr,     # accumulation dtype: fp32, or fp64 for fp64 inputs
     BLOCK: tl.constexpr,   # columns held at once (a power of two)
     SINGLE: tl.constexpr,  # the whole row fits one block: read once, write once
     RG: tl.constexpr,      # number of strided groups of the reduced axes (1..3)
     IDX64: tl.constexpr,   # offsets need 64 bits
+    PHASE: tl.constexpr,   # 0: whole rows; 1, 2, ...: the launches of a split row
+    SEGS: tl.constexpr,    # at least n_segs (a power of two)
 ):
     """forward of softmax: each program walks rows pid, pid + n_progs, ...
     Each tensor comes as a pointer and its strides over the kept groups
@@ -74,7 +80,7 @@ def _softmax_fwd(
             Z = tl.sum(tl.where(mask, E, 0.0), axis=0)  # Z[s2] = sum[s1](E[s2, s1])
             B = E/Z  # B[s2, s1] = E[s2, s1]/Z[s2]
             tl.store(B_row + B_off, B.to(B_ptr.dtype.element_ty), mask=mask)  # the output B[s2, s1]
-    else:
+    elif PHASE == 0:
         # ---- long rows: passes over blocks, lane-wise accumulators reduced at the end
         for row in range(pid, n_rows, n_progs):
             r64 = tl.cast(row, tl.int64)
@@ -136,6 +142,91 @@ def _softmax_fwd(
                 E = tl.exp(A - M)  # E[s2, s1] = exp(A[s2, s1] - M[s2])
                 B = E/Z  # B[s2, s1] = E[s2, s1]/Z[s2]
                 tl.store(B_row + B_off, B.to(B_ptr.dtype.element_ty), mask=mask)  # the output B[s2, s1]
+    else:
+        # ---- few long rows, split: a work item is one segment of seg_len columns of a row.
+        # Launch p (PHASE = p) of a pass: the segments' partial reductions, after the passes
+        # before it are combined from their segments' values; the last launch writes the outputs.
+        soffs = tl.arange(0, SEGS)
+        smask = soffs < n_segs
+        for w in range(pid, n_rows * n_segs, n_progs):
+            row = w // n_segs
+            seg = w - row * n_segs
+            seg_start = seg * seg_len
+            seg_end = tl.minimum(seg_start + seg_len, n_cols)
+            r64 = tl.cast(row, tl.int64)
+            k2 = r64 % nk2
+            k1 = (r64 // nk2) % nk1
+            k0 = r64 // (nk2 * nk1)
+            A_row = A_ptr + k0 * A_sk0 + k1 * A_sk1 + k2 * A_sk2
+            B_row = B_ptr + k0 * B_sk0 + k1 * B_sk1 + k2 * B_sk2
+            if PHASE > 1:
+                # pass 1 (M, Z): its segments' values, combined as its lanes are
+                M_run = tl.load(M_seg_ptr + row * n_segs + soffs, mask=smask, other=float("-inf"))
+                M_nan = tl.load(M_nan_seg_ptr + row * n_segs + soffs, mask=smask, other=n_cols)
+                Z_run = tl.load(Z_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)
+                M = tl.max(M_run, axis=0)
+                # a NaN anywhere makes the max NaN (as torch.amax), at the first NaN
+                M_first_nan = tl.min(M_nan, axis=0)
+                M = tl.where(M_first_nan < n_cols, float("nan"), M)
+                Z = tl.sum(Z_run * tl.where((M_run == float("-inf")), 0.0, tl.exp(-M + M_run)), axis=0)
+            elif PHASE == 1:
+                # pass 1 over this segment
+                M_run = tl.full([BLOCK], float("-inf"), ACC)
+                M_nan = tl.zeros([BLOCK], dtype=tl.int32) + n_cols  # first NaN column per lane
+                Z_run = tl.zeros([BLOCK], dtype=ACC)
+                for start in range(seg_start, seg_end, BLOCK):
+                    col = start + offs
+                    mask = col < n_cols
+                    if IDX64:
+                        cc = col.to(tl.int64)
+                    else:
+                        cc = col
+                    if RG == 1:  # the reduced axes are one strided run
+                        A_off = cc * A_sr2
+                    else:  # split the flat column over the reduced groups
+                        c2 = cc % nr2
+                        c1 = (cc // nr2) % nr1
+                        c0 = cc // (nr2 * nr1)
+                        A_off = c0 * A_sr0 + c1 * A_sr1 + c2 * A_sr2
+                    A = tl.load(A_row + A_off, mask=mask, other=0.0).to(ACC)  # the input A[s2, s1]
+                    M_blk = tl.where(mask, A, float("-inf"))  # M[s2] = max[s1](A[s2, s1])
+                    M_isnan = M_blk != M_blk
+                    M_nan = tl.minimum(M_nan, tl.where(M_isnan, col, n_cols))
+                    M_blk = tl.where(M_isnan, float("-inf"), M_blk)
+                    M_new = tl.maximum(M_run, M_blk)
+                    M_ref = tl.where(M_new == float("-inf"), 0.0, M_new)  # a lane with nothing yet measures against 0, never -inf - -inf
+                    Z_run = Z_run * tl.where((M_run == float("-inf")), 0.0, tl.exp(-M_new + M_run)) + tl.where(mask, tl.exp(-M_ref + A), 0.0)  # Z[s2] = sum[s1](E[s2, s1]), rescaled to the new running max
+                    M_run = M_new
+                M = tl.max(M_run, axis=0)
+                # a NaN anywhere makes the max NaN (as torch.amax), at the first NaN
+                M_first_nan = tl.min(M_nan, axis=0)
+                M = tl.where(M_first_nan < n_cols, float("nan"), M)
+                Z = tl.sum(Z_run * tl.where((M_run == float("-inf")), 0.0, tl.exp(-M + M_run)), axis=0)
+                tl.store(M_seg_ptr + row * n_segs + seg, M)  # each segment's M (split rows)
+                tl.store(M_nan_seg_ptr + row * n_segs + seg, M_first_nan)  # each segment's first NaN column of M (split rows)
+                tl.store(Z_seg_ptr + row * n_segs + seg, Z)  # each segment's Z[s2] = sum[s1](E[s2, s1]) (split rows)
+            if PHASE == 2:
+                # the outputs of this segment
+                for start in range(seg_start, seg_end, BLOCK):
+                    col = start + offs
+                    mask = col < n_cols
+                    if IDX64:
+                        cc = col.to(tl.int64)
+                    else:
+                        cc = col
+                    if RG == 1:  # the reduced axes are one strided run
+                        A_off = cc * A_sr2
+                        B_off = cc * B_sr2
+                    else:  # split the flat column over the reduced groups
+                        c2 = cc % nr2
+                        c1 = (cc // nr2) % nr1
+                        c0 = cc // (nr2 * nr1)
+                        A_off = c0 * A_sr0 + c1 * A_sr1 + c2 * A_sr2
+                        B_off = c0 * B_sr0 + c1 * B_sr1 + c2 * B_sr2
+                    A = tl.load(A_row + A_off, mask=mask, other=0.0).to(ACC)  # the input A[s2, s1]
+                    E = tl.exp(A - M)  # E[s2, s1] = exp(A[s2, s1] - M[s2])
+                    B = E/Z  # B[s2, s1] = E[s2, s1]/Z[s2]
+                    tl.store(B_row + B_off, B.to(B_ptr.dtype.element_ty), mask=mask)  # the output B[s2, s1]
 
 
 @triton.jit
@@ -143,12 +234,16 @@ def _softmax_bwd(
     B_ptr, B_sk0, B_sk1, B_sk2, B_sr0, B_sr1, B_sr2,  # the output B[s2, s1]
     dB_ptr, dB_sk0, dB_sk1, dB_sk2, dB_sr0, dB_sr1, dB_sr2,  # the gradient of B
     dA_ptr, dA_sk0, dA_sk1, dA_sk2, dA_sr0, dA_sr1, dA_sr2,  # the gradient of A
+    sum_B_dB_seg_ptr,  # each segment's sum[s1](B[s2, s1]*dB[s2, s1]) (split rows)
     n_rows, n_cols, nk1, nk2, nr1, nr2,  # rows, row length; sizes of the inner kept and reduced groups
+    n_segs, seg_len,  # split rows: segments per row, columns per segment (a multiple of BLOCK)
     ACC: tl.constexpr,     # accumulation dtype: fp32, or fp64 for fp64 inputs
     BLOCK: tl.constexpr,   # columns held at once (a power of two)
     SINGLE: tl.constexpr,  # the whole row fits one block: read once, write once
     RG: tl.constexpr,      # number of strided groups of the reduced axes (1..3)
     IDX64: tl.constexpr,   # offsets need 64 bits
+    PHASE: tl.constexpr,   # 0: whole rows; 1, 2, ...: the launches of a split row
+    SEGS: tl.constexpr,    # at least n_segs (a power of two)
 ):
     """backward of softmax: each program walks rows pid, pid + n_progs, ...
     Each tensor comes as a pointer and its strides over the kept groups
@@ -190,7 +285,7 @@ def _softmax_bwd(
             sum_B_dB = tl.sum(tl.where(mask, B*dB, 0.0), axis=0)  # sum[s1](B[s2, s1]*dB[s2, s1])
             dA = (dB - sum_B_dB)*B  # dA[s2, s1'] = (-sum[s1](B[s2, s1]*dB[s2, s1]) + dB[s2, s1'])*B[s2, s1']
             tl.store(dA_row + dA_off, dA.to(dA_ptr.dtype.element_ty), mask=mask)  # the gradient of A
-    else:
+    elif PHASE == 0:
         # ---- long rows: passes over blocks, lane-wise accumulators reduced at the end
         for row in range(pid, n_rows, n_progs):
             r64 = tl.cast(row, tl.int64)
@@ -245,6 +340,76 @@ def _softmax_bwd(
                 dB = tl.load(dB_row + dB_off, mask=mask, other=0.0).to(ACC)  # the gradient of B
                 dA = (dB - sum_B_dB)*B  # dA[s2, s1'] = (-sum[s1](B[s2, s1]*dB[s2, s1]) + dB[s2, s1'])*B[s2, s1']
                 tl.store(dA_row + dA_off, dA.to(dA_ptr.dtype.element_ty), mask=mask)  # the gradient of A
+    else:
+        # ---- few long rows, split: a work item is one segment of seg_len columns of a row.
+        # Launch p (PHASE = p) of a pass: the segments' partial reductions, after the passes
+        # before it are combined from their segments' values; the last launch writes the outputs.
+        soffs = tl.arange(0, SEGS)
+        smask = soffs < n_segs
+        for w in range(pid, n_rows * n_segs, n_progs):
+            row = w // n_segs
+            seg = w - row * n_segs
+            seg_start = seg * seg_len
+            seg_end = tl.minimum(seg_start + seg_len, n_cols)
+            r64 = tl.cast(row, tl.int64)
+            k2 = r64 % nk2
+            k1 = (r64 // nk2) % nk1
+            k0 = r64 // (nk2 * nk1)
+            B_row = B_ptr + k0 * B_sk0 + k1 * B_sk1 + k2 * B_sk2
+            dB_row = dB_ptr + k0 * dB_sk0 + k1 * dB_sk1 + k2 * dB_sk2
+            dA_row = dA_ptr + k0 * dA_sk0 + k1 * dA_sk1 + k2 * dA_sk2
+            if PHASE > 1:
+                # pass 1 (sum:B_dB): its segments' values, combined as its lanes are
+                sum_B_dB_run = tl.load(sum_B_dB_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)
+                sum_B_dB = tl.sum(sum_B_dB_run, axis=0)
+            elif PHASE == 1:
+                # pass 1 over this segment
+                sum_B_dB_run = tl.zeros([BLOCK], dtype=ACC)
+                for start in range(seg_start, seg_end, BLOCK):
+                    col = start + offs
+                    mask = col < n_cols
+                    if IDX64:
+                        cc = col.to(tl.int64)
+                    else:
+                        cc = col
+                    if RG == 1:  # the reduced axes are one strided run
+                        B_off = cc * B_sr2
+                        dB_off = cc * dB_sr2
+                    else:  # split the flat column over the reduced groups
+                        c2 = cc % nr2
+                        c1 = (cc // nr2) % nr1
+                        c0 = cc // (nr2 * nr1)
+                        B_off = c0 * B_sr0 + c1 * B_sr1 + c2 * B_sr2
+                        dB_off = c0 * dB_sr0 + c1 * dB_sr1 + c2 * dB_sr2
+                    B = tl.load(B_row + B_off, mask=mask, other=0.0).to(ACC)  # the output B[s2, s1]
+                    dB = tl.load(dB_row + dB_off, mask=mask, other=0.0).to(ACC)  # the gradient of B
+                    sum_B_dB_run += tl.where(mask, B*dB, 0.0)  # sum[s1](B[s2, s1]*dB[s2, s1])
+                sum_B_dB = tl.sum(sum_B_dB_run, axis=0)
+                tl.store(sum_B_dB_seg_ptr + row * n_segs + seg, sum_B_dB)  # each segment's sum[s1](B[s2, s1]*dB[s2, s1]) (split rows)
+            if PHASE == 2:
+                # the outputs of this segment
+                for start in range(seg_start, seg_end, BLOCK):
+                    col = start + offs
+                    mask = col < n_cols
+                    if IDX64:
+                        cc = col.to(tl.int64)
+                    else:
+                        cc = col
+                    if RG == 1:  # the reduced axes are one strided run
+                        B_off = cc * B_sr2
+                        dB_off = cc * dB_sr2
+                        dA_off = cc * dA_sr2
+                    else:  # split the flat column over the reduced groups
+                        c2 = cc % nr2
+                        c1 = (cc // nr2) % nr1
+                        c0 = cc // (nr2 * nr1)
+                        B_off = c0 * B_sr0 + c1 * B_sr1 + c2 * B_sr2
+                        dB_off = c0 * dB_sr0 + c1 * dB_sr1 + c2 * dB_sr2
+                        dA_off = c0 * dA_sr0 + c1 * dA_sr1 + c2 * dA_sr2
+                    B = tl.load(B_row + B_off, mask=mask, other=0.0).to(ACC)  # the output B[s2, s1]
+                    dB = tl.load(dB_row + dB_off, mask=mask, other=0.0).to(ACC)  # the gradient of B
+                    dA = (dB - sum_B_dB)*B  # dA[s2, s1'] = (-sum[s1](B[s2, s1]*dB[s2, s1]) + dB[s2, s1'])*B[s2, s1']
+                    tl.store(dA_row + dA_off, dA.to(dA_ptr.dtype.element_ty), mask=mask)  # the gradient of A
 
 
 # ---- what the shared runtime needs to launch, register and differentiate this op
@@ -255,8 +420,14 @@ META = {'name': 'softmax',
  'extras': [],
  'saved': ['B'],
  'grads': [{'name': 'dA', 'of': 'A', 'level': 'elem', 'zero': False}],
- 'forward': {'kernel': '_softmax_fwd', 'tensors': ['A', 'B']},
- 'backward': {'kernel': '_softmax_bwd', 'tensors': ['B', 'dB', 'dA']},
+ 'forward': {'kernel': '_softmax_fwd',
+             'tensors': ['A', 'B', 'seg:M', 'seg:M:nan', 'seg:Z'],
+             'passes': 1,
+             'segments': {'seg:M': 'stat', 'seg:M:nan': 'index', 'seg:Z': 'stat'}},
+ 'backward': {'kernel': '_softmax_bwd',
+              'tensors': ['B', 'dB', 'dA', 'seg:sum:B_dB'],
+              'passes': 1,
+              'segments': {'seg:sum:B_dB': 'stat'}},
  'finish': None,
  'choice': None,
  'reduces': 'dim'}

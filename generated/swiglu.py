@@ -20,15 +20,18 @@ __all__ = ["swiglu"]
 
 @triton.jit
 def _swiglu_fwd(
-    a_ptr, a_sk0, a_sk1, a_sk2, a_sr0, a_sr1, a_sr2,  # the input a[r, c]
+    a_1_ptr, a_1_sk0, a_1_sk1, a_1_sk2, a_1_sr0, a_1_sr1, a_1_sr2,  # the input a[r, c]
     b_ptr, b_sk0, b_sk1, b_sk2, b_sr0, b_sr1, b_sr2,  # the input b[r, c]
     y_ptr, y_sk0, y_sk1, y_sk2, y_sr0, y_sr1, y_sr2,  # the output y[r, c]
     n_rows, n_cols, nk1, nk2, nr1, nr2,  # rows, row length; sizes of the inner kept and reduced groups
+    n_segs, seg_len,  # split rows: segments per row, columns per segment (a multiple of BLOCK)
     ACC: tl.constexpr,     # accumulation dtype: fp32, or fp64 for fp64 inputs
     BLOCK: tl.constexpr,   # columns held at once (a power of two)
     SINGLE: tl.constexpr,  # the whole row fits one block: read once, write once
     RG: tl.constexpr,      # number of strided groups of the reduced axes (1..3)
     IDX64: tl.constexpr,   # offsets need 64 bits
+    PHASE: tl.constexpr,   # 0: whole rows; 1, 2, ...: the launches of a split row
+    SEGS: tl.constexpr,    # at least n_segs (a power of two)
 ):
     """forward of swiglu: each program walks rows pid, pid + n_progs, ...
     Each tensor comes as a pointer and its strides over the kept groups
@@ -47,14 +50,14 @@ def _swiglu_fwd(
         else:
             cc = col
         if RG == 1:  # the reduced axes are one strided run
-            a_off = cc * a_sr2
+            a_1_off = cc * a_1_sr2
             b_off = cc * b_sr2
             y_off = cc * y_sr2
         else:  # split the flat column over the reduced groups
             c2 = cc % nr2
             c1 = (cc // nr2) % nr1
             c0 = cc // (nr2 * nr1)
-            a_off = c0 * a_sr0 + c1 * a_sr1 + c2 * a_sr2
+            a_1_off = c0 * a_1_sr0 + c1 * a_1_sr1 + c2 * a_1_sr2
             b_off = c0 * b_sr0 + c1 * b_sr1 + c2 * b_sr2
             y_off = c0 * y_sr0 + c1 * y_sr1 + c2 * y_sr2
         for row in range(pid, n_rows, n_progs):
@@ -62,21 +65,21 @@ def _swiglu_fwd(
             k2 = r64 % nk2
             k1 = (r64 // nk2) % nk1
             k0 = r64 // (nk2 * nk1)
-            a_row = a_ptr + k0 * a_sk0 + k1 * a_sk1 + k2 * a_sk2
+            a_1_row = a_1_ptr + k0 * a_1_sk0 + k1 * a_1_sk1 + k2 * a_1_sk2
             b_row = b_ptr + k0 * b_sk0 + k1 * b_sk1 + k2 * b_sk2
             y_row = y_ptr + k0 * y_sk0 + k1 * y_sk1 + k2 * y_sk2
-            a = tl.load(a_row + a_off, mask=mask, other=0.0).to(ACC)  # the input a[r, c]
+            a_1 = tl.load(a_1_row + a_1_off, mask=mask, other=0.0).to(ACC)  # the input a[r, c]
             b = tl.load(b_row + b_off, mask=mask, other=0.0).to(ACC)  # the input b[r, c]
-            y = a*b/(1.0 + tl.exp(-a))  # y[r, c] = a[r, c]*b[r, c]/(1 + exp(-a[r, c]))
+            y = a_1*b/(1.0 + tl.exp(-a_1))  # y[r, c] = a[r, c]*b[r, c]/(1 + exp(-a[r, c]))
             tl.store(y_row + y_off, y.to(y_ptr.dtype.element_ty), mask=mask)  # the output y[r, c]
-    else:
+    elif PHASE == 0:
         # ---- long rows: passes over blocks, lane-wise accumulators reduced at the end
         for row in range(pid, n_rows, n_progs):
             r64 = tl.cast(row, tl.int64)
             k2 = r64 % nk2
             k1 = (r64 // nk2) % nk1
             k0 = r64 // (nk2 * nk1)
-            a_row = a_ptr + k0 * a_sk0 + k1 * a_sk1 + k2 * a_sk2
+            a_1_row = a_1_ptr + k0 * a_1_sk0 + k1 * a_1_sk1 + k2 * a_1_sk2
             b_row = b_ptr + k0 * b_sk0 + k1 * b_sk1 + k2 * b_sk2
             y_row = y_ptr + k0 * y_sk0 + k1 * y_sk1 + k2 * y_sk2
             # final pass: compute and store the outputs
@@ -88,35 +91,80 @@ def _swiglu_fwd(
                 else:
                     cc = col
                 if RG == 1:  # the reduced axes are one strided run
-                    a_off = cc * a_sr2
+                    a_1_off = cc * a_1_sr2
                     b_off = cc * b_sr2
                     y_off = cc * y_sr2
                 else:  # split the flat column over the reduced groups
                     c2 = cc % nr2
                     c1 = (cc // nr2) % nr1
                     c0 = cc // (nr2 * nr1)
-                    a_off = c0 * a_sr0 + c1 * a_sr1 + c2 * a_sr2
+                    a_1_off = c0 * a_1_sr0 + c1 * a_1_sr1 + c2 * a_1_sr2
                     b_off = c0 * b_sr0 + c1 * b_sr1 + c2 * b_sr2
                     y_off = c0 * y_sr0 + c1 * y_sr1 + c2 * y_sr2
-                a = tl.load(a_row + a_off, mask=mask, other=0.0).to(ACC)  # the input a[r, c]
+                a_1 = tl.load(a_1_row + a_1_off, mask=mask, other=0.0).to(ACC)  # the input a[r, c]
                 b = tl.load(b_row + b_off, mask=mask, other=0.0).to(ACC)  # the input b[r, c]
-                y = a*b/(1.0 + tl.exp(-a))  # y[r, c] = a[r, c]*b[r, c]/(1 + exp(-a[r, c]))
+                y = a_1*b/(1.0 + tl.exp(-a_1))  # y[r, c] = a[r, c]*b[r, c]/(1 + exp(-a[r, c]))
                 tl.store(y_row + y_off, y.to(y_ptr.dtype.element_ty), mask=mask)  # the output y[r, c]
+    else:
+        # ---- few long rows, split: a work item is one segment of seg_len columns of a row.
+        # Launch p (PHASE = p) of a pass: the segments' partial reductions, after the passes
+        # before it are combined from their segments' values; the last launch writes the outputs.
+        soffs = tl.arange(0, SEGS)
+        smask = soffs < n_segs
+        for w in range(pid, n_rows * n_segs, n_progs):
+            row = w // n_segs
+            seg = w - row * n_segs
+            seg_start = seg * seg_len
+            seg_end = tl.minimum(seg_start + seg_len, n_cols)
+            r64 = tl.cast(row, tl.int64)
+            k2 = r64 % nk2
+            k1 = (r64 // nk2) % nk1
+            k0 = r64 // (nk2 * nk1)
+            a_1_row = a_1_ptr + k0 * a_1_sk0 + k1 * a_1_sk1 + k2 * a_1_sk2
+            b_row = b_ptr + k0 * b_sk0 + k1 * b_sk1 + k2 * b_sk2
+            y_row = y_ptr + k0 * y_sk0 + k1 * y_sk1 + k2 * y_sk2
+            if PHASE == 1:
+                # the outputs of this segment
+                for start in range(seg_start, seg_end, BLOCK):
+                    col = start + offs
+                    mask = col < n_cols
+                    if IDX64:
+                        cc = col.to(tl.int64)
+                    else:
+                        cc = col
+                    if RG == 1:  # the reduced axes are one strided run
+                        a_1_off = cc * a_1_sr2
+                        b_off = cc * b_sr2
+                        y_off = cc * y_sr2
+                    else:  # split the flat column over the reduced groups
+                        c2 = cc % nr2
+                        c1 = (cc // nr2) % nr1
+                        c0 = cc // (nr2 * nr1)
+                        a_1_off = c0 * a_1_sr0 + c1 * a_1_sr1 + c2 * a_1_sr2
+                        b_off = c0 * b_sr0 + c1 * b_sr1 + c2 * b_sr2
+                        y_off = c0 * y_sr0 + c1 * y_sr1 + c2 * y_sr2
+                    a_1 = tl.load(a_1_row + a_1_off, mask=mask, other=0.0).to(ACC)  # the input a[r, c]
+                    b = tl.load(b_row + b_off, mask=mask, other=0.0).to(ACC)  # the input b[r, c]
+                    y = a_1*b/(1.0 + tl.exp(-a_1))  # y[r, c] = a[r, c]*b[r, c]/(1 + exp(-a[r, c]))
+                    tl.store(y_row + y_off, y.to(y_ptr.dtype.element_ty), mask=mask)  # the output y[r, c]
 
 
 @triton.jit
 def _swiglu_bwd(
-    a_ptr, a_sk0, a_sk1, a_sk2, a_sr0, a_sr1, a_sr2,  # the input a[r, c]
+    a_1_ptr, a_1_sk0, a_1_sk1, a_1_sk2, a_1_sr0, a_1_sr1, a_1_sr2,  # the input a[r, c]
     b_ptr, b_sk0, b_sk1, b_sk2, b_sr0, b_sr1, b_sr2,  # the input b[r, c]
     dy_ptr, dy_sk0, dy_sk1, dy_sk2, dy_sr0, dy_sr1, dy_sr2,  # the gradient of y
     da_ptr, da_sk0, da_sk1, da_sk2, da_sr0, da_sr1, da_sr2,  # the gradient of a
     db_ptr, db_sk0, db_sk1, db_sk2, db_sr0, db_sr1, db_sr2,  # the gradient of b
     n_rows, n_cols, nk1, nk2, nr1, nr2,  # rows, row length; sizes of the inner kept and reduced groups
+    n_segs, seg_len,  # split rows: segments per row, columns per segment (a multiple of BLOCK)
     ACC: tl.constexpr,     # accumulation dtype: fp32, or fp64 for fp64 inputs
     BLOCK: tl.constexpr,   # columns held at once (a power of two)
     SINGLE: tl.constexpr,  # the whole row fits one block: read once, write once
     RG: tl.constexpr,      # number of strided groups of the reduced axes (1..3)
     IDX64: tl.constexpr,   # offsets need 64 bits
+    PHASE: tl.constexpr,   # 0: whole rows; 1, 2, ...: the launches of a split row
+    SEGS: tl.constexpr,    # at least n_segs (a power of two)
 ):
     """backward of swiglu: each program walks rows pid, pid + n_progs, ...
     Each tensor comes as a pointer and its strides over the kept groups
@@ -135,7 +183,7 @@ def _swiglu_bwd(
         else:
             cc = col
         if RG == 1:  # the reduced axes are one strided run
-            a_off = cc * a_sr2
+            a_1_off = cc * a_1_sr2
             b_off = cc * b_sr2
             dy_off = cc * dy_sr2
             da_off = cc * da_sr2
@@ -144,7 +192,7 @@ def _swiglu_bwd(
             c2 = cc % nr2
             c1 = (cc // nr2) % nr1
             c0 = cc // (nr2 * nr1)
-            a_off = c0 * a_sr0 + c1 * a_sr1 + c2 * a_sr2
+            a_1_off = c0 * a_1_sr0 + c1 * a_1_sr1 + c2 * a_1_sr2
             b_off = c0 * b_sr0 + c1 * b_sr1 + c2 * b_sr2
             dy_off = c0 * dy_sr0 + c1 * dy_sr1 + c2 * dy_sr2
             da_off = c0 * da_sr0 + c1 * da_sr1 + c2 * da_sr2
@@ -154,26 +202,26 @@ def _swiglu_bwd(
             k2 = r64 % nk2
             k1 = (r64 // nk2) % nk1
             k0 = r64 // (nk2 * nk1)
-            a_row = a_ptr + k0 * a_sk0 + k1 * a_sk1 + k2 * a_sk2
+            a_1_row = a_1_ptr + k0 * a_1_sk0 + k1 * a_1_sk1 + k2 * a_1_sk2
             b_row = b_ptr + k0 * b_sk0 + k1 * b_sk1 + k2 * b_sk2
             dy_row = dy_ptr + k0 * dy_sk0 + k1 * dy_sk1 + k2 * dy_sk2
             da_row = da_ptr + k0 * da_sk0 + k1 * da_sk1 + k2 * da_sk2
             db_row = db_ptr + k0 * db_sk0 + k1 * db_sk1 + k2 * db_sk2
-            a = tl.load(a_row + a_off, mask=mask, other=0.0).to(ACC)  # the input a[r, c]
+            a_1 = tl.load(a_1_row + a_1_off, mask=mask, other=0.0).to(ACC)  # the input a[r, c]
             b = tl.load(b_row + b_off, mask=mask, other=0.0).to(ACC)  # the input b[r, c]
             dy = tl.load(dy_row + dy_off, mask=mask, other=0.0).to(ACC)  # the gradient of y
-            da = (1.0 + tl.exp(-a)*a/(1.0 + tl.exp(-a)))*b*dy/(1.0 + tl.exp(-a))  # da[r, c] = (1 + exp(-a[r, c])*a[r, c]/(1 + exp(-a[r, c])))*b[r, c]*dy[r, c]/(1 + exp(-a[r, c]))
-            db = a*dy/(1.0 + tl.exp(-a))  # db[r, c] = a[r, c]*dy[r, c]/(1 + exp(-a[r, c]))
+            da = (1.0 + tl.exp(-a_1)*a_1/(1.0 + tl.exp(-a_1)))*b*dy/(1.0 + tl.exp(-a_1))  # da[r, c] = (1 + exp(-a[r, c])*a[r, c]/(1 + exp(-a[r, c])))*b[r, c]*dy[r, c]/(1 + exp(-a[r, c]))
+            db = a_1*dy/(1.0 + tl.exp(-a_1))  # db[r, c] = a[r, c]*dy[r, c]/(1 + exp(-a[r, c]))
             tl.store(da_row + da_off, da.to(da_ptr.dtype.element_ty), mask=mask)  # the gradient of a
             tl.store(db_row + db_off, db.to(db_ptr.dtype.element_ty), mask=mask)  # the gradient of b
-    else:
+    elif PHASE == 0:
         # ---- long rows: passes over blocks, lane-wise accumulators reduced at the end
         for row in range(pid, n_rows, n_progs):
             r64 = tl.cast(row, tl.int64)
             k2 = r64 % nk2
             k1 = (r64 // nk2) % nk1
             k0 = r64 // (nk2 * nk1)
-            a_row = a_ptr + k0 * a_sk0 + k1 * a_sk1 + k2 * a_sk2
+            a_1_row = a_1_ptr + k0 * a_1_sk0 + k1 * a_1_sk1 + k2 * a_1_sk2
             b_row = b_ptr + k0 * b_sk0 + k1 * b_sk1 + k2 * b_sk2
             dy_row = dy_ptr + k0 * dy_sk0 + k1 * dy_sk1 + k2 * dy_sk2
             da_row = da_ptr + k0 * da_sk0 + k1 * da_sk1 + k2 * da_sk2
@@ -187,7 +235,7 @@ def _swiglu_bwd(
                 else:
                     cc = col
                 if RG == 1:  # the reduced axes are one strided run
-                    a_off = cc * a_sr2
+                    a_1_off = cc * a_1_sr2
                     b_off = cc * b_sr2
                     dy_off = cc * dy_sr2
                     da_off = cc * da_sr2
@@ -196,18 +244,69 @@ def _swiglu_bwd(
                     c2 = cc % nr2
                     c1 = (cc // nr2) % nr1
                     c0 = cc // (nr2 * nr1)
-                    a_off = c0 * a_sr0 + c1 * a_sr1 + c2 * a_sr2
+                    a_1_off = c0 * a_1_sr0 + c1 * a_1_sr1 + c2 * a_1_sr2
                     b_off = c0 * b_sr0 + c1 * b_sr1 + c2 * b_sr2
                     dy_off = c0 * dy_sr0 + c1 * dy_sr1 + c2 * dy_sr2
                     da_off = c0 * da_sr0 + c1 * da_sr1 + c2 * da_sr2
                     db_off = c0 * db_sr0 + c1 * db_sr1 + c2 * db_sr2
-                a = tl.load(a_row + a_off, mask=mask, other=0.0).to(ACC)  # the input a[r, c]
+                a_1 = tl.load(a_1_row + a_1_off, mask=mask, other=0.0).to(ACC)  # the input a[r, c]
                 b = tl.load(b_row + b_off, mask=mask, other=0.0).to(ACC)  # the input b[r, c]
                 dy = tl.load(dy_row + dy_off, mask=mask, other=0.0).to(ACC)  # the gradient of y
-                da = (1.0 + tl.exp(-a)*a/(1.0 + tl.exp(-a)))*b*dy/(1.0 + tl.exp(-a))  # da[r, c] = (1 + exp(-a[r, c])*a[r, c]/(1 + exp(-a[r, c])))*b[r, c]*dy[r, c]/(1 + exp(-a[r, c]))
-                db = a*dy/(1.0 + tl.exp(-a))  # db[r, c] = a[r, c]*dy[r, c]/(1 + exp(-a[r, c]))
+                da = (1.0 + tl.exp(-a_1)*a_1/(1.0 + tl.exp(-a_1)))*b*dy/(1.0 + tl.exp(-a_1))  # da[r, c] = (1 + exp(-a[r, c])*a[r, c]/(1 + exp(-a[r, c])))*b[r, c]*dy[r, c]/(1 + exp(-a[r, c]))
+                db = a_1*dy/(1.0 + tl.exp(-a_1))  # db[r, c] = a[r, c]*dy[r, c]/(1 + exp(-a[r, c]))
                 tl.store(da_row + da_off, da.to(da_ptr.dtype.element_ty), mask=mask)  # the gradient of a
                 tl.store(db_row + db_off, db.to(db_ptr.dtype.element_ty), mask=mask)  # the gradient of b
+    else:
+        # ---- few long rows, split: a work item is one segment of seg_len columns of a row.
+        # Launch p (PHASE = p) of a pass: the segments' partial reductions, after the passes
+        # before it are combined from their segments' values; the last launch writes the outputs.
+        soffs = tl.arange(0, SEGS)
+        smask = soffs < n_segs
+        for w in range(pid, n_rows * n_segs, n_progs):
+            row = w // n_segs
+            seg = w - row * n_segs
+            seg_start = seg * seg_len
+            seg_end = tl.minimum(seg_start + seg_len, n_cols)
+            r64 = tl.cast(row, tl.int64)
+            k2 = r64 % nk2
+            k1 = (r64 // nk2) % nk1
+            k0 = r64 // (nk2 * nk1)
+            a_1_row = a_1_ptr + k0 * a_1_sk0 + k1 * a_1_sk1 + k2 * a_1_sk2
+            b_row = b_ptr + k0 * b_sk0 + k1 * b_sk1 + k2 * b_sk2
+            dy_row = dy_ptr + k0 * dy_sk0 + k1 * dy_sk1 + k2 * dy_sk2
+            da_row = da_ptr + k0 * da_sk0 + k1 * da_sk1 + k2 * da_sk2
+            db_row = db_ptr + k0 * db_sk0 + k1 * db_sk1 + k2 * db_sk2
+            if PHASE == 1:
+                # the outputs of this segment
+                for start in range(seg_start, seg_end, BLOCK):
+                    col = start + offs
+                    mask = col < n_cols
+                    if IDX64:
+                        cc = col.to(tl.int64)
+                    else:
+                        cc = col
+                    if RG == 1:  # the reduced axes are one strided run
+                        a_1_off = cc * a_1_sr2
+                        b_off = cc * b_sr2
+                        dy_off = cc * dy_sr2
+                        da_off = cc * da_sr2
+                        db_off = cc * db_sr2
+                    else:  # split the flat column over the reduced groups
+                        c2 = cc % nr2
+                        c1 = (cc // nr2) % nr1
+                        c0 = cc // (nr2 * nr1)
+                        a_1_off = c0 * a_1_sr0 + c1 * a_1_sr1 + c2 * a_1_sr2
+                        b_off = c0 * b_sr0 + c1 * b_sr1 + c2 * b_sr2
+                        dy_off = c0 * dy_sr0 + c1 * dy_sr1 + c2 * dy_sr2
+                        da_off = c0 * da_sr0 + c1 * da_sr1 + c2 * da_sr2
+                        db_off = c0 * db_sr0 + c1 * db_sr1 + c2 * db_sr2
+                    a_1 = tl.load(a_1_row + a_1_off, mask=mask, other=0.0).to(ACC)  # the input a[r, c]
+                    b = tl.load(b_row + b_off, mask=mask, other=0.0).to(ACC)  # the input b[r, c]
+                    dy = tl.load(dy_row + dy_off, mask=mask, other=0.0).to(ACC)  # the gradient of y
+                    da = (1.0 + tl.exp(-a_1)*a_1/(1.0 + tl.exp(-a_1)))*b*dy/(1.0 + tl.exp(-a_1))  # da[r, c] = (1 + exp(-a[r, c])*a[r, c]/(1 + exp(-a[r, c])))*b[r, c]*dy[r, c]/(1 + exp(-a[r, c]))
+                    db = a_1*dy/(1.0 + tl.exp(-a_1))  # db[r, c] = a[r, c]*dy[r, c]/(1 + exp(-a[r, c]))
+                    tl.store(da_row + da_off, da.to(da_ptr.dtype.element_ty), mask=mask)  # the gradient of a
+                    tl.store(db_row + db_off, db.to(db_ptr.dtype.element_ty), mask=mask)  # the gradient of b
 
 
 # ---- what the shared runtime needs to launch, register and differentiate this op
@@ -220,8 +319,8 @@ META = {'name': 'swiglu',
  'saved': ['a', 'b'],
  'grads': [{'name': 'da', 'of': 'a', 'level': 'elem', 'zero': False},
            {'name': 'db', 'of': 'b', 'level': 'elem', 'zero': False}],
- 'forward': {'kernel': '_swiglu_fwd', 'tensors': ['a', 'b', 'y']},
- 'backward': {'kernel': '_swiglu_bwd', 'tensors': ['a', 'b', 'dy', 'da', 'db']},
+ 'forward': {'kernel': '_swiglu_fwd', 'tensors': ['a', 'b', 'y'], 'passes': 0, 'segments': {}},
+ 'backward': {'kernel': '_swiglu_bwd', 'tensors': ['a', 'b', 'dy', 'da', 'db'], 'passes': 0, 'segments': {}},
  'finish': None,
  'choice': None,
  'reduces': 'last'}

@@ -93,6 +93,40 @@ def test_matches_torch_fp64(name, block, device, monkeypatch):
     _compare(name, torch.float64, device)
 
 
+@pytest.mark.parametrize("name", ROWWISE)
+def test_matches_torch_with_rows_split_across_programs(name, device, monkeypatch):
+    """Few long rows: each row split into segments, one launch per pass; the
+    segments' partial maxima and sums are combined by the same printed code that
+    combines a block's lanes (float64, every input's gradient)."""
+    import generated._runtime as rt
+    monkeypatch.setattr(rt, "MAX_BLOCK", 4)
+    monkeypatch.setattr(rt, "SPLIT_BELOW_ROWS_CPU", 10_000)
+    splits = []
+    original = rt.split_rows
+    monkeypatch.setattr(rt, "split_rows", lambda *a: splits.append(original(*a)) or splits[-1])
+    _compare(name, torch.float64, device)
+    assert splits and all(n_segs > 1 for n_segs, _ in splits), splits
+
+
+def test_split_rows_keep_torch_max_rules(device, monkeypatch):
+    """Across segments: ties go to the first index, a NaN anywhere makes the row NaN
+    and takes the gradient at the first NaN, softmax of such a row is NaN."""
+    import generated._runtime as rt
+    monkeypatch.setattr(rt, "MAX_BLOCK", 8)
+    x = torch.zeros(2, 50, dtype=torch.float64, device=device)
+    x[0, 7] = x[0, 45] = 5.0
+    x[1, 30] = x[1, 44] = float("nan")
+    assert rt.split_rows(2, 50, 8, x.device)[0] > 2
+    x.requires_grad_()
+    y = generated.max(x)
+    torch.testing.assert_close(y, x.amax(-1), equal_nan=True)
+    (g,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    assert g[0].nonzero().flatten().tolist() == [7] and g[1].nonzero().flatten().tolist() == [30]
+    s = generated.softmax(x)
+    assert torch.isnan(s[1]).all()
+    torch.testing.assert_close(s[0], torch.softmax(x[0], -1))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("name", ROWWISE)
 def test_dtypes(name, dtype, device):
