@@ -111,7 +111,7 @@ class Loop:
     # split rows: a segment stores what its finish computed; a later pass loads the segments'
     # values into the lane accumulators' names, and the same finish combines them
     seg_stores: list[tuple[KTensor, str]] = field(default_factory=list)
-    seg_loads: list[tuple[KTensor, str, str]] = field(default_factory=list)  # (buffer, name, value of no segment)
+    seg_loads: list[str] = field(default_factory=list)  # statements: the segments' values, as lane vectors
 
 
 @dataclass
@@ -498,26 +498,30 @@ class _Kernel:
                                   f"{self.argmax_of[e.name]})")
         loads = self.block_loads(exprs + [self.by_name[nm].expr for nm in values])
         seg_stores: list[tuple[KTensor, str]] = []
-        seg_loads: list[tuple[KTensor, str, str]] = []
+        seg_loads: list[str] = []
 
         def seg(key: str, kind: str, doc: str) -> KTensor:
             v = self.N.of(("seg", self.name, key), f"{key.replace(':', '_')}_seg")
             return KTensor(f"seg:{key}", "seg", kind, doc, v, self.N.take(f"{v}_ptr"), "", "")
+        def load(t: KTensor, into: str, none: str, what: str):
+            seg_loads.append(f"{into} = tl.load({t.ptr} + {n['row']} * {n['n_segs']} + {n['soffs']}, "
+                             f"mask={n['smask']}, other={none})  # {what}")
+
         for e in maxes:
             t = seg(e.name, "stat", f"each segment's {e.name} (split rows)")
             seg_stores.append((t, self.value_of[e.name]))
-            seg_loads.append((t, run[e.name], 'float("-inf")'))
+            load(t, run[e.name], 'float("-inf")', f"the segments' maxima of {e.name} (no segment: -inf)")
             t = seg(f"{e.name}:nan", "index", f"each segment's first NaN column of {e.name} (split rows)")
             seg_stores.append((t, self.N.given[("first_nan", e.name)]))
-            seg_loads.append((t, self.N.given[("nan", e.name)], n["n_cols"]))
+            load(t, self.N.given[("nan", e.name)], n["n_cols"], "their first NaN columns")
             if e.argmax:
                 t = seg(f"{e.name}:arg", "index", f"each segment's first argmax of {e.name} (split rows)")
                 seg_stores.append((t, self.argmax_of[e.name]))
-                seg_loads.append((t, self.N.given[("idx", e.name)], "0"))
+                load(t, self.N.given[("idx", e.name)], "0", "their first argmax columns")
         for e in sums:
             t = seg(e.name, "stat", f"each segment's {comment_text(e.comment)} (split rows)")
             seg_stores.append((t, self.value_of[e.name]))
-            seg_loads.append((t, run[e.name], "0.0"))
+            load(t, run[e.name], "0.0", f"the segments' {comment_text(e.comment)}")
         return Loop([e.name for e in reds], init, Block(loads, block_code), max_finish + finish, seg_stores, seg_loads)
 
     def online_factor(self, e: _KEq, ready: dict[str, int], level: int):
@@ -687,7 +691,7 @@ def plan_rowwise(d: Derivation) -> RowwisePlan:
     kept, red, levels = shape.kept, shape.red, shape.levels
     names = Names(template_names(TEMPLATES / "rowwise.py.j2"))
     # the template's own identifiers, by role (its text uses these exact words)
-    n = {w: w for w in ("row", "col", "mask", "n_cols", "ACC", "BLOCK")}
+    n = {w: w for w in ("row", "col", "mask", "n_cols", "ACC", "BLOCK", "n_segs", "soffs", "smask")}
     outs = list(ir.outputs)
     out_names = {o.name for o in outs}
     # scalar intermediates (numbers and parameters) are written in place

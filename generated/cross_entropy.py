@@ -178,7 +178,9 @@ def _cross_entropy_fwd(
             row = w // n_segs
             seg = w - row * n_segs
             seg_start = seg * seg_len
-            seg_end = tl.minimum(seg_start + seg_len, n_cols)
+            seg_end = seg_start + seg_len
+            if seg_end > n_cols:  # the last segment ends with the row
+                seg_end = n_cols
             r64 = tl.cast(row, tl.int64)
             k2 = r64 % nk2
             k1 = (r64 // nk2) % nk1
@@ -193,11 +195,11 @@ def _cross_entropy_fwd(
             counts = tl.where((target != ignore_index), 1.0, 0.0)  # counts[r] = where(target[r] != ignore_index, 1, 0)
             if PHASE > 1:
                 # pass 1 (m, lse_sum:logits_m, per_row_sum:logits_target, per_row_sum:logits): its segments' values, combined as its lanes are
-                m_run = tl.load(m_seg_ptr + row * n_segs + soffs, mask=smask, other=float("-inf"))
-                m_nan = tl.load(m_nan_seg_ptr + row * n_segs + soffs, mask=smask, other=n_cols)
-                lse_sum_logits_m_run = tl.load(lse_sum_logits_m_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)
-                per_row_sum_logits_target_run = tl.load(per_row_sum_logits_target_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)
-                per_row_sum_logits_run = tl.load(per_row_sum_logits_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)
+                m_run = tl.load(m_seg_ptr + row * n_segs + soffs, mask=smask, other=float("-inf"))  # the segments' maxima of m (no segment: -inf)
+                m_nan = tl.load(m_nan_seg_ptr + row * n_segs + soffs, mask=smask, other=n_cols)  # their first NaN columns
+                lse_sum_logits_m_run = tl.load(lse_sum_logits_m_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)  # the segments' sum[c](exp(logits[r, c] - m[r]))
+                per_row_sum_logits_target_run = tl.load(per_row_sum_logits_target_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)  # the segments' sum[c](logits[r, c]*1[c = target[r]])
+                per_row_sum_logits_run = tl.load(per_row_sum_logits_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)  # the segments' sum[c](logits[r, c])
                 m = tl.max(m_run, axis=0)
                 # a NaN anywhere makes the max NaN (as torch.amax), at the first NaN
                 m_first_nan = tl.min(m_nan, axis=0)
@@ -387,7 +389,9 @@ def _cross_entropy_bwd(
             row = w // n_segs
             seg = w - row * n_segs
             seg_start = seg * seg_len
-            seg_end = tl.minimum(seg_start + seg_len, n_cols)
+            seg_end = seg_start + seg_len
+            if seg_end > n_cols:  # the last segment ends with the row
+                seg_end = n_cols
             r64 = tl.cast(row, tl.int64)
             k2 = r64 % nk2
             k1 = (r64 // nk2) % nk1

@@ -136,7 +136,9 @@ def _l2_normalize_fwd(
             row = w // n_segs
             seg = w - row * n_segs
             seg_start = seg * seg_len
-            seg_end = tl.minimum(seg_start + seg_len, n_cols)
+            seg_end = seg_start + seg_len
+            if seg_end > n_cols:  # the last segment ends with the row
+                seg_end = n_cols
             r64 = tl.cast(row, tl.int64)
             k2 = r64 % nk2
             k1 = (r64 // nk2) % nk1
@@ -146,7 +148,7 @@ def _l2_normalize_fwd(
             norm_row = norm_ptr + k0 * norm_sk0 + k1 * norm_sk1 + k2 * norm_sk2
             if PHASE > 1:
                 # pass 1 (norm_sum:x): its segments' values, combined as its lanes are
-                norm_sum_x_run = tl.load(norm_sum_x_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)
+                norm_sum_x_run = tl.load(norm_sum_x_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)  # the segments' sum[c](x[r, c]**2)
                 norm_sum_x = tl.sum(norm_sum_x_run, axis=0)
                 norm = tl.sqrt(norm_sum_x)  # norm[r] = sqrt(sum[c](x[r, c]**2))
             elif PHASE == 1:
@@ -324,7 +326,9 @@ def _l2_normalize_bwd(
             row = w // n_segs
             seg = w - row * n_segs
             seg_start = seg * seg_len
-            seg_end = tl.minimum(seg_start + seg_len, n_cols)
+            seg_end = seg_start + seg_len
+            if seg_end > n_cols:  # the last segment ends with the row
+                seg_end = n_cols
             r64 = tl.cast(row, tl.int64)
             k2 = r64 % nk2
             k1 = (r64 // nk2) % nk1
@@ -336,7 +340,7 @@ def _l2_normalize_bwd(
             norm = tl.load(norm_row).to(ACC)  # norm saved for the backward
             if PHASE > 1:
                 # pass 1 (sum:dy_x): its segments' values, combined as its lanes are
-                sum_dy_x_run = tl.load(sum_dy_x_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)
+                sum_dy_x_run = tl.load(sum_dy_x_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)  # the segments' sum[c](dy[r, c]*x[r, c])
                 sum_dy_x = tl.sum(sum_dy_x_run, axis=0)
             elif PHASE == 1:
                 # pass 1 over this segment

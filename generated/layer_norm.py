@@ -188,7 +188,9 @@ def _layer_norm_fwd(
             row = w // n_segs
             seg = w - row * n_segs
             seg_start = seg * seg_len
-            seg_end = tl.minimum(seg_start + seg_len, n_cols)
+            seg_end = seg_start + seg_len
+            if seg_end > n_cols:  # the last segment ends with the row
+                seg_end = n_cols
             r64 = tl.cast(row, tl.int64)
             k2 = r64 % nk2
             k1 = (r64 // nk2) % nk1
@@ -199,7 +201,7 @@ def _layer_norm_fwd(
             std_row = std_ptr + k0 * std_sk0 + k1 * std_sk1 + k2 * std_sk2
             if PHASE > 1:
                 # pass 1 (mu_sum:x): its segments' values, combined as its lanes are
-                mu_sum_x_run = tl.load(mu_sum_x_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)
+                mu_sum_x_run = tl.load(mu_sum_x_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)  # the segments' sum[c](x[r, c])
                 mu_sum_x = tl.sum(mu_sum_x_run, axis=0)
                 mu = mu_sum_x/tl.cast(n_cols, ACC)  # mu[r] = sum[c](x[r, c])/|c|
             elif PHASE == 1:
@@ -226,7 +228,7 @@ def _layer_norm_fwd(
                 tl.store(mu_sum_x_seg_ptr + row * n_segs + seg, mu_sum_x)  # each segment's sum[c](x[r, c]) (split rows)
             if PHASE > 2:
                 # pass 2 (var_sum:xc): its segments' values, combined as its lanes are
-                var_sum_xc_run = tl.load(var_sum_xc_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)
+                var_sum_xc_run = tl.load(var_sum_xc_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)  # the segments' sum[c](xc[r, c]**2)
                 var_sum_xc = tl.sum(var_sum_xc_run, axis=0)
                 var = var_sum_xc/tl.cast(n_cols, ACC)  # var[r] = sum[c](xc[r, c]**2)/|c|
                 std = tl.sqrt(eps + var)  # std[r] = sqrt(eps + var[r])
@@ -454,7 +456,9 @@ def _layer_norm_bwd(
             row = w // n_segs
             seg = w - row * n_segs
             seg_start = seg * seg_len
-            seg_end = tl.minimum(seg_start + seg_len, n_cols)
+            seg_end = seg_start + seg_len
+            if seg_end > n_cols:  # the last segment ends with the row
+                seg_end = n_cols
             r64 = tl.cast(row, tl.int64)
             k2 = r64 % nk2
             k1 = (r64 // nk2) % nk1
@@ -468,9 +472,9 @@ def _layer_norm_bwd(
             std = tl.load(std_row).to(ACC)  # std saved for the backward
             if PHASE > 1:
                 # pass 1 (sum:dy_weight, sum:dy_mu_weight_x, sum:mu_x): its segments' values, combined as its lanes are
-                sum_dy_weight_run = tl.load(sum_dy_weight_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)
-                sum_dy_mu_weight_x_run = tl.load(sum_dy_mu_weight_x_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)
-                sum_mu_x_run = tl.load(sum_mu_x_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)
+                sum_dy_weight_run = tl.load(sum_dy_weight_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)  # the segments' sum[c](dy[r, c]*weight[c])
+                sum_dy_mu_weight_x_run = tl.load(sum_dy_mu_weight_x_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)  # the segments' sum[c]((-mu[r] + x[r, c])*dy[r, c]*weight[c])
+                sum_mu_x_run = tl.load(sum_mu_x_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)  # the segments' sum[c](-mu[r] + x[r, c])
                 sum_dy_weight = tl.sum(sum_dy_weight_run, axis=0)
                 sum_dy_mu_weight_x = tl.sum(sum_dy_mu_weight_x_run, axis=0)
                 sum_mu_x = tl.sum(sum_mu_x_run, axis=0)

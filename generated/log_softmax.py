@@ -159,7 +159,9 @@ def _log_softmax_fwd(
             row = w // n_segs
             seg = w - row * n_segs
             seg_start = seg * seg_len
-            seg_end = tl.minimum(seg_start + seg_len, n_cols)
+            seg_end = seg_start + seg_len
+            if seg_end > n_cols:  # the last segment ends with the row
+                seg_end = n_cols
             r64 = tl.cast(row, tl.int64)
             k2 = r64 % nk2
             k1 = (r64 // nk2) % nk1
@@ -170,9 +172,9 @@ def _log_softmax_fwd(
             s_1_row = s_1_ptr + k0 * s_1_sk0 + k1 * s_1_sk1 + k2 * s_1_sk2
             if PHASE > 1:
                 # pass 1 (m, s): its segments' values, combined as its lanes are
-                m_run = tl.load(m_seg_ptr + row * n_segs + soffs, mask=smask, other=float("-inf"))
-                m_nan = tl.load(m_nan_seg_ptr + row * n_segs + soffs, mask=smask, other=n_cols)
-                s_1_run = tl.load(s_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)
+                m_run = tl.load(m_seg_ptr + row * n_segs + soffs, mask=smask, other=float("-inf"))  # the segments' maxima of m (no segment: -inf)
+                m_nan = tl.load(m_nan_seg_ptr + row * n_segs + soffs, mask=smask, other=n_cols)  # their first NaN columns
+                s_1_run = tl.load(s_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)  # the segments' s[r] = sum[c](exp(-m[r] + x[r, c]))
                 m = tl.max(m_run, axis=0)
                 # a NaN anywhere makes the max NaN (as torch.amax), at the first NaN
                 m_first_nan = tl.min(m_nan, axis=0)
@@ -368,7 +370,9 @@ def _log_softmax_bwd(
             row = w // n_segs
             seg = w - row * n_segs
             seg_start = seg * seg_len
-            seg_end = tl.minimum(seg_start + seg_len, n_cols)
+            seg_end = seg_start + seg_len
+            if seg_end > n_cols:  # the last segment ends with the row
+                seg_end = n_cols
             r64 = tl.cast(row, tl.int64)
             k2 = r64 % nk2
             k1 = (r64 // nk2) % nk1
@@ -382,7 +386,7 @@ def _log_softmax_bwd(
             s_1 = tl.load(s_1_row).to(ACC)  # s saved for the backward
             if PHASE > 1:
                 # pass 1 (sum:dy): its segments' values, combined as its lanes are
-                sum_dy_run = tl.load(sum_dy_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)
+                sum_dy_run = tl.load(sum_dy_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)  # the segments' sum[c](dy[r, c])
                 sum_dy = tl.sum(sum_dy_run, axis=0)
             elif PHASE == 1:
                 # pass 1 over this segment

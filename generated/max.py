@@ -130,7 +130,9 @@ def _max_fwd(
             row = w // n_segs
             seg = w - row * n_segs
             seg_start = seg * seg_len
-            seg_end = tl.minimum(seg_start + seg_len, n_cols)
+            seg_end = seg_start + seg_len
+            if seg_end > n_cols:  # the last segment ends with the row
+                seg_end = n_cols
             r64 = tl.cast(row, tl.int64)
             k2 = r64 % nk2
             k1 = (r64 // nk2) % nk1
@@ -140,9 +142,9 @@ def _max_fwd(
             B_argmax_row = B_argmax_ptr + k0 * B_argmax_sk0 + k1 * B_argmax_sk1 + k2 * B_argmax_sk2
             if PHASE > 1:
                 # pass 1 (B): its segments' values, combined as its lanes are
-                B_run = tl.load(B_seg_ptr + row * n_segs + soffs, mask=smask, other=float("-inf"))
-                B_nan = tl.load(B_nan_seg_ptr + row * n_segs + soffs, mask=smask, other=n_cols)
-                B_idx = tl.load(B_arg_seg_ptr + row * n_segs + soffs, mask=smask, other=0)
+                B_run = tl.load(B_seg_ptr + row * n_segs + soffs, mask=smask, other=float("-inf"))  # the segments' maxima of B (no segment: -inf)
+                B_nan = tl.load(B_nan_seg_ptr + row * n_segs + soffs, mask=smask, other=n_cols)  # their first NaN columns
+                B_idx = tl.load(B_arg_seg_ptr + row * n_segs + soffs, mask=smask, other=0)  # their first argmax columns
                 B = tl.max(B_run, axis=0)
                 B_argmax = tl.min(tl.where(B_run == B, B_idx, n_cols), axis=0)
                 # a NaN anywhere makes the max NaN (as torch.amax), at the first NaN
@@ -280,7 +282,9 @@ def _max_bwd(
             row = w // n_segs
             seg = w - row * n_segs
             seg_start = seg * seg_len
-            seg_end = tl.minimum(seg_start + seg_len, n_cols)
+            seg_end = seg_start + seg_len
+            if seg_end > n_cols:  # the last segment ends with the row
+                seg_end = n_cols
             r64 = tl.cast(row, tl.int64)
             k2 = r64 % nk2
             k1 = (r64 // nk2) % nk1

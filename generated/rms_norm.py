@@ -144,7 +144,9 @@ def _rms_norm_fwd(
             row = w // n_segs
             seg = w - row * n_segs
             seg_start = seg * seg_len
-            seg_end = tl.minimum(seg_start + seg_len, n_cols)
+            seg_end = seg_start + seg_len
+            if seg_end > n_cols:  # the last segment ends with the row
+                seg_end = n_cols
             r64 = tl.cast(row, tl.int64)
             k2 = r64 % nk2
             k1 = (r64 // nk2) % nk1
@@ -154,7 +156,7 @@ def _rms_norm_fwd(
             rms_row = rms_ptr + k0 * rms_sk0 + k1 * rms_sk1 + k2 * rms_sk2
             if PHASE > 1:
                 # pass 1 (rms_sum:x): its segments' values, combined as its lanes are
-                rms_sum_x_run = tl.load(rms_sum_x_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)
+                rms_sum_x_run = tl.load(rms_sum_x_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)  # the segments' sum[c](x[r, c]**2)
                 rms_sum_x = tl.sum(rms_sum_x_run, axis=0)
                 rms = tl.sqrt(eps + rms_sum_x/tl.cast(n_cols, ACC))  # rms[r] = sqrt(eps + sum[c](x[r, c]**2)/|c|)
             elif PHASE == 1:
@@ -352,7 +354,9 @@ def _rms_norm_bwd(
             row = w // n_segs
             seg = w - row * n_segs
             seg_start = seg * seg_len
-            seg_end = tl.minimum(seg_start + seg_len, n_cols)
+            seg_end = seg_start + seg_len
+            if seg_end > n_cols:  # the last segment ends with the row
+                seg_end = n_cols
             r64 = tl.cast(row, tl.int64)
             k2 = r64 % nk2
             k1 = (r64 // nk2) % nk1
@@ -364,7 +368,7 @@ def _rms_norm_bwd(
             rms = tl.load(rms_row).to(ACC)  # rms saved for the backward
             if PHASE > 1:
                 # pass 1 (sum:dy_rms_weight_x): its segments' values, combined as its lanes are
-                sum_dy_rms_weight_x_run = tl.load(sum_dy_rms_weight_x_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)
+                sum_dy_rms_weight_x_run = tl.load(sum_dy_rms_weight_x_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)  # the segments' sum[c](dy[r, c]*weight[c]*x[r, c]/rms[r])
                 sum_dy_rms_weight_x = tl.sum(sum_dy_rms_weight_x_run, axis=0)
             elif PHASE == 1:
                 # pass 1 over this segment

@@ -152,7 +152,9 @@ def _softmax_fwd(
             row = w // n_segs
             seg = w - row * n_segs
             seg_start = seg * seg_len
-            seg_end = tl.minimum(seg_start + seg_len, n_cols)
+            seg_end = seg_start + seg_len
+            if seg_end > n_cols:  # the last segment ends with the row
+                seg_end = n_cols
             r64 = tl.cast(row, tl.int64)
             k2 = r64 % nk2
             k1 = (r64 // nk2) % nk1
@@ -161,9 +163,9 @@ def _softmax_fwd(
             B_row = B_ptr + k0 * B_sk0 + k1 * B_sk1 + k2 * B_sk2
             if PHASE > 1:
                 # pass 1 (M, Z): its segments' values, combined as its lanes are
-                M_run = tl.load(M_seg_ptr + row * n_segs + soffs, mask=smask, other=float("-inf"))
-                M_nan = tl.load(M_nan_seg_ptr + row * n_segs + soffs, mask=smask, other=n_cols)
-                Z_run = tl.load(Z_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)
+                M_run = tl.load(M_seg_ptr + row * n_segs + soffs, mask=smask, other=float("-inf"))  # the segments' maxima of M (no segment: -inf)
+                M_nan = tl.load(M_nan_seg_ptr + row * n_segs + soffs, mask=smask, other=n_cols)  # their first NaN columns
+                Z_run = tl.load(Z_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)  # the segments' Z[s2] = sum[s1](E[s2, s1])
                 M = tl.max(M_run, axis=0)
                 # a NaN anywhere makes the max NaN (as torch.amax), at the first NaN
                 M_first_nan = tl.min(M_nan, axis=0)
@@ -350,7 +352,9 @@ def _softmax_bwd(
             row = w // n_segs
             seg = w - row * n_segs
             seg_start = seg * seg_len
-            seg_end = tl.minimum(seg_start + seg_len, n_cols)
+            seg_end = seg_start + seg_len
+            if seg_end > n_cols:  # the last segment ends with the row
+                seg_end = n_cols
             r64 = tl.cast(row, tl.int64)
             k2 = r64 % nk2
             k1 = (r64 // nk2) % nk1
@@ -360,7 +364,7 @@ def _softmax_bwd(
             dA_row = dA_ptr + k0 * dA_sk0 + k1 * dA_sk1 + k2 * dA_sk2
             if PHASE > 1:
                 # pass 1 (sum:B_dB): its segments' values, combined as its lanes are
-                sum_B_dB_run = tl.load(sum_B_dB_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)
+                sum_B_dB_run = tl.load(sum_B_dB_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)  # the segments' sum[s1](B[s2, s1]*dB[s2, s1])
                 sum_B_dB = tl.sum(sum_B_dB_run, axis=0)
             elif PHASE == 1:
                 # pass 1 over this segment

@@ -266,7 +266,7 @@ def test_templates_place_the_plans_statements_and_compute_nothing(name):
         code = list(k.single.code) + list(k.before) + [a.init for a in k.accs + k.taccs] + \
             [a.update for a in k.accs + k.taccs]
         for lp in k.loops:
-            code += lp.init + lp.block.code + lp.finish
+            code += lp.init + lp.block.code + lp.finish + lp.seg_loads
         if k.final:
             code += k.final.code
         for stmt in code:
