@@ -145,7 +145,7 @@ class RowKernel:
     @property
     def loads(self) -> list[KTensor]:
         stored = {t.key for t, _ in self.elem_stores + self.row_stores} | {a.tensor.key for a in self.accs}
-        return [t for t in self.tensors if t.key not in stored]
+        return [t for t in self.tensors if t.key not in stored and t.level != "seg"]
 
 
 @dataclass
@@ -185,6 +185,10 @@ class RowwisePlan:
     @property
     def aot_text(self) -> str:
         return pprint.pformat(self.aot_cases, width=110, sort_dicts=False)
+
+    @property
+    def doc_lines(self) -> list[str]:
+        return self.doc.split("\n")
 
     @property
     def meta_text(self) -> str:

@@ -133,21 +133,26 @@ def _run_emitted(d, text, tmp_path, k, monkeypatch):
     mod = importlib.import_module(f"{pkg}.{d.name}")
     gen = torch.Generator().manual_seed(k)
     ir = d.ir
-    env = {t.name: (torch.rand([IE.size_of(i, sizes) for i in t.indices], dtype=torch.float64, generator=gen) + 0.5)
-           for t in ir.inputs}
-    env.update({q.name: 0.75 for q in ir.params})
+    dims = {t.name: [IE.size_of(i, sizes) for i in t.indices] for t in ir.inputs}
+    env = {t.name: torch.randint(0, 6, dims[t.name], generator=gen) if t.dtype == "int" else
+           torch.rand(dims[t.name], dtype=torch.float64, generator=gen) + 0.5 for t in ir.inputs}
+    int_params = {q.name for q in d.spec.param_decls if q.dtype == "int"}  # (2: some class targets ignored)
+    params = {q.name: 2 if q.name in int_params else 0.75 for q in ir.params}
+    env.update(params)
     ref = IE.forward(ir, env, sizes)
-    inputs = [env[t.name].clone().requires_grad_() for t in ir.inputs]
+    inputs = [env[t.name].clone().requires_grad_(t.dtype != "int") for t in ir.inputs]
     dim = -1 if mod.META["reduces"] == "dim" else None
-    outs = mod.OP(inputs, [0.75] * len(ir.params), dim, False)
+    call = mod.OP._call if mod.META.get("choice") else mod.OP  # (every output, not one chosen by a keyword)
+    outs = call(inputs, [params[q.name] for q in ir.params], dim, False)
     outs = list(outs) if isinstance(outs, tuple) else [outs]
     close = dict(rtol=1e-6, atol=1e-9, equal_nan=True)
     for o, t in zip(outs, ir.outputs):
         torch.testing.assert_close(o, ref[t.name], **close, msg=lambda m: f"{t.name} of\n{text}\n{m}")
     gs = [torch.rand(o.shape, dtype=torch.float64, generator=gen) for o in outs]
-    grads = torch.autograd.grad(outs, inputs, gs, allow_unused=True)
+    floats = [(t, x) for t, x in zip(ir.inputs, inputs) if t.dtype != "int"]
+    grads = torch.autograd.grad(outs, [x for _, x in floats], gs, allow_unused=True)
     want = IE.adjoints(d, {**ref, **{f"d{t.name}": g for t, g in zip(ir.outputs, gs)}}, sizes)
-    for t, g in zip(ir.inputs, grads):
+    for (t, _), g in zip(floats, grads):
         g = torch.zeros_like(env[t.name]) if g is None else g
         torch.testing.assert_close(g, want[f"d{t.name}"], **close, msg=lambda m: f"d{t.name} of\n{text}\n{m}")
 
