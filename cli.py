@@ -260,7 +260,7 @@ def bench_cmd(quick, dtype, as_json, report_dir, build_json, with_build, date):
         elif build_json:
             name = Path(build_json).name
             command = f"pullback build --json > {name} && {command} --build-json {name}"
-        context = [("command", f"`{command}`"), ("machine", _machine(cuda))]
+        context = [("command", f"`{command}{f' --date {date}' if date else ''}`"), ("machine", _machine(cuda))]
         if date:
             context.append(("date", date))
         for p in bench_report.write_report(Path(report_dir), context, traffic=traffic, timings=timings,

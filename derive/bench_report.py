@@ -193,7 +193,7 @@ def plot_rows(rows: list[TimingRow], path: Path) -> None:
     rows = [r for r in rows if r.op not in ("attention", COPY)]
     panels = sorted({(r.dtype, r.direction) for r in rows}, key=lambda p: (p[0], p[1] != "forward"))
     cases = list(dict.fromkeys(f"{r.op} {r.shape}" for r in rows))
-    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 2.6 * len(panels)), squeeze=False)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 3.4 * len(panels)), squeeze=False)
     who = (PULLBACK, COMPILED, EAGER)
     for i, (dtype, direction) in enumerate(panels):
         ax = axes[i][0]
@@ -208,7 +208,9 @@ def plot_rows(rows: list[TimingRow], path: Path) -> None:
         ax.set_xticks(range(len(cases)), cases, rotation=60, ha="right")
         ax.set_ylabel("GB/s (ideal bytes / time)")
         ax.set_title(f"row-wise ops, {dtype} {direction}")
-        ax.legend(fontsize=7)
+        rates = [by[c].rate(w) for c in by for w in who if w in by[c].times]
+        ax.set_ylim(0, max([ceiling, 1e-9] + [x for x in rates if x == x]) * 1.25)
+        ax.legend(fontsize=7, ncol=4, loc="upper left")
     fig.tight_layout()
     _save(fig, path)
 

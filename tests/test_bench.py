@@ -191,8 +191,8 @@ def test_bench_report_from_the_command_line(run, no_cuda, tmp_path, monkeypatch)
     r = run("bench", "--quick", "--report", str(tmp_path / "r"), "--build-json", str(p), "--date", "2026-05-01")
     assert r.exit_code == 0, r.output
     text = (tmp_path / "r" / "README.md").read_text()
-    assert f"pullback build --json > b.json && pullback bench --quick --report {tmp_path / 'r'} --build-json b.json" \
-        in text
+    assert f"pullback build --json > b.json && pullback bench --quick --report {tmp_path / 'r'} --build-json b.json " \
+        "--date 2026-05-01`" in text
     assert "| date | 2026-05-01 |" in text and "no CUDA device" in text
     assert "| softmax | (40, 8) dim=-1 | float16 | forward |" in text and "| 1.00 | 1 | 16 | 2.5 |" in text
     assert sorted(q.name for q in (tmp_path / "r").iterdir()) == ["README.md", "build.png", "traffic.png"]

@@ -181,3 +181,13 @@ def test_tune_without_a_gpu_is_one_error_line(run, monkeypatch, tmp_path):
     assert r.exit_code == 1
     assert r.output == f"Error: {tune.NO_GPU}\n"
     assert "needs a CUDA device" in r.output and not (tmp_path / "t.json").exists()
+
+
+def test_device_arch_asks_the_device_each_time(monkeypatch):
+    """A CUDA device's architecture as torch reports it, not cached: `pullback build`
+    pretends to be sm_80, then sm_90, in one process."""
+    monkeypatch.setattr(rt, "INTERPRET", False)
+    for cap, arch in [((9, 0), "sm_90"), ((8, 0), "sm_80"), ((12, 0), "sm_120")]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, cap=cap: cap)
+        assert rt.device_arch(torch.device("cuda", 0)) == arch
+    assert rt.device_arch(torch.device("cpu")) is None
