@@ -48,8 +48,9 @@ class Case:
 
 # ---- candidates ---------------------------------------------------------------------------
 def attention_candidates(kernel: str, dtype: str, width: int) -> list[dict]:
-    """A small set of tiles for one attention kernel: the runtime's default first
-    (so a tie keeps it), then tile shapes of tutorial 06's kind that fit the head dim."""
+    """A small set of tiles for one attention kernel: tutorial 06's shapes (wide
+    first: a tie keeps the wider tile) for 2-byte dtypes up to D=128, small
+    tiles, lightly pipelined, for fp32/fp64 and D=256."""
     half = dtype in ("float16", "bfloat16")
     if half:
         tiles = [(128, 64), (64, 64), (128, 32), (64, 32), (32, 32)] if width <= 128 else [(32, 16), (32, 32)]
@@ -59,8 +60,7 @@ def attention_candidates(kernel: str, dtype: str, width: int) -> list[dict]:
         warps, stages = (4, 8), (1, 2)
     if kernel == "dq" and half and width <= 128:
         tiles = [(64, 64), (128, 64), (64, 32), (32, 32)]
-    out = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s) for m, n in tiles for w in warps for s in stages]
-    return out
+    return [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s) for m, n in tiles for w in warps for s in stages]
 
 
 def rowwise_candidates(dtype: str, block: int) -> list[dict]:

@@ -230,7 +230,8 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(math.prod(t.shape[:-2]), t.shape[-2], t.shape[-1])
 
 
-def _config(n_d: int, n_e: int, dtype: torch.dtype, kernel: str, idx64: bool, causal: bool, device) -> dict:
+def _config(n_d: int, n_e: int, dtype: torch.dtype, kernel: str, idx64: bool, causal: bool = False,
+            device=None) -> dict:
     cfg = rt.attention_config(n_d, n_e, dtype, kernel, causal, device)
     cfg["ACC"] = rt.acc_dtype(dtype)
     cfg["PREC"] = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
