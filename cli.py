@@ -5,7 +5,8 @@
     pullback emit softmax -o out/      add the op's module to the package out/ (with its runtime and __init__)
     pullback regen [--check]           rewrite generated/ from the built-in specs (or check it)
     pullback build                     compile every generated kernel for sm_80 and sm_90 (no GPU needed)
-    pullback bench                     time against torch/SDPA on a GPU; count bytes moved on the CPU
+    pullback bench [--report DIR]      time against torch/SDPA on a GPU; count bytes moved on the CPU
+    pullback tune                      on a GPU: time candidate configs, write the winners to the config table
 """
 from __future__ import annotations
 
@@ -180,32 +181,123 @@ def build_cmd(archs, as_json, jobs):
         click.echo(f"warning: {len(spills)} kernel builds spill registers", err=True)
 
 
+def _machine(cuda: bool) -> str:
+    import platform
+
+    import torch
+    import triton
+    where = (f"{torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))})"
+             if cuda else f"no CUDA device: Triton's interpreter on the CPU ({platform.machine()})")
+    return f"{where}; torch {torch.__version__}, triton {triton.__version__}"
+
+
+def _read_builds(path: str) -> list[dict]:
+    import json
+    try:
+        builds = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise click.ClickException(f"{path}: not the JSON of `pullback build --json` ({e.msg} at line {e.lineno})")
+    need = {"module", "kernel", "arch", "registers", "spill_stores", "spill_loads", "shared_bytes"}
+    if not isinstance(builds, list) or not all(isinstance(b, dict) and need <= set(b) for b in builds):
+        raise click.ClickException(f"{path}: not the JSON of `pullback build --json` (a list of builds with "
+                                   f"{', '.join(sorted(need))})")
+    return builds
+
+
 @main.command("bench")
 @click.option("--quick", is_flag=True, help="Fewer, smaller cases.")
 @click.option("--dtype", default="float16", show_default=True,
               type=click.Choice(["float16", "bfloat16", "float32", "float64"]),
               help="Input dtype for the byte counts (CPU).")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON (one object per row).")
-def bench_cmd(quick, dtype, as_json):
-    """Measure the generated kernels: on a GPU, time them against torch and SDPA;
-    on the CPU, count the bytes they move under the interpreter against the ideal."""
+@click.option("--report", "report_dir", type=click.Path(file_okay=False), default=None,
+              help="Also write a Markdown report with PNG plots into this directory (e.g. docs/bench).")
+@click.option("--build-json", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Put the compile stats of this `pullback build --json` output in the report.")
+@click.option("--with-build", is_flag=True, help="Run `pullback build` for the report's compile stats.")
+@click.option("--date", default=None, help="A date to print in the report (none by default: same inputs, same "
+              "report).")
+def bench_cmd(quick, dtype, as_json, report_dir, build_json, with_build, date):
+    """Measure the generated kernels: on a GPU, time them against torch eager,
+    torch.compile and SDPA flash; on the CPU, count the bytes they move and the
+    programs they launch under the interpreter against the ideal."""
     import dataclasses
     import json
 
     import torch
 
     from derive import bench
-    if torch.cuda.is_available():
-        rows = bench.timings(quick=quick, progress=_progress)
+    if (build_json or with_build or date) and not report_dir:
+        raise click.ClickException("--build-json, --with-build and --date go with --report DIR")
+    if build_json and with_build:
+        raise click.ClickException("--build-json and --with-build both give the compile stats: pass one")
+    builds = _read_builds(build_json) if build_json else None
+    cuda = torch.cuda.is_available()
+    traffic, timings = None, None
+    if cuda:
+        rows = timings = bench.timings(quick=quick, progress=_progress)
         text = bench.format_timings(rows)
     else:
-        rows = bench.traffic(dtype, quick=quick, progress=_progress)
+        rows = traffic = bench.traffic(dtype, quick=quick, progress=_progress)
         text = "no CUDA device: counting bytes moved under Triton's interpreter (time is meaningless there)\n" + \
             bench.format_traffic(rows)
     if as_json:
         text = json.dumps([{**dataclasses.asdict(r), **({"ratio": r.ratio} if hasattr(r, "ratio") else {})}
                            for r in rows], indent=1)
     click.echo(text)
+    if report_dir:
+        from derive import aot, bench_report
+        if with_build:
+            try:
+                stats = aot.run_in_subprocess([f"generated.{n}" for n in builtin_ops()], archs=(80, 90))
+            except aot.AotError as e:
+                _fail(e)
+            builds = [dataclasses.asdict(s) for s in stats]
+        command = "pullback bench" + (" --quick" if quick else "") + \
+            (f" --dtype {dtype}" if not cuda and dtype != "float16" else "") + f" --report {report_dir}"
+        if with_build:
+            command += " --with-build"
+        elif build_json:
+            name = Path(build_json).name
+            command = f"pullback build --json > {name} && {command} --build-json {name}"
+        context = [("command", f"`{command}{f' --date {date}' if date else ''}`"), ("machine", _machine(cuda))]
+        if date:
+            context.append(("date", date))
+        for p in bench_report.write_report(Path(report_dir), context, traffic=traffic, timings=timings,
+                                           builds=builds):
+            _progress(f"wrote {p}")
+
+
+@main.command("tune")
+@click.option("--quick", is_flag=True, help="Fewer cases (fp16/bf16 at D=64, not causal; one row block).")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
+              help="Table to update (default: templates/tuned_configs.json, which `pullback regen` places in "
+                   "generated/).")
+@click.option("--no-regen", is_flag=True, help="Write the table only; do not regenerate generated/.")
+def tune_cmd(quick, out_path, no_regen):
+    """On a GPU: time a small candidate set of launch configs per kernel, dtype, head
+    dim and causal flag (attention) and per block size (row-wise ops), and write the
+    fastest of each to the tuned config table, under this GPU's architecture."""
+    import torch
+    import triton
+
+    from derive import tune
+    if not torch.cuda.is_available():
+        raise click.ClickException(tune.NO_GPU)
+    path = Path(out_path) if out_path else tune.TABLE
+    try:
+        table = tune.read_table(path) if path.exists() else tune.empty_table()
+    except tune.TuneError as e:
+        _fail(e)
+    timer, arch = tune.gpu_timer(quick=quick)
+    chosen = tune.choose(tune.cases(quick=quick), tune.candidates, timer, progress=_progress)
+    measured = f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}"
+    path.write_text(tune.table_text(tune.merge(table, arch, chosen, measured)))
+    click.echo(f"wrote {path}: {sum(len(v) for v in chosen.values())} entries for {arch}")
+    if not no_regen and path.resolve() == tune.TABLE.resolve():
+        from derive import emit
+        _report(emit.regen(progress=lambda name: _progress(f"deriving and rendering {name} ...")),
+                "generated/ is up to date: nothing written")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -25,6 +26,9 @@ class TrafficRow:
     ideal: int
     per_program: int = 0  # bytes each program moves for itself: column weights read per program and the
     #                       weights' gradients' partial sums; reported, excepted from the ratio
+    programs: int = 0     # programs launched by the pass's kernels, summed over its launches (grid sizes)
+    launches: int = 0     # kernel launches of the pass
+    rows: int = 0         # row-wise ops: rows (kept index positions) the programs share; 0 for attention
 
     @property
     def ratio(self) -> float:
@@ -33,6 +37,47 @@ class TrafficRow:
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:9.3f}"
+
+
+class Programs:
+    """Programs launched while a :func:`count_programs` context is open."""
+
+    def __init__(self):
+        self.programs = 0
+        self.launches = 0
+        self.per_kernel: dict[str, int] = {}
+
+
+def _grid_size(grid, kwargs) -> int:
+    if callable(grid):
+        grid = grid(kwargs)
+    grid = tuple(grid) if isinstance(grid, (tuple, list)) else (grid,)
+    return math.prod(int(g) for g in grid)
+
+
+@contextmanager
+def count_programs():
+    """Count the programs (grid size) of every kernel launched under Triton's
+    interpreter while open: the grid the runtime really launched, not a model of it."""
+    from triton.runtime import interpreter
+    cls = interpreter.InterpretedFunction
+    orig = cls.run
+    seen = Programs()
+
+    def run(self, *args, grid, warmup=False, **kwargs):
+        if not warmup:
+            n = _grid_size(grid, kwargs)
+            name = getattr(getattr(self, "fn", None), "__name__", "?")
+            seen.programs += n
+            seen.launches += 1
+            seen.per_kernel[name] = seen.per_kernel.get(name, 0) + n
+        return orig(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    cls.run = run
+    try:
+        yield seen
+    finally:
+        cls.run = orig
 
 
 def rowwise_ops() -> list[str]:
@@ -45,7 +90,7 @@ def rowwise_ops() -> list[str]:
 
 def _rowwise_cases(quick: bool = False):
     """(op, shape, dim) for every row-wise op: rows that fit a block, rows that
-    loop over blocks, and (for ops that take ``dim``) non-adjacent reduced dims."""
+    loop over blocks, few long rows split across programs, and (for ops that take ``dim``) non-adjacent reduced dims."""
     import importlib
     out = []
     for name in rowwise_ops():
@@ -53,7 +98,8 @@ def _rowwise_cases(quick: bool = False):
         if quick:
             out.append((name, (64, 1000), -1))
             continue
-        out += [(name, (1024, 1024), -1), (name, (16, 100_000), -1)]
+        # (2 rows of 100000: fewer rows than the device can fill, so each row is split across programs)
+        out += [(name, (1024, 1024), -1), (name, (16, 100_000), -1), (name, (2, 100_000), -1)]
         if meta["reduces"] == "dim":
             out.append((name, (64, 96, 48), (0, 2)))
     return out
@@ -100,11 +146,11 @@ def traffic(dtype_name: str = "float16", quick: bool = False, progress=None) -> 
         meta = mod.META
         inputs, params, dims = _rowwise_inputs(meta, shape, dim, dtype)
         call_dim = dim if meta["reduces"] == "dim" else None
-        with count_traffic() as fwd:  # (an op that returns one output by a keyword: all of them, as the kernels do)
-            ys = (mod.OP._call if meta.get("choice") else mod.OP)(inputs, params, call_dim, False)
+        with count_traffic() as fwd, count_programs() as pf:  # (an op that returns one output by a keyword:
+            ys = (mod.OP._call if meta.get("choice") else mod.OP)(inputs, params, call_dim, False)  # all of them)
         ys = list(ys) if isinstance(ys, tuple) else [ys]
         gs = [torch.randn_like(y) for y in ys]
-        with count_traffic() as bwd:
+        with count_traffic() as bwd, count_programs() as pb:
             torch.autograd.backward(ys, gs)
         nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
         # forward: each input read once, each output written once
@@ -124,7 +170,7 @@ def traffic(dtype_name: str = "float16", quick: bool = False, progress=None) -> 
         # Per program, not per op: each program reads the column weights once (rows that fit a
         # block), and the weights' gradients are per-program partials (fp32) summed in a second stage.
         weights = [t for m, t in zip(meta["inputs"], inputs) if m["level"] == "col"]
-        single = rt.block_config(n_cols, dtype)["SINGLE"]
+        single = rt.block_config(n_cols, dtype, torch.device("cpu"))["SINGLE"]
         n_progs = rt.programs(n_rows, torch.device("cpu"))
         read_back = [t for m, t in zip(meta["inputs"], inputs) if m["level"] == "col" and m["name"] in meta["saved"]]
         rereads = (n_progs - 1) * sum(nbytes(w) for w in weights) if single else 0
@@ -134,55 +180,68 @@ def traffic(dtype_name: str = "float16", quick: bool = False, progress=None) -> 
         totals = 2 * 4 * n_progs * sum(1 for k in meta["forward"]["tensors"] if k.startswith("tpartial:"))
         label = f"{tuple(shape)} dim={dim}" if meta["reduces"] == "dim" else f"{tuple(shape)}"
         rows.append(TrafficRow(name, label, dtype_name, "forward", fwd.total_loaded, fwd.total_stored, ideal_f,
-                               rereads + totals))
+                               rereads + totals, pf.programs, pf.launches, n_rows))
         rows.append(TrafficRow(name, label, dtype_name, "backward", bwd.total_loaded, bwd.total_stored, ideal_b,
-                               rereads_b + partials))
+                               rereads_b + partials, pb.programs, pb.launches, n_rows))
     for (b, h, m, d), n_keys, causal in _attention_cases(quick):
         if progress:
             progress(f"attention B={b} H={h} M={m} N={n_keys} D={d} causal={causal}")
         q = torch.randn(b, h, m, d, dtype=dtype, requires_grad=True)
         k = torch.randn(b, h, n_keys, d, dtype=dtype, requires_grad=True)
         v = torch.randn(b, h, n_keys, d, dtype=dtype, requires_grad=True)
-        with count_traffic() as fwd:
+        with count_traffic() as fwd, count_programs() as pf:
             o = generated.attention(q, k, v, causal=causal)
-        with count_traffic() as bwd:
+        with count_traffic() as bwd, count_programs() as pb:
             o.backward(torch.randn_like(o))
         qkv = q.numel() + k.numel() + v.numel()
         ideal_f = (qkv + o.numel()) * es
         ideal_b = (qkv + 2 * o.numel() + qkv) * es  # read q, k, v, o, dO; write dq, dk, dv
         label = f"B={b} H={h} M={m} N={n_keys} D={d}{' causal' if causal else ''}"
         rows.append(TrafficRow("attention", label, dtype_name, "forward", fwd.total_loaded, fwd.total_stored,
-                               ideal_f))
+                               ideal_f, 0, pf.programs, pf.launches))
         rows.append(TrafficRow("attention", label, dtype_name, "backward", bwd.total_loaded, bwd.total_stored,
-                               ideal_b))
+                               ideal_b, 0, pb.programs, pb.launches))
     return rows
 
 
 def format_traffic(rows: list[TrafficRow]) -> str:
     head = f"{'op':<13} {'shape':<34} {'dtype':<8} {'pass':<8} {'loaded MiB':>10} {'stored MiB':>10} " \
-           f"{'ideal MiB':>10} {'per-prog':>9} {'x ideal':>8}"
+           f"{'ideal MiB':>10} {'per-prog':>9} {'x ideal':>8} {'programs':>9}"
     out = [head, "-" * len(head)]
     for r in rows:
         part = _mib(r.per_program) if r.per_program else "-"
         out.append(f"{r.op:<13} {r.shape:<34} {r.dtype:<8} {r.direction:<8} {_mib(r.loaded):>10} "
-                   f"{_mib(r.stored):>10} {_mib(r.ideal):>10} {part:>9} {r.ratio:8.2f}")
+                   f"{_mib(r.stored):>10} {_mib(r.ideal):>10} {part:>9} {r.ratio:8.2f} {r.programs:>9}")
     return "\n".join(out)
 
 
 # ---- GPU timing ----------------------------------------------------------------------------------
+PULLBACK, EAGER, COMPILED, FLASH, COPY = "pullback", "torch eager", "torch.compile", "SDPA flash", "device copy"
+SCORES_BUDGET = 2**32  # bytes: torch eager/compiled attention materialise B*H*N*N scores; larger cases skip them
+
+
 @dataclass
 class TimingRow:
     op: str
     shape: str
     dtype: str
     direction: str
-    ours_ms: float
-    torch_ms: float
-    measure: str  # e.g. "812 GB/s" or "310 TFLOP/s"
+    times: dict = field(default_factory=dict)  # contender -> median ms ("pullback", "torch eager", ...)
+    work: float = 0.0     # bytes moved (row ops: ideal, each input read once, each output written once) or flops
+    unit: str = "GB/s"    # "GB/s" or "TFLOP/s"
+    ceiling: float = 0.0  # row ops: GB/s of the same-run device copy (the bandwidth ceiling); 0 for attention
 
-    @property
-    def speedup(self) -> float:
-        return self.torch_ms / self.ours_ms
+    def rate(self, who: str = PULLBACK) -> float:
+        """GB/s or TFLOP/s of one contender (NaN when it did not run)."""
+        ms = self.times.get(who)
+        if not ms or ms != ms:
+            return float("nan")
+        return self.work / (ms * 1e-3) / (1e9 if self.unit == "GB/s" else 1e12)
+
+    def speedup(self, who: str) -> float:
+        """``who``'s time over pullback's: above 1, pullback is faster."""
+        mine, theirs = self.times.get(PULLBACK), self.times.get(who)
+        return theirs / mine if mine and theirs else float("nan")
 
 
 def _bench(fn) -> float:
@@ -190,66 +249,148 @@ def _bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def timings(quick: bool = False, progress=None) -> list[TimingRow]:
-    """Forward and backward time of each op against torch (softmax, amax) and SDPA."""
+def _references():
+    """Torch code computing what each built-in row-wise op computes (eager, and what torch.compile compiles)."""
     import torch
     import torch.nn.functional as F
+    return {
+        "softmax": lambda x: torch.softmax(x, -1),
+        "log_softmax": lambda x: torch.log_softmax(x, -1),
+        "max": lambda x: x.amax(-1),
+        "logsumexp": lambda x: torch.logsumexp(x, -1),
+        "layer_norm": lambda x, w, b: F.layer_norm(x, w.shape, w, b, 1e-5),
+        "rms_norm": lambda x, w: F.rms_norm(x, w.shape, w, 1e-6),
+        "swiglu": lambda a, b: F.silu(a) * b,
+    }
+
+
+def row_cases(quick: bool = False) -> list[tuple[str, tuple]]:
+    shapes = [(4096, 4096)] if quick else [(4096, 4096), (32768, 256), (256, 100_000), (16, 1_000_000)]
+    return [(name, shape) for name in ("softmax", "log_softmax", "max", "layer_norm", "rms_norm", "swiglu")
+            for shape in shapes]
+
+
+def attention_cases(quick: bool = False) -> list[tuple]:
+    """(B, H, N, D, causal): issue 10's grid, B=4, H=16, N from 1k to 16k."""
+    ns = (1024, 4096) if quick else (1024, 2048, 4096, 8192, 16384)
+    return [(4, 16, n, d, causal) for d in (64, 128) for causal in (False, True) for n in ns]
+
+
+def _row_inputs(name, shape, dtype, device):
+    import torch
+    cols = shape[-1]
+    x = torch.randn(shape, dtype=dtype, device=device, requires_grad=True)
+    if name == "layer_norm":
+        return [x, torch.randn(cols, dtype=dtype, device=device, requires_grad=True),
+                torch.randn(cols, dtype=dtype, device=device, requires_grad=True)]
+    if name == "rms_norm":
+        return [x, torch.randn(cols, dtype=dtype, device=device, requires_grad=True)]
+    if name == "swiglu":
+        return [x, torch.randn(shape, dtype=dtype, device=device, requires_grad=True)]
+    return [x]
+
+
+def _ours(name):
+    import generated
+    op = getattr(generated, name)
+    return {"layer_norm": lambda x, w, b: op(x, w, b, 1e-5), "rms_norm": lambda x, w: op(x, w, 1e-6)}.get(name, op)
+
+
+def _eager_attention(q, k, v, causal):
+    """Attention as plain torch code (scores materialised): what torch eager and torch.compile run."""
+    import torch
+    s = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    if causal:
+        n_i, n_j = s.shape[-2], s.shape[-1]
+        keep = torch.ones(n_i, n_j, dtype=torch.bool, device=s.device).tril()
+        s = s.masked_fill(~keep, float("-inf"))
+    return torch.softmax(s.float(), -1).to(q.dtype) @ v
+
+
+def timings(quick: bool = False, progress=None, *, timer=None, device: str = "cuda", dtypes=None,
+            rows=None, attention=None, compile_fn=None, copy_bytes: int = 2**30,
+            scores_budget: int = SCORES_BUDGET) -> list[TimingRow]:
+    """Forward and backward times of pullback's kernels against torch eager, ``torch.compile``
+    of the same torch code, and (attention) SDPA's flash backend, in one run; row ops carry
+    the same run's device-copy bandwidth as their ceiling.  ``timer(fn) -> ms`` (default
+    ``triton.testing.do_bench``, median) and the cases are injectable, so this runs in a
+    test without a GPU."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import generated
+    timer = timer or _bench
+    compile_fn = compile_fn or torch.compile
+    dtypes = dtypes or (torch.float16, torch.bfloat16)
+    rows = row_cases(quick) if rows is None else rows
+    attention = attention_cases(quick) if attention is None else attention
+    refs = _references()
+    out: list[TimingRow] = []
 
-    rows: list[TimingRow] = []
-    dev = "cuda"
-    for dtype in (torch.float16, torch.bfloat16):
+    src = torch.empty(copy_bytes // 2, dtype=torch.float16, device=device)
+    dst = torch.empty_like(src)
+    copy = TimingRow(COPY, f"{copy_bytes / 2**20:g} MiB", "-", "copy", {COPY: timer(lambda: dst.copy_(src))},
+                     2 * copy_bytes, "GB/s")  # read and written once
+    copy_gbps = copy.ceiling = copy.rate(COPY)
+    out.append(copy)
+    del src, dst
+
+    def grad_fn(y, xs, g):
+        return lambda: torch.autograd.grad(y, xs, g, retain_graph=True)
+
+    for dtype in dtypes:
         dname = str(dtype).replace("torch.", "")
-        for name, shape, dim in [("softmax", (4096, 4096), -1), ("softmax", (256, 100_000), -1),
-                                 ("max", (4096, 4096), -1), ("max", (256, 100_000), -1)]:
-            op = getattr(generated, name)
-            ref = (lambda t, d=dim: torch.softmax(t, d)) if name == "softmax" else (lambda t, d=dim: t.amax(d))
-            x = torch.randn(shape, dtype=dtype, device=dev, requires_grad=True)
+        for name, shape in rows:
             if progress:
                 progress(f"{name} {shape} {dname}")
-            y, yr = op(x, dim), ref(x)
-            g = torch.randn_like(y)
-            n_bytes = (x.numel() + y.numel()) * x.element_size()
-            for direction, ours, theirs, nb in [
-                ("forward", lambda: op(x, dim), lambda: ref(x), n_bytes),
-                ("backward", lambda: torch.autograd.grad(y, x, g, retain_graph=True),
-                 lambda: torch.autograd.grad(yr, x, g, retain_graph=True), n_bytes + y.numel() * x.element_size()),
-            ]:
-                t_ours, t_ref = _bench(ours), _bench(theirs)
-                rows.append(TimingRow(name, f"{tuple(shape)} dim={dim}", dname, direction, t_ours, t_ref,
-                                      f"{nb / t_ours / 1e6:.0f} GB/s"))
-        for n in ((1024, 4096) if quick else (1024, 4096, 16384)):
-            for d in (64, 128):
-                for causal in (False, True):
-                    b, h = 4, 16
-                    if progress:
-                        progress(f"attention B={b} H={h} N={n} D={d} causal={causal} {dname}")
-                    q, k, v = (torch.randn(b, h, n, d, dtype=dtype, device=dev, requires_grad=True)
-                               for _ in range(3))
-                    flops = 4 * b * h * n * n * d * (0.5 if causal else 1.0)
-                    o = generated.attention(q, k, v, causal=causal)
-                    r = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-                    g = torch.randn_like(o)
-                    label = f"B={b} H={h} N={n} D={d}{' causal' if causal else ''}"
-                    for direction, ours, theirs, fl in [
-                        ("forward", lambda: generated.attention(q, k, v, causal=causal),
-                         lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), flops),
-                        ("backward", lambda: torch.autograd.grad(o, (q, k, v), g, retain_graph=True),
-                         lambda: torch.autograd.grad(r, (q, k, v), g, retain_graph=True), 2.5 * flops),
-                    ]:
-                        t_ours, t_ref = _bench(ours), _bench(theirs)
-                        rows.append(TimingRow("attention", label, dname, direction, t_ours, t_ref,
-                                              f"{fl / t_ours / 1e9:.0f} TFLOP/s"))
-                    del q, k, v, o, r, g
-                    torch.cuda.empty_cache()
-    return rows
+            xs = _row_inputs(name, shape, dtype, device)
+            contenders = {PULLBACK: _ours(name), EAGER: refs[name], COMPILED: compile_fn(refs[name])}
+            ys = {who: fn(*xs) for who, fn in contenders.items()}
+            g = torch.randn_like(ys[PULLBACK])
+            n_in = sum(x.numel() * x.element_size() for x in xs)
+            n_out = ys[PULLBACK].numel() * ys[PULLBACK].element_size()
+            label = f"{tuple(shape)}"
+            fwd = {who: timer(lambda fn=fn: fn(*xs)) for who, fn in contenders.items()}
+            bwd = {who: timer(grad_fn(y, xs, g)) for who, y in ys.items()}
+            out.append(TimingRow(name, label, dname, "forward", fwd, n_in + n_out, "GB/s", copy_gbps))
+            # backward: the inputs again (what it reads of the forward is at least their size), dY, and dX
+            out.append(TimingRow(name, label, dname, "backward", bwd, 2 * n_in + n_out, "GB/s", copy_gbps))
+            del xs, ys, g
+        for b, h, n, d, causal in attention:
+            if progress:
+                progress(f"attention B={b} H={h} N={n} D={d} causal={causal} {dname}")
+            q, k, v = (torch.randn(b, h, n, d, dtype=dtype, device=device, requires_grad=True) for _ in range(3))
+
+            def flash(q, k, v, causal=causal):
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            contenders = {PULLBACK: lambda q, k, v, c=causal: generated.attention(q, k, v, causal=c), FLASH: flash}
+            if b * h * n * n * 4 <= scores_budget:  # fp32 scores: the eager code's largest tensor
+                eager = lambda q, k, v, c=causal: _eager_attention(q, k, v, c)  # noqa: E731
+                contenders.update({EAGER: eager, COMPILED: compile_fn(eager)})
+            ys = {who: fn(q, k, v) for who, fn in contenders.items()}
+            g = torch.randn_like(ys[PULLBACK])
+            flops = 4 * b * h * n * n * d * (0.5 if causal else 1.0)
+            label = f"B={b} H={h} N={n} D={d}{' causal' if causal else ''}"
+            fwd = {who: timer(lambda fn=fn: fn(q, k, v)) for who, fn in contenders.items()}
+            bwd = {who: timer(grad_fn(y, (q, k, v), g)) for who, y in ys.items()}
+            out.append(TimingRow("attention", label, dname, "forward", fwd, flops, "TFLOP/s"))
+            out.append(TimingRow("attention", label, dname, "backward", bwd, 2.5 * flops, "TFLOP/s"))
+            del q, k, v, ys, g
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    return out
 
 
 def format_timings(rows: list[TimingRow]) -> str:
-    head = f"{'op':<10} {'shape':<30} {'dtype':<9} {'pass':<8} {'ours ms':>9} {'torch ms':>9} {'speedup':>8}  measure"
+    who = [PULLBACK, EAGER, COMPILED, FLASH]
+    head = f"{'op':<12} {'shape':<30} {'dtype':<9} {'pass':<8} " + " ".join(f"{w + ' ms':>16}" for w in who) + \
+        f"  {'pullback rate':>16}  ceiling"
     out = [head, "-" * len(head)]
     for r in rows:
-        out.append(f"{r.op:<10} {r.shape:<30} {r.dtype:<9} {r.direction:<8} {r.ours_ms:9.3f} {r.torch_ms:9.3f} "
-                   f"{r.speedup:8.2f}  {r.measure}")
+        cells = " ".join(f"{r.times[w]:16.4f}" if w in r.times else f"{'-':>16}" for w in who)
+        ceiling = f"{r.ceiling:.0f} GB/s copy" if r.ceiling else ""
+        rate = f"{r.rate(COPY if r.op == COPY else PULLBACK):.1f} {r.unit}"
+        out.append(f"{r.op:<12} {r.shape:<30} {r.dtype:<9} {r.direction:<8} {cells}  {rate:>16}  {ceiling}")
     return "\n".join(out)

@@ -96,7 +96,7 @@ def test_bench_quick_counts_bytes_on_the_cpu(run):
     ops = rowwise_ops()
     assert [row[0] for row in rows] == [op for op in ops for _ in range(2)] + ["attention", "attention"]
     # a row that fits one block moves exactly the ideal bytes, forward and backward, for every row-wise op
-    assert [row[-1] for row in rows[:-2]] == ["1.00"] * (2 * len(ops))
+    assert [row[-2] for row in rows[:-2]] == ["1.00"] * (2 * len(ops))  # (the last column: programs)
 
 
 # ---- errors: one line for what the user can fix, a bug report hint for the rest ---------------
