@@ -181,3 +181,29 @@ def test_opcheck():
     ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2]])
     torch.library.opcheck(torch.ops.pullback.document_attention_forward, (q, k, v, ids, 0.5, True))
     torch.library.opcheck(torch.ops.pullback.sliding_window_attention_forward, (q, k, v, 3, 0.5, False))
+
+
+@pytest.mark.parametrize("line,msg", [
+    ("S = where(j <= i, R, inf)", r"3:\d+: inf stands only as a masked branch of where: where\(cond, s, -inf\)"),
+    ("S = R - inf", r"3:\d+: inf stands only as a masked branch of where"),
+    ("S = R - i[z]", r"3:\d+: i is an index name: used as a value it is its position; it takes no indices"),
+    ("S = R - q", r"3:\d+: undefined tensor 'q'"),
+])
+def test_positions_and_masks_bad_spec(line, msg):
+    from derive import derive_text
+    from derive.spec import SpecError
+    text = ("op att(Q[z, i, d], K[z, j, d], V[z, j, e]; scale) -> O[z, i, e]\n"
+            "R = scale * sum[d](Q * K)\n" + line + "\nM = max[j](S)\nE = exp(S - M)\nL = sum[j](E)\n"
+            "O = sum[j](E / L * V)\n")
+    with pytest.raises(SpecError, match=msg):
+        derive_text(text, "att.op")
+
+
+def test_positions_derive_no_gradient():
+    """A position is a value with no gradient: dR of a relative bias is dS itself."""
+    from derive import derive_text
+    d = derive_text("op att(Q[z, i, d], K[z, j, d], V[z, j, e]; scale) -> O[z, i, e]\n"
+                    "R = scale * sum[d](Q * K)\nS = R - 0.5 * (i - j)\nM = max[j](S)\nE = exp(S - M)\n"
+                    "L = sum[j](E)\nP = E / L\nO = sum[j](P * V)\n", "att.op")
+    step = next(s for s in d.steps if s.tensor.name == "R")
+    assert str(step.raw) == "dS[z, i, j]"
