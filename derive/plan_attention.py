@@ -131,6 +131,7 @@ class AttentionPlan:
     forward_text: list[str]
     pullback_text: list[str]
     delta_text: str
+    masked: bool = False      # the score has a mask of its own (where(cond, s, -inf))
 
     @property
     def score(self) -> str:
@@ -557,4 +558,5 @@ def plan_attention(d: Derivation) -> AttentionPlan:
         "attention", ir.name, fn, n, extras, params, scale, causal, len(batch), loads, score_steps,
         'float("-inf")', code(m_eq.rhs.body, ij), rescale, l_term,
         o_term, o_final, lse_code, code(p_from_lse, ij), delta_code, dp_code, ds_code, bwd_steps, grads,
-        [str(eq) for eq in ir.equations], pullback_text, sympy.sstr(delta_sum))
+        [str(eq) for eq in ir.equations], pullback_text, sympy.sstr(delta_sum),
+        any(eq.rhs.has(Where) for eq in chain))

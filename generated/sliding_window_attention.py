@@ -249,6 +249,10 @@ def _config(n_d: int, n_e: int, dtype: torch.dtype, kernel: str, idx64: bool) ->
     # holds every product of two bf16 values exactly.  Compiled kernels are unchanged.
     cfg["DOT_FP32"] = rt.INTERPRET and dtype == torch.bfloat16
     cfg["IDX64"] = idx64
+    if kernel == "dkdv" and dtype in (torch.float32, torch.float64) and not rt.INTERPRET:
+        # a mask's or another input's tiles live beside dK's and dV's accumulators: half
+        # the query rows per step keeps ptxas from spilling at sm_80 (`pullback build`)
+        cfg["BLOCK_M"] = min(cfg["BLOCK_M"], 16)
     return cfg
 
 
