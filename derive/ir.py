@@ -221,6 +221,28 @@ class Where(Expr):
         return f"where({condition_text(printer, self.cond)}, {printer._print(self.then)}, {printer._print(self.other)})"
 
 
+class Position(Expr):
+    """An index that stands for one axis, used as a value: its position along
+    that axis (0, 1, 2, ...), so ``i - j`` is a relative position.  Constant
+    with respect to every tensor: no gradient flows through it."""
+
+    is_commutative = True
+    is_real = True
+
+    def __new__(cls, index):
+        return Expr.__new__(cls, index)
+
+    @property
+    def index(self) -> Symbol:
+        return self.args[0]
+
+    def _eval_derivative(self, x):
+        return sympy.S.Zero
+
+    def _sympystr(self, printer):
+        return printer._print(self.index)
+
+
 def size_symbol(indices) -> Symbol:
     """The number of elements of index sets, ``|c|``: ``mean[c](x) = sum[c](x) / |c|``.
     A scalar named after the sets (not the index symbols), so renaming an index leaves it alone."""
@@ -237,6 +259,8 @@ def free_indices(expr) -> set[Symbol]:
         return free_indices(expr.reduced) | set(expr.indices)
     if isinstance(expr, Pick):
         return {expr.index} | free_indices(expr.value)
+    if isinstance(expr, Position):
+        return {expr.index}
     out: set[Symbol] = set()
     for a in expr.args:
         out |= free_indices(a)
@@ -304,6 +328,9 @@ class OpIR:
             if eq.target.name == name:
                 return eq
         return None
+
+
+MASKED = "inf"  # -inf: where(cond, s, -inf) removes a score (exp(-inf) = 0)
 
 
 def _order(indices, order: tuple[Symbol, ...]) -> tuple[Symbol, ...]:
@@ -407,7 +434,8 @@ class _Builder:
                         path.append(r.name)
                         stack.append(iter(refs[r.name]))
                         break
-                    if r.name not in self.tensors and r.name not in self.params:
+                    if (r.name not in self.tensors and r.name not in self.params and r.name != MASKED
+                            and Symbol(r.name) not in self.index_order):
                         raise self.err(f"undefined tensor {r.name!r}", r.pos)
                 else:  # every reference of path[-1] is done
                     stack.pop()
@@ -471,10 +499,24 @@ class _Builder:
         except TypeError as e:  # pragma: no cover - only real operands reach here
             raise self.err(f"cannot compare: {e}", node.pos) from None
 
+    def branch(self, node) -> Expr:
+        """A branch of where(): a value, or -inf (a masked score: the identity of max, exp(-inf) = 0)."""
+        if (isinstance(node, S.Unary) and node.op == "-" and isinstance(node.operand, S.Ref)
+                and node.operand.name == MASKED and MASKED not in self.tensors and MASKED not in self.params):
+            return -sympy.oo
+        return self.expr(node)
+
     def _expr(self, node, top: bool = False) -> Expr:
         if isinstance(node, S.Num):
             return sympy.Integer(node.value) if isinstance(node.value, int) else sympy.Float(node.value)
         if isinstance(node, S.Ref):
+            if node.name not in self.tensors and node.name not in self.params and Symbol(node.name) in self.index_order:
+                if node.indices is not None:
+                    raise self.err(f"{node.name} is an index name: used as a value it is its position; it takes no "
+                                   f"indices", node.pos)
+                return Position(Symbol(node.name))
+            if node.name == MASKED and node.name not in self.tensors and node.name not in self.params:
+                raise self.err("inf stands only as a masked branch of where: where(cond, s, -inf)", node.pos)
             if node.name in self.params:
                 if node.indices is not None:
                     raise self.err(f"{node.name} is a scalar parameter: it takes no indices; write {node.name}, "
@@ -531,7 +573,7 @@ class _Builder:
         if isinstance(node, S.Func):
             return getattr(sympy, node.name)(self.expr(node.arg))
         if isinstance(node, S.Where):
-            return Where(self.condition(node.cond), self.expr(node.then), self.expr(node.other))
+            return Where(self.condition(node.cond), self.branch(node.then), self.branch(node.other))
         if isinstance(node, S.Reduce):
             body = self.expr(node.arg)
             have = free_indices(body)

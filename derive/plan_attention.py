@@ -1,9 +1,19 @@
 """Stage 5, attention family: two contractions around a row-wise softmax.
 
+An attention spec: a score that contracts Q and K over the head dim; any
+elementwise modification of it (``softcap * tanh(R / softcap)``, a bias
+``- slopes[h] * (i - j)``) that may use the positions ``i`` and ``j``, tensors
+of the batch sets and positions (float or integer) and scalar parameters; an
+optional mask (``where(cond, R, -inf)``); a max-shifted softmax over the keys;
+a contraction with V.  A parameter ``causal: int`` is the family's own causal
+mask (``j <= i``, top-left aligned, a ``bool`` at the API); one named ``scale``
+defaults to ``1/sqrt(D)``.
+
 The spec's shape is checked, then every formula the flash-style kernels need
 is printed from the derivation:
 
-* forward: the score tile (``S = scale * sum_d Q K`` -> ``tl.dot``), the mask
+* forward: the score tiles (the contraction -> ``tl.dot``, then each
+  modification and mask, in spec order), the mask
   value (the identity of the ``max``), the online statistics (running max, the
   sum ``L`` and the unnormalised output, with the rescale factor derived by
   :func:`derive.plan.rescale_ratio`), the output ``O = acc / L`` and the
@@ -11,7 +21,10 @@ is printed from the derivation:
 * backward: ``P`` recomputed from the log-sum-exp alone (derived: substituting
   ``M = LSE - log L`` into ``P = exp(S - M) / L`` eliminates ``L``), ``Delta``
   (the row sum left in ``dS`` after definition folding), ``dP``, ``dS`` and the
-  three contraction pullbacks, each split into a per-tile sum and a final factor.
+  pullbacks of the modification (each equation's derived pullback, with the
+  forward values it repeats folded back into their names: ``1 - tanh(R/c)**2``
+  is ``1 - (S/c)**2``), and the three contraction pullbacks, each split into a
+  per-tile sum and a final factor.
 """
 from __future__ import annotations
 
@@ -21,7 +34,7 @@ import sympy
 from sympy import Indexed, IndexedBase, Symbol
 
 from .derivation import Derivation
-from .ir import IndexMax, IndexSum, base_name, free_indices
+from .ir import IndexMax, IndexSum, Indicator, Position, Where, base_name, free_indices
 from .names import Names, template_identifiers
 from .plan import NEG_INF, TEMPLATES, PlanError, rescale_ratio
 from .printer import tile_code
@@ -47,13 +60,60 @@ class Pullback:
 
 
 @dataclass
+class Stmt:
+    """One tile statement of a kernel: ``name = code  # comment``."""
+    name: str
+    code: str
+    comment: str = ""
+
+
+@dataclass
+class Load:
+    """A load of an input besides Q, K, V at one use: a scalar, a vector over
+    the queries or keys, or a tile.  ``on_i``/``on_j``: it depends on the query
+    (key) positions, so it lies inside the loop over them."""
+    name: str
+    code: str
+    on_i: bool
+    on_j: bool
+    comment: str = ""
+
+
+@dataclass
+class Extra:
+    """An input of the modification or mask (a per-head slope, per-token document ids)."""
+    name: str            # the spec's name
+    arg: str             # its argument name in the module's functions
+    dtype: str           # "float" or "int"
+    layout: list         # per declared index set: its batch set's position (an int), "i" or "j"
+    kargs: list          # the kernel's arguments: pointer, batch offsets, one stride per "i"/"j" set
+    decl: str            # "slopes[h]", for messages
+    cross: bool = False  # read at query positions along an axis declared over keys, or the reverse (M = N)
+
+
+@dataclass
+class Param:
+    name: str            # the spec's name
+    arg: str             # the argument name in the module's functions
+    dtype: str           # "float" or "int"
+    default: object      # None: required; a number; for scale, None means 1/sqrt(D)
+    annot: str           # the custom op's annotation: "float" or "int"
+
+
+@dataclass
 class AttentionPlan:
     family: str
     name: str        # the spec's op name
     fn: str          # the public function's name
     n: dict          # every other identifier the template writes, by role (see _allocate)
+    extras: list[Extra]
+    params: list[Param]       # the kernels' scalar parameters, in spec order (scale among them)
+    scale: Param | None       # the parameter named scale (None -> 1/sqrt(D)), if declared
+    causal: Param | None      # the family's causal flag, if declared (causal: int = 0 or 1)
+    n_sets: int               # batch index sets of Q (z, or b and h)
+    loads: list[Load]
     # forward
-    score: str
+    score_steps: list[Stmt]   # the contraction, then each modification and mask, in spec order
     mask_value: str
     m_body: str
     rescale: str
@@ -66,10 +126,66 @@ class AttentionPlan:
     delta_code: str
     dp_code: str
     ds_code: str
+    bwd_steps: list[Stmt]     # the modification's pullbacks, then the contraction pullbacks' tiles
     grads: list[Pullback]
     forward_text: list[str]
     pullback_text: list[str]
     delta_text: str
+    masked: bool = False      # the score has a mask of its own (where(cond, s, -inf))
+
+    @property
+    def score(self) -> str:
+        """The contraction's tile (the first score statement)."""
+        return self.score_steps[0].code
+
+    @property
+    def kernel_args(self) -> str:
+        """The kernels' arguments for the other inputs, then the scalar parameters."""
+        return ", ".join([a for x in self.extras for a in x.kargs] + [self.n[f"param:{q.name}"] for q in self.params])
+
+    @property
+    def extras_meta(self) -> list[dict]:
+        """What the runtime checks and lays out for each other input."""
+        return [{"name": x.arg, "decl": x.decl, "dtype": x.dtype, "layout": x.layout, "cross": x.cross}
+                for x in self.extras]
+
+    @property
+    def public_params(self) -> list[str]:
+        """The keyword-only parameters of the public function, with their defaults:
+        required ones, then causal, then those with defaults, then scale."""
+        out = [f"{q.arg}: {q.annot}" for q in self.params if q.default is None and q is not self.scale]
+        if self.causal is not None:
+            out.append(f"{self.causal.arg}: bool = {bool(self.causal.default)}")
+        out += [f"{q.arg}: {q.annot} = {q.default!r}" for q in self.params
+                if q.default is not None and q is not self.scale]
+        if self.scale is not None:
+            out.append(f"{self.scale.arg}: float | None = None")
+        return out
+
+    @property
+    def aot_cases(self) -> str:
+        """``AOT_CASES``'s text: representative calls at B=4, H=16, N=4096 (`pullback build`)."""
+        lead = [4, 16]
+        sets = [lead[:len(lead) - (self.n_sets - 1)]] + [[x] for x in lead[len(lead) - (self.n_sets - 1):]]
+        inputs = [[*lead, 4096, "D"]] * 3
+        for x in self.extras:
+            shape = [m for a in x.layout for m in (sets[a] if isinstance(a, int) else [4096])]
+            inputs.append({"shape": shape, "dtype": "int64" if x.dtype == "int" else "float32"})
+        kwargs = {q.arg: (256 if q.dtype == "int" else 1.0) for q in self.params
+                  if q.default is None and q is not self.scale}
+        flags = [False, True] if self.causal is not None and self.name == "attention" else [None]
+        cases = []
+        for d in (64, 128) if self.name == "attention" else (64,):  # the variants: one head dim (build time)
+            for flag in flags:
+                kw = dict(kwargs, **({self.causal.arg: flag} if flag is not None else {}))
+                label = f"B=4 H=16 N=4096 D={d}" + (" causal" if flag else "")
+                shapes = [[d if a == "D" else a for a in s] if isinstance(s, list) else s for s in inputs]
+                cases.append({"op": self.fn, "label": label, "inputs": shapes, "kwargs": kw,
+                              "dtypes": ["float16", "bfloat16", "float32", "float64"]})
+        if self.name == "attention":
+            cases.append({"op": self.fn, "label": "B=1 H=16 N=1024 D=256", "inputs": [[1, 16, 1024, 256]] * 3,
+                          "kwargs": {}, "dtypes": ["float16", "bfloat16"]})
+        return "[\n" + "".join(f"    {c!r},\n" for c in cases) + "]"
 
     def grad(self, name: str) -> Pullback:
         return next(g for g in self.grads if g.of == name)
@@ -79,11 +195,11 @@ def _fail(msg: str):
     raise PlanError(f"attention family: {msg}")
 
 
-def _allocate(ir, roles: dict, internal: dict, indices: dict) -> tuple[str, dict, dict]:
+def _allocate(ir, roles: dict, internal: dict, indices: dict, extras: list) -> tuple[str, dict, dict]:
     """Every identifier of the op's module that depends on the spec, from
-    :class:`derive.names.Names`: the public function and kernel names in the
-    module's scope (the whole template's words reserved), the values,
-    pointers, strides and sizes in the kernels' scope (the kernels' words
+    :class:`derive.names.Names`: the public function, its arguments and kernel
+    names in the module's scope (the whole template's words reserved), the
+    values, pointers, strides and sizes in the kernels' scope (the kernels' words
     reserved).  A spec name is kept where it is free and renamed where it would
     collide (a score named ``alpha``, a scale named ``pid``, an index ``blocks``).
 
@@ -99,6 +215,14 @@ def _allocate(ir, roles: dict, internal: dict, indices: dict) -> tuple[str, dict
     fn = module.of(("fn", ir.name), ir.name)
     n = {f"k_{k}": module.take(f"_{ir.name}_{k}") for k in ("fwd", "bwd_delta", "bwd_dkdv", "bwd_dq")}
     kn = Names(template_identifiers(kernels) | {fn} | set(n.values()))
+    # the public function's arguments: locals of the module's Python functions, which read
+    # only the words written outside the kernels (a parameter may be named pid or alpha)
+    outside = source.split(KERNELS_BEGIN, 1)[0] + source.split(KERNELS_END, 1)[1]
+    args = Names(template_identifiers(outside) | {fn} | set(n.values()))
+    for x in extras:
+        n[f"arg:{x}"] = args.take(x)
+    for prm in ir.params:
+        n[f"arg:{prm.name}"] = args.take(prm.name)
     label: dict[str, str] = {}
 
     def value(key: str, want: str) -> str:
@@ -109,7 +233,7 @@ def _allocate(ir, roles: dict, internal: dict, indices: dict) -> tuple[str, dict
     for t in ir.tensors.values():
         value(t.name, t.name)
     for prm in ir.params:
-        value(prm.name, prm.name)
+        n[f"param:{prm.name}"] = value(prm.name, prm.name)
     for t in ir.tensors.values():
         value(f"d{t.name}", f"d{t.name}")
     for role, key in roles.items():
@@ -124,20 +248,80 @@ def _allocate(ir, roles: dict, internal: dict, indices: dict) -> tuple[str, dict
         n[f"{role}_ptr"] = kn.take(f"{n[role]}_ptr")
     for x in ("i", "j", "d", "e"):
         n[f"n_{x}"] = kn.take(f"n_{indices[x]}")
+    n["kn"] = kn  # for the plan's further kernel names (the extras' pointers and loads)
     return fn, n, label
+
+
+def _fold(expr, eqs):
+    """Fold forward values back into their names: where an equation ``T = a * F(x) + b``
+    (``a``, ``b`` free of tensors and of ``F``) defines ``T`` through one function
+    application ``F(x)``, each ``F(x)`` in ``expr`` becomes ``(T - b) / a`` (so the
+    pullback of a tanh cap reads the capped score, never a second tanh)."""
+    for eq in eqs:
+        for f in eq.rhs.atoms(sympy.Function):
+            if not isinstance(f, (sympy.tanh, sympy.exp, sympy.log)) or not expr.has(f):
+                continue
+            x = sympy.Dummy("x")
+            r = eq.rhs.xreplace({f: x})
+            if r.has(f):
+                continue
+            a, b = r.diff(x), r.xreplace({x: 0})
+            if (a == 0 or a.has(x) or a.atoms(Indexed) or a.has(Where, Indicator) or b.has(x)
+                    or b.has(Where) or sympy.expand(a * x + b - r) != 0):
+                continue
+            expr = expr.xreplace({f: (eq.lhs - b) / a})
+    return expr
+
+
+def _chain(ir, defs, s_name, batch, i, j) -> list:
+    """The score's equations, in spec order: every defined tensor the max's
+    argument depends on (the contraction, the modification, the mask)."""
+    need, stack = set(), [s_name]
+    while stack:
+        name = stack.pop()
+        if name in need:
+            continue
+        need.add(name)
+        for t in defs[name].rhs.atoms(Indexed):
+            if str(t.base.label) in defs:
+                stack.append(str(t.base.label))
+    chain = [eq for eq in ir.equations if eq.target.name in need]
+    for eq in chain:
+        if eq.target.indices != (*batch, i, j) or isinstance(eq.rhs, IndexMax):
+            _fail(f"the score's equation {eq.target.name} must be elementwise over [{', '.join(x.name for x in (*batch, i, j))}]")
+    names = {eq.target.name for eq in chain}
+    for eq in ir.equations:
+        if eq.target.name in names:
+            continue
+        used = {str(t.base.label) for t in eq.rhs.atoms(Indexed)} & (names - {s_name})
+        if used:
+            _fail(f"{eq.target.name} reads {', '.join(sorted(used))}, a step of the score before {s_name}; "
+                  f"the softmax may read only the score {s_name}")
+    return chain
 
 
 def plan_attention(d: Derivation) -> AttentionPlan:
     ir = d.ir
-    if len(ir.params) != 1:
-        _fail("expected one scalar parameter (the score scale)")
-    q, k, v = ir.inputs
+    decls = {x.name: x for x in (d.spec.param_decls if d.spec is not None else [])}
+    floats = [t for t in ir.inputs if t.dtype != "int"]
+    if len(floats) < 3:
+        _fail("expected the inputs Q[..., i, d], K[..., j, d], V[..., j, e] first")
+    q, k, v = ir.inputs[:3]
+    extras_t = ir.inputs[3:]
     out = ir.output
     defs = {eq.target.name: eq for eq in ir.equations}
-    (batch, i, dd), (_, j, _), (_, _, e) = [t.indices for t in (q, k, v)]
-    if not (q.indices[0] == k.indices[0] == v.indices[0] and k.indices[2] == dd and v.indices[1] == j
-            and out.indices == (batch, i, e)):
+    if len(q.indices) < 3 or q.dtype == "int" or k.dtype == "int" or v.dtype == "int":
         _fail("declare Q[z, i, d], K[z, j, d], V[z, j, e] -> O[z, i, e]")
+    batch, (i, dd) = q.indices[:-2], q.indices[-2:]
+    j, e = k.indices[-2], v.indices[-1]
+    if not (k.indices == (*batch, j, dd) and v.indices == (*batch, j, e) and out.indices == (*batch, i, e)
+            and len({i, j, dd, e, *batch}) == len(batch) + 4 and len(ir.outputs) == 1):
+        _fail("declare Q[z, i, d], K[z, j, d], V[z, j, e] -> O[z, i, e] (z: the batch index sets)")
+    for x in extras_t:
+        if not set(x.indices) <= {*batch, i, j} or list(x.indices) != sorted(
+                x.indices, key=lambda s: [*batch, i, j].index(s)):
+            _fail(f"{x.name} must be indexed by the batch sets and the positions {i} and {j}, in the order "
+                  f"[{', '.join(s.name for s in (*batch, i, j))}]")
     # -- the chain S -> M -> E -> L -> P -> O
     maxes = [eq for eq in ir.equations if isinstance(eq.rhs, IndexMax)]
     if len(maxes) != 1 or maxes[0].rhs.indices != (j,):
@@ -146,46 +330,118 @@ def plan_attention(d: Derivation) -> AttentionPlan:
     s_name = str(m_eq.rhs.body.base.label) if isinstance(m_eq.rhs.body, Indexed) else _fail("max of a named score")
     s_eq = defs[s_name]
     m_name = m_eq.target.name
+    chain = _chain(ir, defs, s_name, batch, i, j)
     # the sums over the key index: L (the normaliser) and the output's contraction
     sums = [eq for eq in ir.equations if isinstance(eq.rhs, IndexSum) and eq.rhs.indices == (j,)]
     o_eq = defs[out.name]
-    l_eqs = [eq for eq in sums if eq is not o_eq and eq.target.indices == (batch, i)]
+    l_eqs = [eq for eq in sums if eq is not o_eq and eq.target.indices == (*batch, i)]
     if len(l_eqs) != 1 or o_eq not in sums:
         _fail(f"expected the normaliser L = sum[{j}](...) and O = sum[{j}](P * V)")
     l_eq = l_eqs[0]
-    p_names = [x for x, eq in defs.items() if eq.target.indices == (batch, i, j) and x != s_name
-               and not isinstance(eq.rhs, IndexSum)]
+    p_names = [x for x, eq in defs.items() if eq.target.indices == (*batch, i, j) and x != s_name
+               and not isinstance(eq.rhs, IndexSum) and eq not in chain]
     p_name = next((x for x in p_names if x in {str(t.base.label) for t in o_eq.rhs.atoms(Indexed)}), None)
     if p_name is None:
         _fail("the output must contract the softmax P with V")
     steps = {s.tensor.name: s for s in d.steps}
-    if not (steps.get(p_name) and steps[p_name].kept and steps.get(s_name) and steps[s_name].kept):
+    if not (steps.get(p_name) and steps[p_name].kept and steps.get(s_name)):
         _fail("expected named adjoints of P and S")
+
+    # -- parameters: causal is the family's flag, scale defaults to 1/sqrt(D)
+    causal_sym = next((x for x in ir.params if x.name == "causal"), None)
+    if causal_sym is not None:
+        cd = decls.get("causal")
+        if cd is None or cd.dtype != "int" or cd.default not in (0, 1):
+            _fail("causal is the family's causal mask: declare it causal: int = 0 (or 1, on by default)")
+        if any(eq.rhs.has(causal_sym) for eq in ir.equations):
+            _fail("causal is the family's causal mask (j <= i, applied by the kernels); the equations cannot use it")
 
     # -- names: the plan's own tiles have labels no spec name can take (":" is not in identifiers)
     roles = {"q": q.name, "k": k.name, "v": v.name, "o": out.name, "do": f"d{out.name}", "s": s_name,
              "m": m_name, "l": l_eq.target.name, "p": p_name, "dp": f"d{p_name}", "ds": f"d{s_name}",
-             "dq": f"d{q.name}", "dk": f"d{k.name}", "dv": f"d{v.name}", "scale": ir.params[0].name}
+             "dq": f"d{q.name}", "dk": f"d{k.name}", "dv": f"d{v.name}"}
     internal = {"lse": (":LSE", "LSE"), "delta": (":Delta", "Delta"), "m_run": (":run", "{m}_run"),
                 "m_new": (":new", "{m}_new"), "m_ref": (":ref", "{m}_ref"), "acc": (":acc", "acc"),
                 "acc_dq": (":acc:dq", "acc_{dq}"), "acc_dk": (":acc:dk", "acc_{dk}"),
                 "acc_dv": (":acc:dv", "acc_{dv}")}
-    fn, n, names = _allocate(ir, roles, internal, {"i": i.name, "j": j.name, "d": dd.name, "e": e.name})
+    fn, n, names = _allocate(ir, roles, internal, {"i": i.name, "j": j.name, "d": dd.name, "e": e.name},
+                             [x.name for x in extras_t])
+    kn = n.pop("kn")
+
+    params, scale, causal = [], None, None
+    for prm in ir.params:
+        decl = decls.get(prm.name)
+        dtype = decl.dtype if decl is not None else "float"
+        default = decl.default if decl is not None else None
+        if default == "eps":
+            _fail(f"{prm.name} = eps: attention's parameters default to numbers")
+        q_ = Param(prm.name, n[f"arg:{prm.name}"], dtype, default, "int" if dtype == "int" else "float")
+        if prm is causal_sym:
+            causal = q_
+            continue
+        params.append(q_)
+        if prm.name == "scale":
+            if dtype != "float" or default is not None:
+                _fail("scale is the score's scale: declare it without a type or default (None means 1/sqrt(D))")
+            scale = q_
 
     axes = {q.name: (i.name, dd.name), k.name: (j.name, dd.name), v.name: (j.name, e.name),
             out.name: (i.name, e.name)}
     for eq in ir.equations:
-        axes.setdefault(eq.target.name, tuple(x.name for x in eq.target.indices if x != batch))
+        axes.setdefault(eq.target.name, tuple(x.name for x in eq.target.indices if x not in batch))
     for x in [a for a in ir.tensors.values() if a.role != "input"]:
         axes.setdefault(f"d{x.name}", axes[x.name])
-    for x in ir.inputs:
+    for x in ir.inputs[:3]:
         axes[f"d{x.name}"] = axes[x.name]
     computed = {c for c in axes if c not in (q.name, k.name, v.name, out.name, f"d{out.name}")}
     opts = ", input_precision=PREC"
+    positions = {i.name: "offs_i", j.name: "offs_j"}
+    batch_names = tuple(x.name for x in batch)
+
+    # -- the other inputs: one kernel value per use (ids[b, i] and ids[b, j] are two loads)
+    extras, loads, uses = [], [], {}
+    for x in extras_t:
+        layout = [batch.index(s) if s in batch else ("i" if s == i else "j") for s in x.indices]
+        ptr, zoff = kn.take(f"{names[x.name]}_ptr"), kn.take(f"{names[x.name]}_zoff")
+        strides = {s: kn.take(f"{names[x.name]}_s{s.name}") for s in x.indices if s in (i, j)}
+        extras.append(Extra(x.name, n[f"arg:{x.name}"], x.dtype, layout, [ptr, zoff, *strides.values()],
+                            f"{x.name}[{', '.join(s.name for s in x.indices)}]"))
+        zname = kn.take(f"{names[x.name]}_z")
+        loads.append(Load(zname, f"tl.load({zoff} + z)", False, False, f"{x.name}'s offset for this batch entry"))
+        seen = sorted({t for eq in chain for t in eq.rhs.atoms(Indexed) if t.base.label == x.base.label},
+                      key=str)
+        for use in seen:
+            pos = [(decl_s, used) for decl_s, used in zip(x.indices, use.indices) if decl_s in (i, j)]
+            if any(decl_s != used for decl_s, used in pos):
+                extras[-1].cross = True
+            if [u for u in use.indices if u in batch] != [s_ for s_ in x.indices if s_ in batch]:
+                _fail(f"{x.name} must be read at the batch sets it is declared with: {sympy.sstr(use)}")
+            label = f":use:{x.name}:{','.join(s.name for s in use.indices)}"
+            want = x.name if tuple(use.indices) == x.indices else f"{x.name}_{'_'.join(u.name for _, u in pos)}"
+            name = names[x.name] if tuple(use.indices) == x.indices else kn.take(want)
+            names[label] = name
+            axes[label] = tuple(u.name for _, u in pos)
+            uses[use] = Indexed(IndexedBase(label), *use.indices)
+            offs, oks = [], []
+            for k_, (decl_s, used) in enumerate(pos):
+                o, ok = ("offs_i", "row_ok") if used == i else ("offs_j", "col_ok")
+                b = "" if len(pos) == 1 else ("[:, None]" if k_ == 0 else "[None, :]")
+                offs.append(f"{o}{b} * {strides[decl_s]}")
+                oks.append(f"{ok}{b}")
+            cast = ".to(ACC)" if x.dtype == "float" else ""
+            if pos:
+                code = f"tl.load({ptr} + {zname} + {' + '.join(offs)}, mask={' & '.join(oks)}, other=0){cast}"
+            else:
+                code = f"tl.load({ptr} + {zname}){cast}"
+            loads.append(Load(name, code, any(u == i for _, u in pos), any(u == j for _, u in pos),
+                              sympy.sstr(use)))
+        if x.dtype == "float" and steps.get(x.name) is not None and steps[x.name].value != 0:
+            pass  # its gradient is not computed: the runtime refuses it with requires_grad (see check_attention_extra)
 
     def code(expr, target) -> str:
+        expr = expr.xreplace(uses)
         return tile_code(expr, axes, [t.name if isinstance(t, Symbol) else t for t in target], computed,
-                         (batch.name,), names=names, dot_options=opts)
+                         batch_names, names=names, dot_options=opts, positions=positions)
 
     def inline(expr, keep=()):
         for _ in range(len(ir.equations) + 1):
@@ -198,9 +454,10 @@ def plan_attention(d: Derivation) -> AttentionPlan:
         return expr
 
     ij, ie, ijx = (i, j), (i, e), (i,)
-    score = code(s_eq.rhs, ij)
+    score_steps = [Stmt(names[eq.target.name], code(eq.rhs, ij), str(eq)) for eq in chain]
     m_ind = m_eq.lhs
-    m_run, m_new, m_ref = (Indexed(IndexedBase(t), batch, i) for t in (":run", ":new", ":ref"))
+    row = (*batch, i)
+    m_run, m_new, m_ref = (Indexed(IndexedBase(t), *row) for t in (":run", ":new", ":ref"))
     axes.update({t: (i.name,) for t in (":run", ":new", ":ref")})
     l_body = inline(l_eq.rhs.body, keep=(s_name,))
     old, new = sympy.Dummy("old"), sympy.Dummy("new")  # never equal to a spec's symbol
@@ -218,13 +475,13 @@ def plan_attention(d: Derivation) -> AttentionPlan:
     o_ratio = rescale_ratio(inner_body, m_ind, old, new)
     if o_ratio is None or o_ratio.xreplace({old: m_run, new: m_new}) != ratio:
         _fail("the output's sum does not rescale like the normaliser")
-    acc = Indexed(IndexedBase(":acc"), batch, i, e)
+    acc = Indexed(IndexedBase(":acc"), *batch, i, e)
     axes[":acc"] = (i.name, e.name)
     o_term = code(IndexSum(inner_body.xreplace({m_ind: m_ref}), *term.bound), ie)
     o_final = code(term.coeff * sympy.Mul(*outer) * acc, ie)
     l_term = code(IndexSum(l_body.xreplace({m_ind: m_ref}), j), ijx)
     # the log-sum-exp: P = exp(S - M) / L depends on M and L only through M + log L
-    lse = Indexed(IndexedBase(":LSE"), batch, i)
+    lse = Indexed(IndexedBase(":LSE"), *row)
     axes[":LSE"] = (i.name,)
     p_from_lse = sympy.simplify(inline(defs[p_name].rhs, keep=(s_name,)).xreplace(
         {m_ind: lse - sympy.log(l_eq.lhs)}))
@@ -235,27 +492,60 @@ def plan_attention(d: Derivation) -> AttentionPlan:
     # -- the backward, from the derived adjoints
     dp_name, ds_name = f"d{p_name}", f"d{s_name}"
     ds_value = steps[s_name].value
-    rows = [s for s in ds_value.atoms(IndexSum) if free_indices(s) == {batch, i}]
+    rows = [s for s in ds_value.atoms(IndexSum) if free_indices(s) == set(row)]
     if len(rows) != 1:
         _fail(f"expected dS to hold one row sum (Delta), found {len(rows)}")
     delta_sum = rows[0]
-    delta = Indexed(IndexedBase(":Delta"), batch, i)
+    delta = Indexed(IndexedBase(":Delta"), *row)
     axes[":Delta"] = (i.name,)
     ds_code = code(ds_value.xreplace({delta_sum: delta}), ij)
     delta_code = code(delta_sum, ijx)
     dp_code = code(steps[p_name].value, ij)
+    # the modification's pullbacks, last equation first: each the sum of its consumers'
+    # derived contributions (the engine's chain rule), forward values folded into their names
+    chain_names = {eq.target.name for eq in chain}
+    bwd_steps, pullback_text = [], [f"{dp_name} = {sympy.sstr(steps[p_name].value)}",
+                                    f"{ds_name} = {sympy.sstr(ds_value)}    (Delta = {sympy.sstr(delta_sum)})"]
+    for eq in reversed(chain[:-1]):
+        st = steps[eq.target.name]
+        parts = [c for who, c in st.contributions if who in chain_names]
+        if len(parts) != len(st.contributions):
+            _fail(f"{eq.target.name} is read outside the score")
+        raw = _fold(sympy.Add(*parts), chain)
+        text = code(raw, ij)
+        if s_eq.lhs in raw.atoms(Indexed):  # it reads the score, -inf where the kernels mask it (valid)
+            text = f"tl.where(valid, {text}, 0.0)"
+        bwd_steps.append(Stmt(names[f"d{eq.target.name}"], text, f"d{eq.target.name} = {sympy.sstr(raw)}"))
+        pullback_text.append(f"d{eq.target.name} = {sympy.sstr(raw)}")
     grads = []
-    for x, role in zip(ir.inputs, ("dq", "dk", "dv")):
+    for x, role in zip(ir.inputs[:3], ("dq", "dk", "dv")):
         value = steps[x.name].value
-        (t,) = normalize(value)
+        terms = normalize(value)
+        if len(terms) != 1:
+            _fail(f"expected d{x.name} to be one contraction, got {sympy.sstr(value)}")
+        (t,) = terms
         outer = [f for f in sympy.Mul.make_args(t.mono) if not (free_indices(f) & t.bound)]
         inner = [f for f in sympy.Mul.make_args(t.mono) if free_indices(f) & t.bound]
+        if len(t.bound) != 1:
+            _fail(f"expected d{x.name} to sum over one index, got {sympy.sstr(value)}")
         (loop,) = t.bound
+        operand = [f for f in inner if isinstance(f, Indexed) and set(axes.get(str(f.base.label), ())) & {dd.name, e.name}]
+        rest = sympy.Mul(*[f for f in inner if f not in operand])
+        if len(operand) != 1:
+            _fail(f"expected d{x.name} to contract one tensor with a score-shaped tile, got {sympy.sstr(value)}")
+        if not isinstance(rest, Indexed):  # a product of tiles: one plan tile before the dot
+            label = f":g:{x.name}"
+            tile = Indexed(IndexedBase(label), *batch, i, j)
+            axes[label] = (i.name, j.name)
+            names[label] = kn.take(f"g_{names[f'd{x.name}']}")
+            computed.add(label)
+            bwd_steps.append(Stmt(names[label], code(rest, ij), f"the tile d{x.name} contracts"))
+            rest = tile
         acc_label = f":acc:{role}"
         acc_x = Indexed(IndexedBase(acc_label), *x.indices)
         axes[acc_label] = axes[x.name]
         target = axes[x.name]
-        term_code = code(IndexSum(sympy.Mul(*inner), loop), target)
+        term_code = code(IndexSum(operand[0] * rest, loop), target)
         final = code(t.coeff * sympy.Mul(*outer) * acc_x, target)
         idx, shown = display_indices(list(x.indices), value)
         grads.append(Pullback(n[role], x.name, n[f"acc_{role}"], base_name(loop), term_code, final,
@@ -263,10 +553,10 @@ def plan_attention(d: Derivation) -> AttentionPlan:
     loops = {g.of: g.loop for g in grads}
     if loops != {q.name: j.name, k.name: i.name, v.name: i.name}:
         _fail(f"expected dQ to sum over {j} and dK, dV over {i}; found {loops}")
-    pullback_text = [f"{dp_name} = {sympy.sstr(steps[p_name].value)}",
-                     f"{ds_name} = {sympy.sstr(ds_value)}    (Delta = {sympy.sstr(delta_sum)})"]
     pullback_text += [g.equation for g in grads]
     return AttentionPlan(
-        "attention", ir.name, fn, n, score, 'float("-inf")', code(m_eq.rhs.body, ij), rescale, l_term,
-        o_term, o_final, lse_code, code(p_from_lse, ij), delta_code, dp_code, ds_code, grads,
-        [str(eq) for eq in ir.equations], pullback_text, sympy.sstr(delta_sum))
+        "attention", ir.name, fn, n, extras, params, scale, causal, len(batch), loads, score_steps,
+        'float("-inf")', code(m_eq.rhs.body, ij), rescale, l_term,
+        o_term, o_final, lse_code, code(p_from_lse, ij), delta_code, dp_code, ds_code, bwd_steps, grads,
+        [str(eq) for eq in ir.equations], pullback_text, sympy.sstr(delta_sum),
+        any(eq.rhs.has(Where) for eq in chain))

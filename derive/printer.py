@@ -18,7 +18,7 @@ import sympy
 from sympy.printing.codeprinter import CodePrinter
 from sympy.printing.precedence import precedence
 
-from .ir import ArgmaxIndicator, IndexMax, IndexSum, Indicator, Pick, Where
+from .ir import ArgmaxIndicator, IndexMax, IndexSum, Indicator, Pick, Position, Where
 
 FLOAT32_MAX = 3.4028234663852886e38  # the largest finite float32
 
@@ -232,10 +232,12 @@ class TilePrinter(TritonPrinter):
     """
 
     _default_settings = dict(TritonPrinter._default_settings, axes={}, target=(), computed=(), batch=(),
-                             dot_options="")
+                             dot_options="", positions={})
 
     def _axes_of(self, expr) -> tuple[str, ...]:
         from .ir import base_name
+        if isinstance(expr, Position):
+            return (base_name(expr.index),)
         if isinstance(expr, sympy.Indexed):
             known = self._settings["axes"].get(str(expr.base.label))
             if known is not None:
@@ -260,8 +262,26 @@ class TilePrinter(TritonPrinter):
         finally:
             self._settings["target"] = saved
 
+    def _print_Position(self, expr):
+        from .ir import base_name
+        axis = base_name(expr.index)
+        if axis not in self._settings["positions"]:
+            raise NotSupported(f"the kernel has no positions along {axis}")
+        text = self._laid_out(self._settings["positions"][axis], expr)
+        # integers where compared (exact, cheap); in arithmetic the accumulation dtype (fp64 for fp64)
+        return text if getattr(self, "_comparing", 0) else f"{text}.to(ACC)"
+
+    def _print_Relational(self, expr):
+        self._comparing = getattr(self, "_comparing", 0) + 1
+        try:
+            return super()._print_Relational(expr)
+        finally:
+            self._comparing -= 1
+
     def _print_Indexed(self, expr):
-        name = super()._print_Indexed(expr)
+        return self._laid_out(super()._print_Indexed(expr), expr)
+
+    def _laid_out(self, name, expr):
         axes, target = self._axes_of(expr), tuple(self._settings["target"])
         if axes == target or not axes:
             return name
@@ -304,10 +324,12 @@ class TilePrinter(TritonPrinter):
         return f"tl.sum({body}, axis={body_axes.index(c)})"
 
 
-def tile_code(expr, axes: dict, target, computed=(), batch=(), names=None, dot_options="") -> str:
-    """Print one tile expression (see :class:`TilePrinter`)."""
+def tile_code(expr, axes: dict, target, computed=(), batch=(), names=None, dot_options="", positions=None) -> str:
+    """Print one tile expression (see :class:`TilePrinter`); ``positions`` maps an
+    index name to the kernel's vector of its positions (``i`` -> ``offs_i``)."""
     return TilePrinter({"names": names or {}, "axes": axes, "target": tuple(target), "computed": tuple(computed),
-                        "batch": tuple(batch), "dot_options": dot_options}).doprint(expr)
+                        "batch": tuple(batch), "dot_options": dot_options,
+                        "positions": positions or {}}).doprint(expr)
 
 
 def triton_code(expr, names: dict | None = None, column: str = "col", argmax: dict | None = None) -> str:

@@ -364,7 +364,7 @@ def test_torch_compile_with_a_symbolic_scale(device):
             torch.testing.assert_close(a, b)
 
 
-NAMED_SPEC = """op {op}(Q[z, {i}, d], K[z, {j}, d], V[z, {j}, e]; {scale}) -> O[z, {i}, e]
+NAMED_SPEC = """op {op}(Q[z, {i}, d], K[z, {j}, d], V[z, {j}, e]; {scale}, causal: int = 0) -> O[z, {i}, e]
 {S}[z, {i}, {j}] = {scale} * sum[d](Q * K)
 {M}[z, {i}] = max[{j}]({S})
 E[z, {i}, {j}] = exp({S} - {M})
@@ -395,7 +395,7 @@ def test_spec_names_that_the_kernels_use_too(tag, names, tmp_path, monkeypatch, 
     op = getattr(mod, spec["op"])  # the package exports the op under its name (torch_1 in its module)
     q, k, v = make((2, 70, 16), 33, 8, torch.float64, device)
     for causal in (False, True):
-        o = op(q, k, v, causal=causal, scale=0.4)
+        o = op(q, k, v, causal=causal, **{spec["scale"]: 0.4})  # the spec's own name, even where a kernel uses it
         ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=0.4)
         torch.testing.assert_close(o, ref)
         g = torch.randn_like(o)
@@ -409,11 +409,11 @@ def test_plan_allocates_the_kernel_names():
     from derive import derive_text
     from derive.plan import plan
     p = plan(derive("attention"))
-    assert (p.fn, p.n["q"], p.n["s"], p.n["scale"], p.n["n_i"], p.n["lse"]) == \
+    assert (p.fn, p.n["q"], p.n["s"], p.n["param:scale"], p.n["n_i"], p.n["lse"]) == \
         ("attention", "Q", "S", "scale", "n_i", "LSE")
     spec = NAMED_SPEC.format(**{**DEFAULT_NAMES, "op": "att", "S": "alpha", "scale": "pid", "i": "blocks",
                                 "M": "LSE"})
     p = plan(derive_text(spec, "att.op"))
-    assert (p.n["s"], p.n["scale"], p.n["n_i"], p.n["m"], p.n["lse"]) == \
+    assert (p.n["s"], p.n["param:pid"], p.n["n_i"], p.n["m"], p.n["lse"]) == \
         ("alpha_1", "pid_1", "n_blocks_1", "LSE", "LSE_1")
     assert p.score == "pid_1*tl.dot(Q, tl.trans(K), input_precision=PREC)"

@@ -1,0 +1,209 @@
+"""The attention family's variants (softcap, sliding window, ALiBi, documents; a
+user's own modification) against plain torch references: scores built
+explicitly, modified, masked, softmax, @V; forward and every gradient, float64
+and float32 through the kernels, float64 gradcheck, bad-input messages."""
+import pytest
+import torch
+
+from generated import alibi_attention, document_attention, sliding_window_attention, softcap_attention
+
+
+def make(b, h, m, n, d, dv, dtype, seed=0, q_scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    q = (q_scale * torch.randn(b, h, m, d, generator=g, dtype=torch.float64)).to(dtype).requires_grad_()
+    k = torch.randn(b, h, n, d, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    v = torch.randn(b, h, n, dv, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    return q, k, v
+
+
+def reference(q, k, v, modify=None, keep=None, scale=None):
+    """softmax(mask(modify(scale * q k^T))) v with the positions i (queries), j (keys)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = scale * q @ k.transpose(-1, -2)
+    i = torch.arange(q.shape[-2])[:, None]
+    j = torch.arange(k.shape[-2])[None, :]
+    if modify is not None:
+        s = modify(s, i, j)
+    if keep is not None:
+        s = s.masked_fill(~keep(i, j), float("-inf"))
+    return torch.softmax(s, dim=-1) @ v
+
+
+def compare(got_fn, ref_fn, inputs, tol):
+    o, r = got_fn(*inputs), ref_fn(*inputs)
+    torch.testing.assert_close(o, r, rtol=tol, atol=tol)
+    g = torch.randn_like(o)
+    for name, a, b in zip("qkv", torch.autograd.grad(o, inputs, g), torch.autograd.grad(r, inputs, g)):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m: f"d{name}: {m}")
+
+
+CAUSAL = lambda i, j: j <= i  # noqa: E731
+DTYPES = [(torch.float64, 1e-10), (torch.float32, 3e-5)]
+IDS = [pytest.param(*t, id=str(t[0]).split(".")[1]) for t in DTYPES]
+SHAPES = [(2, 2, 37, 37, 16, 8), (1, 1, 70, 70, 20, 24)]  # M = N not a multiple of the block; D not a power of two
+
+
+@pytest.mark.parametrize("dtype,tol", IDS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_softcap(dtype, tol, causal):
+    q, k, v = make(2, 2, 37, 45, 16, 8, dtype)
+    cap = 1.5  # small: the cap bends most scores
+    compare(lambda q, k, v: softcap_attention(q, k, v, softcap=cap, causal=causal, scale=0.5),
+            lambda q, k, v: reference(q, k, v, lambda s, i, j: cap * torch.tanh(s / cap), CAUSAL if causal else None,
+                                      scale=0.5),
+            (q, k, v), tol)
+
+
+@pytest.mark.parametrize("dtype,tol", IDS)
+@pytest.mark.parametrize("window", [1, 5, 200])
+def test_sliding_window(dtype, tol, window):
+    q, k, v = make(*SHAPES[1], dtype)
+    compare(lambda q, k, v: sliding_window_attention(q, k, v, window=window),
+            lambda q, k, v: reference(q, k, v, keep=lambda i, j: (j <= i) & (j > i - window)), (q, k, v), tol)
+
+
+@pytest.mark.parametrize("dtype,tol", IDS)
+@pytest.mark.parametrize("causal", [True, False])
+def test_alibi(dtype, tol, causal):
+    q, k, v = make(*SHAPES[0], dtype)
+    slopes = torch.tensor([0.5, 0.0625], dtype=dtype)
+    bias = lambda s, i, j: s - slopes[:, None, None] * (i - j).abs()  # noqa: E731
+    compare(lambda q, k, v: alibi_attention(q, k, v, slopes, causal=causal),
+            lambda q, k, v: reference(q, k, v, bias, CAUSAL if causal else None), (q, k, v), tol)
+
+
+@pytest.mark.parametrize("dtype,tol", IDS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_document(dtype, tol, causal):
+    q, k, v = make(*SHAPES[0], dtype)
+    ids = torch.tensor([[0] * 10 + [1] * 20 + [2] * 7, [5] * 37])
+    same = lambda i, j: ids[:, None, :, None] == ids[:, None, None, :]  # noqa: E731
+    keep = (lambda i, j: same(i, j) & CAUSAL(i, j)) if causal else same
+    compare(lambda q, k, v: document_attention(q, k, v, ids, causal=causal),
+            lambda q, k, v: reference(q, k, v, keep=keep), (q, k, v), tol)
+
+
+def test_gradcheck():
+    q, k, v = make(1, 2, 5, 5, 3, 2, torch.float64, q_scale=1.0)
+    ids = torch.tensor([[0, 0, 1, 1, 1]], dtype=torch.int32)
+    slopes = torch.tensor([0.3, 0.7], dtype=torch.float64)
+    for f in (lambda q, k, v: softcap_attention(q, k, v, softcap=0.8, causal=True),
+              lambda q, k, v: sliding_window_attention(q, k, v, window=2, scale=0.9),
+              lambda q, k, v: alibi_attention(q, k, v, slopes, causal=False),
+              lambda q, k, v: document_attention(q, k, v, ids, causal=True)):
+        assert torch.autograd.gradcheck(f, (q, k, v), eps=1e-6, atol=1e-7)
+
+
+def test_fully_masked_rows_are_nan_as_in_torch():
+    """A query whose every key is masked (window 0) has no softmax: NaN, as torch's
+    softmax over a row of -inf gives; window 1 (each query its own key) is V itself."""
+    q, k, v = make(1, 1, 9, 9, 4, 4, torch.float64)
+    o = sliding_window_attention(q, k, v, window=0)
+    assert torch.isnan(o).all() and torch.isnan(reference(q, k, v, keep=lambda i, j: (j <= i) & (j > i))).all()
+    torch.testing.assert_close(sliding_window_attention(q, k, v, window=1), v)
+
+
+def test_user_spec_with_a_learned_free_modification(tmp_path, monkeypatch):
+    """A spec the built-ins do not use: a per-head temperature and a relative-position
+    bias ramp, masked to even distances; emitted and compared with torch."""
+    import importlib
+    from derive import emit as E
+    path = tmp_path / "my_attention.op"
+    path.write_text(
+        "op my_attention(Q[b, h, i, d], K[b, h, j, d], V[b, h, j, e], temp[h]; scale, ramp) -> O[b, h, i, e]\n"
+        "R = scale * sum[d](Q * K)\n"
+        "T = R * temp + ramp * exp(-(i - j) * (i - j) / 16)\n"
+        "S = where(i >= j or i - j == -2, T, -inf)\n"
+        "M = max[j](S)\n"
+        "E = exp(S - M)\n"
+        "L = sum[j](E)\n"
+        "P = E / L\n"
+        "O = sum[j](P * V)\n")
+    E.emit(str(path), tmp_path / "mine")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mod = importlib.import_module("mine")
+    q, k, v = make(2, 3, 21, 21, 8, 4, torch.float64)
+    temp = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    modify = lambda s, i, j: s * temp[:, None, None] + 0.7 * torch.exp(-((i - j) ** 2) / 16)  # noqa: E731
+    compare(lambda q, k, v: mod.my_attention(q, k, v, temp, ramp=0.7, scale=0.3),
+            lambda q, k, v: reference(q, k, v, modify, lambda i, j: (i >= j) | (i - j == -2), scale=0.3),
+            (q, k, v), 1e-6)  # float parameters reach the kernels as Triton's float32 arguments (0.3, 0.7 rounded)
+
+
+def test_softcap_pullback_reads_the_capped_score():
+    """dR is derived, with tanh(R/softcap) folded into the capped score S: no tanh in the backward."""
+    from derive import derive
+    from derive.plan import plan
+    p = plan(derive("softcap_attention"))
+    (step,) = p.bwd_steps
+    assert step.code == "tl.where(valid, (1.0 - (S * S)/(softcap * softcap))*dS, 0.0)"
+    text = open(__import__("generated.softcap_attention", fromlist=["x"]).__file__).read()
+    for code in [s.code for s in p.score_steps + p.bwd_steps] + [x.code for x in p.loads]:
+        assert code in text
+
+
+def test_bad_inputs():
+    q, k, v = make(2, 2, 6, 6, 4, 4, torch.float32)
+    ids = torch.zeros(2, 6, dtype=torch.int64)
+    slopes = torch.ones(2)
+    cases = [
+        (lambda: softcap_attention(q, k, v), TypeError, r"missing 1 required keyword-only argument: 'softcap'"),
+        (lambda: softcap_attention(q, k, v, softcap="x"), TypeError,
+         r"softcap_attention: softcap must be a real number, got str 'x'"),
+        (lambda: softcap_attention(q, k, v, softcap=float("inf")), ValueError,
+         r"softcap_attention: softcap must be finite, got inf"),
+        (lambda: sliding_window_attention(q, k, v, window=2.5), TypeError,
+         r"sliding_window_attention: window must be an int, got float 2.5"),
+        (lambda: document_attention(q, k, v, ids.float()), TypeError,
+         r"document_attention: expected document_ids to be an integer tensor"),
+        (lambda: document_attention(q, k, v, ids[:, :5]), ValueError,
+         r"document_attention: document_ids \(document_ids\[b, j\]\) must have shape \(2, 6\) \(from q and k\), "
+         r"got \(2, 5\)"),
+        (lambda: document_attention(q, k[:, :, :5], v[:, :, :5], ids[:, :5]), ValueError,
+         r"document_attention: document_ids is read at both query and key positions, so the queries and keys "
+         r"must be as many, got M = 6 and N = 5"),
+        (lambda: document_attention(q[0, 0], k[0, 0], v[0, 0], ids), ValueError,
+         r"document_attention: q must have at least 3 dimensions"),
+        (lambda: alibi_attention(q, k, v, torch.ones(3)), ValueError,
+         r"alibi_attention: slopes \(slopes\[h\]\) must have shape \(2,\) \(from q and k\), got \(3,\)"),
+        (lambda: alibi_attention(q, k, v, slopes.requires_grad_()), ValueError,
+         r"alibi_attention: slopes requires grad, but pullback computes no gradient for it; pass slopes.detach\(\)"),
+        (lambda: alibi_attention(q, k, v, slopes.detach(), causal=1), TypeError,
+         r"alibi_attention: causal must be True or False, got 1 \(int\)"),
+    ]
+    for f, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            f()
+
+
+def test_opcheck():
+    q, k, v = make(1, 2, 7, 7, 8, 4, torch.float32)
+    ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2]])
+    torch.library.opcheck(torch.ops.pullback.document_attention_forward, (q, k, v, ids, 0.5, True))
+    torch.library.opcheck(torch.ops.pullback.sliding_window_attention_forward, (q, k, v, 3, 0.5, False))
+
+
+@pytest.mark.parametrize("line,msg", [
+    ("S = where(j <= i, R, inf)", r"3:\d+: inf stands only as a masked branch of where: where\(cond, s, -inf\)"),
+    ("S = R - inf", r"3:\d+: inf stands only as a masked branch of where"),
+    ("S = R - i[z]", r"3:\d+: i is an index name: used as a value it is its position; it takes no indices"),
+    ("S = R - q", r"3:\d+: undefined tensor 'q'"),
+])
+def test_positions_and_masks_bad_spec(line, msg):
+    from derive import derive_text
+    from derive.spec import SpecError
+    text = ("op att(Q[z, i, d], K[z, j, d], V[z, j, e]; scale) -> O[z, i, e]\n"
+            "R = scale * sum[d](Q * K)\n" + line + "\nM = max[j](S)\nE = exp(S - M)\nL = sum[j](E)\n"
+            "O = sum[j](E / L * V)\n")
+    with pytest.raises(SpecError, match=msg):
+        derive_text(text, "att.op")
+
+
+def test_positions_derive_no_gradient():
+    """A position is a value with no gradient: dR of a relative bias is dS itself."""
+    from derive import derive_text
+    d = derive_text("op att(Q[z, i, d], K[z, j, d], V[z, j, e]; scale) -> O[z, i, e]\n"
+                    "R = scale * sum[d](Q * K)\nS = R - 0.5 * (i - j)\nM = max[j](S)\nE = exp(S - M)\n"
+                    "L = sum[j](E)\nP = E / L\nO = sum[j](P * V)\n", "att.op")
+    step = next(s for s in d.steps if s.tensor.name == "R")
+    assert str(step.raw) == "dS[z, i, j]"
