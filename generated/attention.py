@@ -233,9 +233,9 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(math.prod(t.shape[:-2]), t.shape[-2], t.shape[-1])
 
 
-def _config(n_d: int, n_e: int, dtype: torch.dtype, kernel: str, idx64: bool, causal: bool = False,
+def _config(n_d: int, n_e: int, dtype: torch.dtype, kernel: str, idx64: bool, is_causal: bool = False,
             device=None) -> dict:
-    cfg = rt.attention_config(n_d, n_e, dtype, kernel, causal, device)
+    cfg = rt.attention_config(n_d, n_e, dtype, kernel, is_causal, device)
     cfg["ACC"] = rt.acc_dtype(dtype)
     cfg["PREC"] = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
     # Triton's interpreter multiplies bf16 tl.dot operands as raw bit patterns
@@ -261,7 +261,7 @@ def _forward(q, k, v, extras: list, params: list, is_causal: bool):
     lse = torch.empty(list(lead) + [n_i], dtype=rt.torch_acc_dtype(q.dtype), device=q.device)
     if o.numel() == 0:
         return o, lse
-    cfg = _config(n_d, n_e, q.dtype, "fwd", rt.attention_idx64(qf, kf, vf, _flat(o)), causal, q.device)
+    cfg = _config(n_d, n_e, q.dtype, "fwd", rt.attention_idx64(qf, kf, vf, _flat(o)), is_causal, q.device)
     grid = (z * triton.cdiv(n_i, cfg["BLOCK_M"]),)
     ex = rt.attention_extra_args(q, extras, _EXTRAS, _N_SETS)
     _attention_fwd[grid](qf, *qf.stride(), kf, *kf.stride(), vf, *vf.stride(), o, lse, *ex, *params,
@@ -283,8 +283,8 @@ def _backward(q, k, v, extras: list, o, lse, do, params: list, is_causal: bool):
     of = _flat(o).contiguous()
     delta = torch.empty(z * n_i, dtype=lse.dtype, device=q.device)
     idx64 = rt.attention_idx64(qf, kf, vf, of, _flat(dq), _flat(dk), _flat(dv))
-    kv_cfg = _config(n_d, n_e, q.dtype, "dkdv", idx64, causal, q.device)
-    q_cfg = _config(n_d, n_e, q.dtype, "dq", idx64, causal, q.device)
+    kv_cfg = _config(n_d, n_e, q.dtype, "dkdv", idx64, is_causal, q.device)
+    q_cfg = _config(n_d, n_e, q.dtype, "dq", idx64, is_causal, q.device)
     if z * n_i:
         _attention_bwd_delta[(triton.cdiv(z * n_i, 64),)](
             of, dof, delta, z * n_i, n_e, BLOCK_M=64, BLOCK_E=q_cfg["BLOCK_E"], ACC=q_cfg["ACC"], IDX64=idx64)
@@ -369,26 +369,26 @@ _forward_call = getattr(getattr(torch.ops, rt.library(__package__)), "attention_
 
 
 # ---- the user-facing op
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal_1: bool = False, scale: float | None = None) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, scale: float | None = None) -> torch.Tensor:
     """Attention with the semantics of
     ``torch.nn.functional.scaled_dot_product_attention``: q ``[..., M, D]``,
     k ``[..., N, D]``, v ``[..., N, Dv]`` -> ``[..., M, Dv]``; the scores
     modified and masked as the spec says (derive/ops/attention.op).
     ``scale`` (a finite real number, not a tensor: no gradient flows to it)
     defaults to ``1/sqrt(D)``.
-    ``causal_1`` (a bool) masks key j > query i (SDPA's ``is_causal``,
+    ``causal`` (a bool) masks key j > query i (SDPA's ``is_causal``,
     aligned to the top left when M != N).
     """
-    is_causal = causal_1
+    is_causal = causal
     params = _check("attention", q, k, v, [], [scale, ], is_causal)
     return _forward_call(q, k, v, *params, is_causal)[0]
 
 
 # ---- ahead-of-time builds (`pullback build`): representative calls, whose kernel launches the build captures
 AOT_CASES = [
-    {'op': 'attention', 'label': 'B=4 H=16 N=4096 D=64', 'inputs': [[4, 16, 4096, 64], [4, 16, 4096, 64], [4, 16, 4096, 64]], 'kwargs': {'causal_1': False}, 'dtypes': ['float16', 'bfloat16', 'float32', 'float64']},
-    {'op': 'attention', 'label': 'B=4 H=16 N=4096 D=64 causal', 'inputs': [[4, 16, 4096, 64], [4, 16, 4096, 64], [4, 16, 4096, 64]], 'kwargs': {'causal_1': True}, 'dtypes': ['float16', 'bfloat16', 'float32', 'float64']},
-    {'op': 'attention', 'label': 'B=4 H=16 N=4096 D=128', 'inputs': [[4, 16, 4096, 128], [4, 16, 4096, 128], [4, 16, 4096, 128]], 'kwargs': {'causal_1': False}, 'dtypes': ['float16', 'bfloat16', 'float32', 'float64']},
-    {'op': 'attention', 'label': 'B=4 H=16 N=4096 D=128 causal', 'inputs': [[4, 16, 4096, 128], [4, 16, 4096, 128], [4, 16, 4096, 128]], 'kwargs': {'causal_1': True}, 'dtypes': ['float16', 'bfloat16', 'float32', 'float64']},
+    {'op': 'attention', 'label': 'B=4 H=16 N=4096 D=64', 'inputs': [[4, 16, 4096, 64], [4, 16, 4096, 64], [4, 16, 4096, 64]], 'kwargs': {'causal': False}, 'dtypes': ['float16', 'bfloat16', 'float32', 'float64']},
+    {'op': 'attention', 'label': 'B=4 H=16 N=4096 D=64 causal', 'inputs': [[4, 16, 4096, 64], [4, 16, 4096, 64], [4, 16, 4096, 64]], 'kwargs': {'causal': True}, 'dtypes': ['float16', 'bfloat16', 'float32', 'float64']},
+    {'op': 'attention', 'label': 'B=4 H=16 N=4096 D=128', 'inputs': [[4, 16, 4096, 128], [4, 16, 4096, 128], [4, 16, 4096, 128]], 'kwargs': {'causal': False}, 'dtypes': ['float16', 'bfloat16', 'float32', 'float64']},
+    {'op': 'attention', 'label': 'B=4 H=16 N=4096 D=128 causal', 'inputs': [[4, 16, 4096, 128], [4, 16, 4096, 128], [4, 16, 4096, 128]], 'kwargs': {'causal': True}, 'dtypes': ['float16', 'bfloat16', 'float32', 'float64']},
     {'op': 'attention', 'label': 'B=1 H=16 N=1024 D=256', 'inputs': [[1, 16, 1024, 256], [1, 16, 1024, 256], [1, 16, 1024, 256]], 'kwargs': {}, 'dtypes': ['float16', 'bfloat16']},
 ]

@@ -240,9 +240,9 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(math.prod(t.shape[:-2]), t.shape[-2], t.shape[-1])
 
 
-def _config(n_d: int, n_e: int, dtype: torch.dtype, kernel: str, idx64: bool, causal: bool = False,
+def _config(n_d: int, n_e: int, dtype: torch.dtype, kernel: str, idx64: bool, is_causal: bool = False,
             device=None) -> dict:
-    cfg = rt.attention_config(n_d, n_e, dtype, kernel, causal, device)
+    cfg = rt.attention_config(n_d, n_e, dtype, kernel, is_causal, device)
     cfg["ACC"] = rt.acc_dtype(dtype)
     cfg["PREC"] = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
     # Triton's interpreter multiplies bf16 tl.dot operands as raw bit patterns
@@ -272,7 +272,7 @@ def _forward(q, k, v, extras: list, params: list, is_causal: bool):
     lse = torch.empty(list(lead) + [n_i], dtype=rt.torch_acc_dtype(q.dtype), device=q.device)
     if o.numel() == 0:
         return o, lse
-    cfg = _config(n_d, n_e, q.dtype, "fwd", rt.attention_idx64(qf, kf, vf, _flat(o)), causal, q.device)
+    cfg = _config(n_d, n_e, q.dtype, "fwd", rt.attention_idx64(qf, kf, vf, _flat(o)), is_causal, q.device)
     grid = (z * triton.cdiv(n_i, cfg["BLOCK_M"]),)
     ex = rt.attention_extra_args(q, extras, _EXTRAS, _N_SETS)
     _sliding_window_attention_fwd[grid](qf, *qf.stride(), kf, *kf.stride(), vf, *vf.stride(), o, lse, *ex, *params,
@@ -294,8 +294,8 @@ def _backward(q, k, v, extras: list, o, lse, do, params: list, is_causal: bool):
     of = _flat(o).contiguous()
     delta = torch.empty(z * n_i, dtype=lse.dtype, device=q.device)
     idx64 = rt.attention_idx64(qf, kf, vf, of, _flat(dq), _flat(dk), _flat(dv))
-    kv_cfg = _config(n_d, n_e, q.dtype, "dkdv", idx64, causal, q.device)
-    q_cfg = _config(n_d, n_e, q.dtype, "dq", idx64, causal, q.device)
+    kv_cfg = _config(n_d, n_e, q.dtype, "dkdv", idx64, is_causal, q.device)
+    q_cfg = _config(n_d, n_e, q.dtype, "dq", idx64, is_causal, q.device)
     if z * n_i:
         _sliding_window_attention_bwd_delta[(triton.cdiv(z * n_i, 64),)](
             of, dof, delta, z * n_i, n_e, BLOCK_M=64, BLOCK_E=q_cfg["BLOCK_E"], ACC=q_cfg["ACC"], IDX64=idx64)

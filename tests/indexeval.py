@@ -237,6 +237,8 @@ def adjoints(derivation, env: dict, sizes: dict) -> dict:
     env = dict(env)
     for step in derivation.steps:
         t = step.tensor
+        if t.role == "output":  # an output other equations use: the derived expressions read its incoming
+            continue            # gradient by its name (its total, incoming plus theirs, is inlined where needed)
         if step.value == 0:
             env["d" + t.name] = torch.zeros([size_of(i, sizes) for i in t.indices], dtype=DTYPE)
         else:
