@@ -162,7 +162,9 @@ def traffic(dtype_name: str = "float16", quick: bool = False, progress=None) -> 
         n_rows = math.prod(n for d, n in enumerate(shape) if d not in dims)
         n_cols = math.prod(shape[d] for d in dims)
         level = {t["name"]: t["level"] for t in meta["extras"]}
-        read += sum(4 * (n_rows if level.get(n) == "row" else 1) for n in meta["saved"] if n not in saved)  # statistics
+        stats = sum(4 * (n_rows if level.get(n) == "row" else 1) for n in meta["saved"] if n not in saved)
+        ideal_f += stats  # the per-row statistics the backward reads, written once (argmax, saved row sums)
+        read += stats
         read += sum(nbytes(g) for g in gs)
         # (the weights' gradients are written by the second stage, a torch sum the counter does not see)
         ideal_b = read + sum(nbytes(t) for m, gr, t in zip(meta["inputs"], meta["grads"], inputs)
