@@ -250,6 +250,10 @@ def _config(n_d: int, n_e: int, dtype: torch.dtype, kernel: str, idx64: bool, is
     # holds every product of two bf16 values exactly.  Compiled kernels are unchanged.
     cfg["DOT_FP32"] = rt.INTERPRET and dtype == torch.bfloat16
     cfg["IDX64"] = idx64
+    if kernel == "fwd" and not rt.INTERPRET and cfg["BLOCK_M"] > 64:
+        # a modified score keeps more values live per query row: 64 rows, one warpgroup
+        # (128 rows on 8 warps spilled at sm_80 with triton 3.6, `pullback build`)
+        cfg["BLOCK_M"], cfg["num_warps"] = 64, 4
     return cfg
 
 
