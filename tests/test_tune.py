@@ -109,8 +109,9 @@ def test_a_malformed_entry_falls_back_to_the_default(entry):
 
 def test_a_looped_entry_wider_than_the_row_limit_is_ignored():
     table = {"rowwise": {SM90: {"float64:loop": {"BLOCK": 2**20, "num_warps": 4}}}}
-    assert rt.block_config(10**6, torch.float64, table=table, arch=SM90) == dict(BLOCK=256, SINGLE=False,
-                                                                                num_warps=4)
+    default = rt.block_config(10**6, torch.float64, table={}, arch=SM90)
+    assert default == dict(BLOCK=rt.LOOP_BLOCK // 8, SINGLE=False, num_warps=4)
+    assert rt.block_config(10**6, torch.float64, table=table, arch=SM90) == default
 
 
 def test_attention_config_reads_the_entry_else_the_structural_defaults():
