@@ -134,7 +134,10 @@ def _attention_bwd_dkdv(
     DOT_FP32: tl.constexpr, IDX64: tl.constexpr,  # upcast dot operands; 64-bit offsets (see _config)
 ):
     """One program per (batch, block of keys); streams blocks of queries to
-    accumulate dK and dV (sums over i)."""
+    accumulate dK and dV (sums over i).  Its score tiles are
+    [keys, queries], the transpose of the other kernels': the block of keys is
+    every dot's M (the tensor cores' rows) while the queries stream in narrow
+    blocks, as in Triton's fused-attention tutorial."""
     DT = tl.float32 if DOT_FP32 else Q_ptr.dtype.element_ty  # tl.dot operands (see _config)
     n_blocks = tl.cdiv(n_j, BLOCK_N)
     pid = tl.program_id(0)
@@ -158,16 +161,16 @@ def _attention_bwd_dkdv(
         dO = _tile(dO_ptr + z * n_i * n_e, offs_i, n_e, n_i, offs_e, 1, n_e, DT, IDX64)
         LSE = tl.load(LSE_ptr + z * n_i + offs_i, mask=row_ok, other=0.0)
         Delta = tl.load(Delta_ptr + z * n_i + offs_i, mask=row_ok, other=0.0)
-        S = scale*tl.dot(Q, tl.trans(K), input_precision=PREC)
-        valid = row_ok[:, None] & col_ok[None, :]
+        S = scale*tl.dot(K, tl.trans(Q), input_precision=PREC)
+        valid = col_ok[:, None] & row_ok[None, :]
         if CAUSAL:
-            valid = valid & (offs_j[None, :] <= offs_i[:, None])
+            valid = valid & (offs_j[:, None] <= offs_i[None, :])
         S = tl.where(valid, S, float("-inf"))
-        P = tl.exp(-LSE[:, None] + S)  # recomputed from the log-sum-exp
-        acc_dV += tl.dot(tl.trans(P.to(DT)), dO, input_precision=PREC)  # dV[z, j, e] = sum[i](P[z, i, j]*dO[z, i, e])
-        dP = tl.dot(dO, tl.trans(V), input_precision=PREC)  # dP = sum[e](V[z, j, e]*dO[z, i, e])
-        dS = (-Delta[:, None] + dP)*P  # dS = P * (dP - Delta)
-        acc_dK += tl.dot(tl.trans(dS.to(DT)), Q, input_precision=PREC)  # dK[z, j, d] = scale*sum[i](Q[z, i, d]*dS[z, i, j])
+        P = tl.exp(-LSE[None, :] + S)  # recomputed from the log-sum-exp
+        acc_dV += tl.dot(P.to(DT), dO, input_precision=PREC)  # dV[z, j, e] = sum[i](P[z, i, j]*dO[z, i, e])
+        dP = tl.dot(V, tl.trans(dO), input_precision=PREC)  # dP = sum[e](V[z, j, e]*dO[z, i, e])
+        dS = (-Delta[None, :] + dP)*P  # dS = P * (dP - Delta)
+        acc_dK += tl.dot(dS.to(DT), Q, input_precision=PREC)  # dK[z, j, d] = scale*sum[i](Q[z, i, d]*dS[z, i, j])
     dK = scale*acc_dK
     dV = acc_dV
     rows = z * n_j + offs_j[:, None]

@@ -140,7 +140,10 @@ def _document_attention_bwd_dkdv(
     DOT_FP32: tl.constexpr, IDX64: tl.constexpr,  # upcast dot operands; 64-bit offsets (see _config)
 ):
     """One program per (batch, block of keys); streams blocks of queries to
-    accumulate dK and dV (sums over i)."""
+    accumulate dK and dV (sums over i).  Its score tiles are
+    [keys, queries], the transpose of the other kernels': the block of keys is
+    every dot's M (the tensor cores' rows) while the queries stream in narrow
+    blocks, as in Triton's fused-attention tutorial."""
     DT = tl.float32 if DOT_FP32 else Q_ptr.dtype.element_ty  # tl.dot operands (see _config)
     n_blocks = tl.cdiv(n_j, BLOCK_N)
     pid = tl.program_id(0)
@@ -167,18 +170,18 @@ def _document_attention_bwd_dkdv(
         LSE = tl.load(LSE_ptr + z * n_i + offs_i, mask=row_ok, other=0.0)
         Delta = tl.load(Delta_ptr + z * n_i + offs_i, mask=row_ok, other=0.0)
         document_ids_i = tl.load(document_ids_ptr + document_ids_z + offs_i * document_ids_sj, mask=row_ok, other=0)  # document_ids[b, i]
-        R = scale*tl.dot(Q, tl.trans(K), input_precision=PREC)
-        S = tl.where((document_ids_i[:, None] == document_ids[None, :]), R, float("-inf"))
-        valid = row_ok[:, None] & col_ok[None, :]
+        R = scale*tl.dot(K, tl.trans(Q), input_precision=PREC)
+        S = tl.where((document_ids_i[None, :] == document_ids[:, None]), R, float("-inf"))
+        valid = col_ok[:, None] & row_ok[None, :]
         if CAUSAL:
-            valid = valid & (offs_j[None, :] <= offs_i[:, None])
+            valid = valid & (offs_j[:, None] <= offs_i[None, :])
         S = tl.where(valid, S, float("-inf"))
-        P = tl.exp(-LSE[:, None] + S)  # recomputed from the log-sum-exp
-        acc_dV += tl.dot(tl.trans(P.to(DT)), dO, input_precision=PREC)  # dV[b, h, j, e] = sum[i](P[b, h, i, j]*dO[b, h, i, e])
-        dP = tl.dot(dO, tl.trans(V), input_precision=PREC)  # dP = sum[e](V[b, h, j, e]*dO[b, h, i, e])
-        dS = (-Delta[:, None] + dP)*P  # dS = P * (dP - Delta)
-        dR = tl.where((document_ids_i[:, None] == document_ids[None, :]), dS, 0.0)  # dR = dS[b, h, i, j]*1[document_ids[b, i] == document_ids[b, j]]
-        acc_dK += tl.dot(tl.trans(dR.to(DT)), Q, input_precision=PREC)  # dK[b, h, j, d] = scale*sum[i](Q[b, h, i, d]*dR[b, h, i, j])
+        P = tl.exp(-LSE[None, :] + S)  # recomputed from the log-sum-exp
+        acc_dV += tl.dot(P.to(DT), dO, input_precision=PREC)  # dV[b, h, j, e] = sum[i](P[b, h, i, j]*dO[b, h, i, e])
+        dP = tl.dot(V, tl.trans(dO), input_precision=PREC)  # dP = sum[e](V[b, h, j, e]*dO[b, h, i, e])
+        dS = (-Delta[None, :] + dP)*P  # dS = P * (dP - Delta)
+        dR = tl.where((document_ids_i[None, :] == document_ids[:, None]), dS, 0.0)  # dR = dS[b, h, i, j]*1[document_ids[b, i] == document_ids[b, j]]
+        acc_dK += tl.dot(dR.to(DT), Q, input_precision=PREC)  # dK[b, h, j, d] = scale*sum[i](Q[b, h, i, d]*dR[b, h, i, j])
     dK = scale*acc_dK
     dV = acc_dV
     rows = z * n_j + offs_j[:, None]
