@@ -244,8 +244,9 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 
 
 def _config(n_d: int, n_e: int, dtype: torch.dtype, kernel: str, idx64: bool, is_causal: bool = False,
-            device=None) -> dict:
-    cfg = rt.attention_config(n_d, n_e, dtype, kernel, is_causal, device)
+            device=None, arch: str | None = None) -> dict:
+    """The launch config of one kernel; ``arch`` (tests) names the GPU whose tiles to use."""
+    cfg = rt.attention_config(n_d, n_e, dtype, kernel, is_causal, device, arch=arch)
     cfg["ACC"] = rt.acc_dtype(dtype)
     cfg["PREC"] = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
     # Triton's interpreter multiplies bf16 tl.dot operands as raw bit patterns
@@ -266,7 +267,7 @@ _EXTRAS = []
 _N_SETS = 1  # batch index sets of q: the last ones one axis each, the first the rest
 
 
-def _forward(q, k, v, extras: list, params: list, is_causal: bool):
+def _forward(q, k, v, extras: list, params: list, is_causal: bool, arch: str | None = None):
     lead = q.shape[:-2]
     qf, kf, vf = _flat(q), _flat(k), _flat(v)
     z, n_i, n_d = qf.shape
@@ -275,7 +276,7 @@ def _forward(q, k, v, extras: list, params: list, is_causal: bool):
     lse = torch.empty(list(lead) + [n_i], dtype=rt.torch_acc_dtype(q.dtype), device=q.device)
     if o.numel() == 0:
         return o, lse
-    cfg = _config(n_d, n_e, q.dtype, "fwd", rt.attention_idx64(qf, kf, vf, _flat(o)), is_causal, q.device)
+    cfg = _config(n_d, n_e, q.dtype, "fwd", rt.attention_idx64(qf, kf, vf, _flat(o)), is_causal, q.device, arch)
     grid = (z * triton.cdiv(n_i, cfg["BLOCK_M"]),)
     ex = rt.attention_extra_args(q, extras, _EXTRAS, _N_SETS)
     _softcap_attention_fwd[grid](qf, *qf.stride(), kf, *kf.stride(), vf, *vf.stride(), o, lse, *ex, *params,
@@ -283,7 +284,7 @@ def _forward(q, k, v, extras: list, params: list, is_causal: bool):
     return o, lse
 
 
-def _backward(q, k, v, extras: list, o, lse, do, params: list, is_causal: bool):
+def _backward(q, k, v, extras: list, o, lse, do, params: list, is_causal: bool, arch: str | None = None):
     qf, kf, vf = _flat(q), _flat(k), _flat(v)
     z, n_i, n_d = qf.shape
     n_j, n_e = vf.shape[1], vf.shape[2]
@@ -297,8 +298,8 @@ def _backward(q, k, v, extras: list, o, lse, do, params: list, is_causal: bool):
     of = _flat(o).contiguous()
     delta = torch.empty(z * n_i, dtype=lse.dtype, device=q.device)
     idx64 = rt.attention_idx64(qf, kf, vf, of, _flat(dq), _flat(dk), _flat(dv))
-    kv_cfg = _config(n_d, n_e, q.dtype, "dkdv", idx64, is_causal, q.device)
-    q_cfg = _config(n_d, n_e, q.dtype, "dq", idx64, is_causal, q.device)
+    kv_cfg = _config(n_d, n_e, q.dtype, "dkdv", idx64, is_causal, q.device, arch)
+    q_cfg = _config(n_d, n_e, q.dtype, "dq", idx64, is_causal, q.device, arch)
     if z * n_i:
         _softcap_attention_bwd_delta[(triton.cdiv(z * n_i, 64),)](
             of, dof, delta, z * n_i, n_e, BLOCK_M=64, BLOCK_E=q_cfg["BLOCK_E"], ACC=q_cfg["ACC"], IDX64=idx64)
