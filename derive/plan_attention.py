@@ -25,6 +25,12 @@ is printed from the derivation:
   forward values it repeats folded back into their names: ``1 - tanh(R/c)**2``
   is ``1 - (S/c)**2``), and the three contraction pullbacks, each split into a
   per-tile sum and a final factor.
+
+The backward's tile statements are printed twice: as ``[i, j]`` tiles for the
+dQ kernel (queries as the MMA's rows), and as ``[j, i]`` tiles for the dK/dV
+kernel (:class:`KeyRows`: keys as the rows, the score transposed, as in
+Triton's fused-attention tutorial), so that each kernel's dots have the
+streamed-over block as their N or K dimension.
 """
 from __future__ import annotations
 
@@ -54,9 +60,10 @@ class Pullback:
     of: str          # the spec's input, "Q"
     acc: str         # the kernel's name for its accumulator
     loop: str        # the index the kernel streams over to accumulate it ("i" or "j")
-    term: str        # one tile's contribution (a tl.dot)
+    term: str        # one tile's contribution (a tl.dot), its score tile [i, j]
     final: str       # the result from the accumulator
     equation: str
+    kv_term: str = ""  # the same contribution from [j, i] score tiles (the dK/dV kernel's, see KeyRows)
 
 
 @dataclass
@@ -65,6 +72,18 @@ class Stmt:
     name: str
     code: str
     comment: str = ""
+
+
+@dataclass
+class KeyRows:
+    """The dK/dV kernel's statements: the same formulas as the plan's backward
+    ones, printed for score tiles laid out ``[j, i]`` (keys as rows, queries as
+    columns; row statistics broadcast along the columns, ``LSE[None, :]``)."""
+    score_steps: list[Stmt]
+    p_code: str
+    dp_code: str
+    ds_code: str
+    bwd_steps: list[Stmt]
 
 
 @dataclass
@@ -132,6 +151,7 @@ class AttentionPlan:
     pullback_text: list[str]
     delta_text: str
     masked: bool = False      # the score has a mask of its own (where(cond, s, -inf))
+    kv: KeyRows | None = None  # the dK/dV kernel's statements, score tiles [j, i]
 
     @property
     def score(self) -> str:
@@ -443,6 +463,12 @@ def plan_attention(d: Derivation) -> AttentionPlan:
         return tile_code(expr, axes, [t.name if isinstance(t, Symbol) else t for t in target], computed,
                          batch_names, names=names, dot_options=opts, positions=positions)
 
+    def code_kv(expr, target) -> str:
+        """``code`` for the dK/dV kernel, whose computed score-shaped tiles are [j, i]."""
+        flipped = {c: a[::-1] if c in computed and tuple(a) == (i.name, j.name) else a for c, a in axes.items()}
+        return tile_code(expr.xreplace(uses), flipped, [t.name if isinstance(t, Symbol) else t for t in target],
+                         computed, batch_names, names=names, dot_options=opts, positions=positions)
+
     def inline(expr, keep=()):
         for _ in range(len(ir.equations) + 1):
             subs = {t: defs[str(t.base.label)].rhs for t in expr.atoms(Indexed)
@@ -453,8 +479,9 @@ def plan_attention(d: Derivation) -> AttentionPlan:
             expr = expr.xreplace(subs)
         return expr
 
-    ij, ie, ijx = (i, j), (i, e), (i,)
+    ij, ie, ijx, ji = (i, j), (i, e), (i,), (j, i)
     score_steps = [Stmt(names[eq.target.name], code(eq.rhs, ij), str(eq)) for eq in chain]
+    kv = KeyRows([Stmt(names[eq.target.name], code_kv(eq.rhs, ji), str(eq)) for eq in chain], "", "", "", [])
     m_ind = m_eq.lhs
     row = (*batch, i)
     m_run, m_new, m_ref = (Indexed(IndexedBase(t), *row) for t in (":run", ":new", ":ref"))
@@ -501,6 +528,9 @@ def plan_attention(d: Derivation) -> AttentionPlan:
     ds_code = code(ds_value.xreplace({delta_sum: delta}), ij)
     delta_code = code(delta_sum, ijx)
     dp_code = code(steps[p_name].value, ij)
+    kv.p_code = code_kv(p_from_lse, ji)
+    kv.ds_code = code_kv(ds_value.xreplace({delta_sum: delta}), ji)
+    kv.dp_code = code_kv(steps[p_name].value, ji)
     # the modification's pullbacks, last equation first: each the sum of its consumers'
     # derived contributions (the engine's chain rule), forward values folded into their names
     chain_names = {eq.target.name for eq in chain}
@@ -512,10 +542,11 @@ def plan_attention(d: Derivation) -> AttentionPlan:
         if len(parts) != len(st.contributions):
             _fail(f"{eq.target.name} is read outside the score")
         raw = _fold(sympy.Add(*parts), chain)
-        text = code(raw, ij)
+        text, text_kv = code(raw, ij), code_kv(raw, ji)
         if s_eq.lhs in raw.atoms(Indexed):  # it reads the score, -inf where the kernels mask it (valid)
-            text = f"tl.where(valid, {text}, 0.0)"
+            text, text_kv = f"tl.where(valid, {text}, 0.0)", f"tl.where(valid, {text_kv}, 0.0)"
         bwd_steps.append(Stmt(names[f"d{eq.target.name}"], text, f"d{eq.target.name} = {sympy.sstr(raw)}"))
+        kv.bwd_steps.append(Stmt(names[f"d{eq.target.name}"], text_kv, f"d{eq.target.name} = {sympy.sstr(raw)}"))
         pullback_text.append(f"d{eq.target.name} = {sympy.sstr(raw)}")
     grads = []
     for x, role in zip(ir.inputs[:3], ("dq", "dk", "dv")):
@@ -540,6 +571,7 @@ def plan_attention(d: Derivation) -> AttentionPlan:
             names[label] = kn.take(f"g_{names[f'd{x.name}']}")
             computed.add(label)
             bwd_steps.append(Stmt(names[label], code(rest, ij), f"the tile d{x.name} contracts"))
+            kv.bwd_steps.append(Stmt(names[label], code_kv(rest, ji), f"the tile d{x.name} contracts"))
             rest = tile
         acc_label = f":acc:{role}"
         acc_x = Indexed(IndexedBase(acc_label), *x.indices)
@@ -549,7 +581,8 @@ def plan_attention(d: Derivation) -> AttentionPlan:
         final = code(t.coeff * sympy.Mul(*outer) * acc_x, target)
         idx, shown = display_indices(list(x.indices), value)
         grads.append(Pullback(n[role], x.name, n[f"acc_{role}"], base_name(loop), term_code, final,
-                              f"d{x.name}[{', '.join(s.name for s in idx)}] = {sympy.sstr(shown)}"))
+                              f"d{x.name}[{', '.join(s.name for s in idx)}] = {sympy.sstr(shown)}",
+                              code_kv(IndexSum(operand[0] * rest, loop), target)))
     loops = {g.of: g.loop for g in grads}
     if loops != {q.name: j.name, k.name: i.name, v.name: i.name}:
         _fail(f"expected dQ to sum over {j} and dK, dV over {i}; found {loops}")
@@ -559,4 +592,4 @@ def plan_attention(d: Derivation) -> AttentionPlan:
         'float("-inf")', code(m_eq.rhs.body, ij), rescale, l_term,
         o_term, o_final, lse_code, code(p_from_lse, ij), delta_code, dp_code, ds_code, bwd_steps, grads,
         [str(eq) for eq in ir.equations], pullback_text, sympy.sstr(delta_sum),
-        any(eq.rhs.has(Where) for eq in chain))
+        any(eq.rhs.has(Where) for eq in chain), kv)

@@ -137,7 +137,10 @@ def _softcap_attention_bwd_dkdv(
     DOT_FP32: tl.constexpr, IDX64: tl.constexpr,  # upcast dot operands; 64-bit offsets (see _config)
 ):
     """One program per (batch, block of keys); streams blocks of queries to
-    accumulate dK and dV (sums over i)."""
+    accumulate dK and dV (sums over i).  Its score tiles are
+    [keys, queries], the transpose of the other kernels': the block of keys is
+    every dot's M (the tensor cores' rows) while the queries stream in narrow
+    blocks, as in Triton's fused-attention tutorial."""
     DT = tl.float32 if DOT_FP32 else Q_ptr.dtype.element_ty  # tl.dot operands (see _config)
     n_blocks = tl.cdiv(n_j, BLOCK_N)
     pid = tl.program_id(0)
@@ -161,18 +164,18 @@ def _softcap_attention_bwd_dkdv(
         dO = _tile(dO_ptr + z * n_i * n_e, offs_i, n_e, n_i, offs_e, 1, n_e, DT, IDX64)
         LSE = tl.load(LSE_ptr + z * n_i + offs_i, mask=row_ok, other=0.0)
         Delta = tl.load(Delta_ptr + z * n_i + offs_i, mask=row_ok, other=0.0)
-        R = scale*tl.dot(Q, tl.trans(K), input_precision=PREC)
+        R = scale*tl.dot(K, tl.trans(Q), input_precision=PREC)
         S = softcap*(1.0 - 2.0 / (tl.exp(2.0 * (R/softcap)) + 1.0))
-        valid = row_ok[:, None] & col_ok[None, :]
+        valid = col_ok[:, None] & row_ok[None, :]
         if CAUSAL:
-            valid = valid & (offs_j[None, :] <= offs_i[:, None])
+            valid = valid & (offs_j[:, None] <= offs_i[None, :])
         S = tl.where(valid, S, float("-inf"))
-        P = tl.exp(-LSE[:, None] + S)  # recomputed from the log-sum-exp
-        acc_dV += tl.dot(tl.trans(P.to(DT)), dO, input_precision=PREC)  # dV[z, j, e] = sum[i](P[z, i, j]*dO[z, i, e])
-        dP = tl.dot(dO, tl.trans(V), input_precision=PREC)  # dP = sum[e](V[z, j, e]*dO[z, i, e])
-        dS = (-Delta[:, None] + dP)*P  # dS = P * (dP - Delta)
+        P = tl.exp(-LSE[None, :] + S)  # recomputed from the log-sum-exp
+        acc_dV += tl.dot(P.to(DT), dO, input_precision=PREC)  # dV[z, j, e] = sum[i](P[z, i, j]*dO[z, i, e])
+        dP = tl.dot(V, tl.trans(dO), input_precision=PREC)  # dP = sum[e](V[z, j, e]*dO[z, i, e])
+        dS = (-Delta[None, :] + dP)*P  # dS = P * (dP - Delta)
         dR = tl.where(valid, (1.0 - (S * S)/(softcap * softcap))*dS, 0.0)  # dR = (1 - S[z, i, j]**2/softcap**2)*dS[z, i, j]
-        acc_dK += tl.dot(tl.trans(dR.to(DT)), Q, input_precision=PREC)  # dK[z, j, d] = scale*sum[i](Q[z, i, d]*dR[z, i, j])
+        acc_dK += tl.dot(dR.to(DT), Q, input_precision=PREC)  # dK[z, j, d] = scale*sum[i](Q[z, i, d]*dR[z, i, j])
     dK = scale*acc_dK
     dV = acc_dV
     rows = z * n_j + offs_j[:, None]
@@ -241,8 +244,9 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 
 
 def _config(n_d: int, n_e: int, dtype: torch.dtype, kernel: str, idx64: bool, is_causal: bool = False,
-            device=None) -> dict:
-    cfg = rt.attention_config(n_d, n_e, dtype, kernel, is_causal, device)
+            device=None, arch: str | None = None) -> dict:
+    """The launch config of one kernel; ``arch`` (tests) names the GPU whose tiles to use."""
+    cfg = rt.attention_config(n_d, n_e, dtype, kernel, is_causal, device, arch=arch)
     cfg["ACC"] = rt.acc_dtype(dtype)
     cfg["PREC"] = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
     # Triton's interpreter multiplies bf16 tl.dot operands as raw bit patterns
@@ -263,7 +267,7 @@ _EXTRAS = []
 _N_SETS = 1  # batch index sets of q: the last ones one axis each, the first the rest
 
 
-def _forward(q, k, v, extras: list, params: list, is_causal: bool):
+def _forward(q, k, v, extras: list, params: list, is_causal: bool, arch: str | None = None):
     lead = q.shape[:-2]
     qf, kf, vf = _flat(q), _flat(k), _flat(v)
     z, n_i, n_d = qf.shape
@@ -272,7 +276,7 @@ def _forward(q, k, v, extras: list, params: list, is_causal: bool):
     lse = torch.empty(list(lead) + [n_i], dtype=rt.torch_acc_dtype(q.dtype), device=q.device)
     if o.numel() == 0:
         return o, lse
-    cfg = _config(n_d, n_e, q.dtype, "fwd", rt.attention_idx64(qf, kf, vf, _flat(o)), is_causal, q.device)
+    cfg = _config(n_d, n_e, q.dtype, "fwd", rt.attention_idx64(qf, kf, vf, _flat(o)), is_causal, q.device, arch)
     grid = (z * triton.cdiv(n_i, cfg["BLOCK_M"]),)
     ex = rt.attention_extra_args(q, extras, _EXTRAS, _N_SETS)
     _softcap_attention_fwd[grid](qf, *qf.stride(), kf, *kf.stride(), vf, *vf.stride(), o, lse, *ex, *params,
@@ -280,7 +284,7 @@ def _forward(q, k, v, extras: list, params: list, is_causal: bool):
     return o, lse
 
 
-def _backward(q, k, v, extras: list, o, lse, do, params: list, is_causal: bool):
+def _backward(q, k, v, extras: list, o, lse, do, params: list, is_causal: bool, arch: str | None = None):
     qf, kf, vf = _flat(q), _flat(k), _flat(v)
     z, n_i, n_d = qf.shape
     n_j, n_e = vf.shape[1], vf.shape[2]
@@ -294,8 +298,8 @@ def _backward(q, k, v, extras: list, o, lse, do, params: list, is_causal: bool):
     of = _flat(o).contiguous()
     delta = torch.empty(z * n_i, dtype=lse.dtype, device=q.device)
     idx64 = rt.attention_idx64(qf, kf, vf, of, _flat(dq), _flat(dk), _flat(dv))
-    kv_cfg = _config(n_d, n_e, q.dtype, "dkdv", idx64, is_causal, q.device)
-    q_cfg = _config(n_d, n_e, q.dtype, "dq", idx64, is_causal, q.device)
+    kv_cfg = _config(n_d, n_e, q.dtype, "dkdv", idx64, is_causal, q.device, arch)
+    q_cfg = _config(n_d, n_e, q.dtype, "dq", idx64, is_causal, q.device, arch)
     if z * n_i:
         _softcap_attention_bwd_delta[(triton.cdiv(z * n_i, 64),)](
             of, dof, delta, z * n_i, n_e, BLOCK_M=64, BLOCK_E=q_cfg["BLOCK_E"], ACC=q_cfg["ACC"], IDX64=idx64)

@@ -144,12 +144,23 @@ def test_kernels_print_every_formula_from_the_derivation():
     p = plan(derive("attention"))
     text = open(__import__("generated.attention", fromlist=["x"]).__file__).read()
     for code in [p.score, p.rescale, p.l_term, p.o_term, p.o_final, p.lse_code, p.p_code, p.delta_code,
-                 p.dp_code, p.ds_code] + [g.term for g in p.grads] + [g.final for g in p.grads]:
+                 p.dp_code, p.ds_code, p.grad("Q").term] + [g.final for g in p.grads]:
+        assert code in text
+    # the dK/dV kernel's statements: the same formulas over [j, i] score tiles
+    for code in [st.code for st in p.kv.score_steps] + [p.kv.p_code, p.kv.dp_code, p.kv.ds_code,
+                                                        p.grad("K").kv_term, p.grad("V").kv_term]:
         assert code in text
     assert p.p_code == "tl.exp(-LSE[:, None] + S)"        # P from the log-sum-exp alone
     assert p.ds_code == "(-Delta[:, None] + dP)*P"        # dS = P (dP - Delta)
     assert p.delta_code == "tl.sum(O*dO, axis=1)"         # Delta = sum_e dO O, not sum_j P dP
     assert p.grad("Q").term == "tl.dot(dS.to(DT), K, input_precision=PREC)"
+    # transposed: keys are the dots' rows, the row statistics broadcast along the columns
+    assert p.kv.score_steps[0].code == "scale*tl.dot(K, tl.trans(Q), input_precision=PREC)"
+    assert p.kv.p_code == "tl.exp(-LSE[None, :] + S)"
+    assert p.kv.dp_code == "tl.dot(V, tl.trans(dO), input_precision=PREC)"
+    assert p.kv.ds_code == "(-Delta[None, :] + dP)*P"
+    assert p.grad("K").kv_term == "tl.dot(dS.to(DT), Q, input_precision=PREC)"
+    assert p.grad("V").kv_term == "tl.dot(P.to(DT), dO, input_precision=PREC)"
 
 
 def _float64_reference(q, k, v, causal, scale=None):

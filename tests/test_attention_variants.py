@@ -138,7 +138,8 @@ def test_softcap_pullback_reads_the_capped_score():
     (step,) = p.bwd_steps
     assert step.code == "tl.where(valid, (1.0 - (S * S)/(softcap * softcap))*dS, 0.0)"
     text = open(__import__("generated.softcap_attention", fromlist=["x"]).__file__).read()
-    for code in [s.code for s in p.score_steps + p.bwd_steps] + [x.code for x in p.loads]:
+    for code in [s.code for s in p.score_steps + p.bwd_steps + p.kv.score_steps + p.kv.bwd_steps] + \
+            [x.code for x in p.loads]:
         assert code in text
 
 

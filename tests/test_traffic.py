@@ -1,6 +1,7 @@
 """Bytes the kernels move, counted under the interpreter (derive.memtrace):
 a row that fits a block is read once and written once, and attention never
 writes an M x N tensor (its traffic grows linearly in N at fixed M)."""
+import importlib
 import os
 
 import pytest
@@ -69,6 +70,74 @@ def test_attention_traffic_is_linear_in_n():
     assert f1.total_stored == f2.total_stored == f4.total_stored == out_bytes
     m_by_n = 2 * 64 * 256 * 4
     assert b4.total_stored < m_by_n and f4.total < 2 * m_by_n
+
+
+def _flash_bytes(n: int, d: int, es: int, causal: bool, fwd_m: int, kv_m: int, kv_n: int, dq_m: int) -> dict:
+    """Bytes per (batch, head) of a flash-attention forward and backward with N queries = N keys,
+    head dim D, ``es``-byte elements and fp32 row statistics, from its tiles: the forward's
+    ``fwd_m`` query rows per program, the dK/dV kernel's ``kv_n`` keys per program streaming
+    ``kv_m`` queries per step, the dQ kernel's ``dq_m`` query rows per program."""
+    f, row = 4, d * es  # a row statistic (LSE, Delta); one row of Q, K, V, O, dO, dQ, dK or dV
+    # causal: a block of queries [s, s + m) reads keys up to s + m; a block of keys from s on
+    # reads queries from s (rounded down to a step) on
+    keys_read = lambda m: sum(min(n, s + m) if causal else n for s in range(0, n, m))  # noqa: E731
+    queries_read = sum(n - ((s // kv_m) * kv_m if causal else 0) for s in range(0, n, kv_n))
+    fwd = (n * row                       # reads Q once
+           + 2 * row * keys_read(fwd_m)  # K and V once per block of queries
+           + n * row + n * f)            # writes O and the LSE
+    bwd = (2 * n * row + n * f           # Delta pass: reads O and dO, writes Delta
+           + 2 * n * row                                  # dK/dV kernel: reads K and V once,
+           + (2 * row + 2 * f) * queries_read             # Q, dO, LSE and Delta once per block of keys,
+           + 2 * n * row                                  # writes dK and dV
+           + 2 * n * row + 2 * n * f                      # dQ kernel: reads Q, dO, LSE and Delta once,
+           + 2 * row * keys_read(dq_m)                    # K and V once per block of queries,
+           + n * row)                                     # writes dQ
+    return {"fwd": fwd, "bwd": bwd}
+
+
+# Triton's tutorial 06 (python/tutorials/06-fused-attention.py) on Hopper: a forward of
+# BLOCK_M = 128 query rows (the larger its autotuner tries: the least traffic it can pick);
+# a backward of BLOCK_N1 = 128 keys per program streaming BLOCK_M1 = 32 queries for dK/dV,
+# BLOCK_M2 = 128 queries per program for dQ.  Its backward is written for causal attention;
+# without the mask the same tiles stream every block.  Not counted in its favour: the
+# torch op that pre-scales K (one more read and write of K) before its backward kernel.
+TUTORIAL_06 = dict(fwd_m=128, kv_m=32, kv_n=128, dq_m=128)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_traffic_at_or_below_tutorial_06_with_sm90_tiles(d, causal):
+    """The interpreter runs the kernels with the tiles the launchers choose on an sm_90 GPU;
+    the bytes they move per (batch, head) are what those tiles imply and no more than the
+    tutorial's kernels move."""
+    mod = importlib.import_module("generated.attention")
+    b, h, n = 1, 2, 512
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(b, h, n, d, dtype=torch.float16) for _ in range(3))
+    do = torch.randn(b, h, n, d, dtype=torch.float16)
+    params = mod._check("attention", q, k, v, [], [None], causal)
+    cfg = {kernel: mod._config(d, d, torch.float16, kernel, False, causal, arch="sm_90")
+           for kernel in ("fwd", "dkdv", "dq")}
+    assert (cfg["dkdv"]["BLOCK_M"], cfg["dkdv"]["BLOCK_N"], cfg["dq"]["BLOCK_M"]) == (32, 128, 128)
+    with count_traffic() as fwd:
+        o, lse = mod._forward(q, k, v, [], params, causal, arch="sm_90")
+    with count_traffic() as bwd:
+        dq, dk, dv = mod._backward(q, k, v, [], o, lse, do, params, causal, arch="sm_90")
+    # the kernels, at the GPU's tiles, compute attention and its gradients (float64 SDPA)
+    ref_in = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = torch.nn.functional.scaled_dot_product_attention(*ref_in, is_causal=causal)
+    want = torch.autograd.grad(ref, ref_in, do.double())
+    torch.testing.assert_close(o.double(), ref, rtol=1e-2, atol=1e-2)
+    for name, got, w in zip(("dQ", "dK", "dV"), (dq, dk, dv), want):
+        torch.testing.assert_close(got.double(), w, rtol=2e-2, atol=2e-2, msg=lambda m: f"{name}: {m}")
+    assert {k_: t.launches for k_, t in bwd.per_kernel.items()} == {
+        "_attention_bwd_delta": 1, "_attention_bwd_dkdv": 1, "_attention_bwd_dq": 1}
+    ours = _flash_bytes(n, d, 2, causal, cfg["fwd"]["BLOCK_M"], cfg["dkdv"]["BLOCK_M"], cfg["dkdv"]["BLOCK_N"],
+                        cfg["dq"]["BLOCK_M"])
+    got = {"fwd": fwd.total / (b * h), "bwd": bwd.total / (b * h)}
+    assert got == ours  # every byte accounted for by the launch configs
+    tutorial = _flash_bytes(n, d, 2, causal, **TUTORIAL_06)
+    assert got["fwd"] <= tutorial["fwd"] and got["bwd"] <= tutorial["bwd"], (got, tutorial)
 
 
 def test_count_traffic_restores_the_interpreter():
