@@ -194,6 +194,30 @@ def test_user_spec_with_a_learned_free_modification(tmp_path, monkeypatch):
             (q, k, v), 1e-6)  # float parameters reach the kernels as Triton's float32 arguments (0.3, 0.7 rounded)
 
 
+def test_user_mask_bounds_with_rounding_and_renamed_parameters(tmp_path, monkeypatch):
+    """A mask whose linear conditions solve to fractions (2j <= i + c: j <= floor((i + c)/2), printed
+    with //) next to a condition that bounds nothing (an or); int parameters named like the kernels'
+    own words (start_m, first_n), which the allocator renames in the kernels: over several tiles, as torch."""
+    import importlib
+    from derive import emit as E
+    path = tmp_path / "banded.op"
+    path.write_text(
+        "op banded(Q[z, i, d], K[z, j, d], V[z, j, e]; start_m: int, first_n: int, scale) -> O[z, i, e]\n"
+        "R = scale * sum[d](Q * K)\n"
+        "S = where(j > i - start_m and 2 * j <= i + first_n and (i - j < 5 or j > 3), R, -inf)\n"
+        "M = max[j](S)\nE = exp(S - M)\nL = sum[j](E)\nP = E / L\nO = sum[j](P * V)\n")
+    E.emit(str(path), tmp_path / "mine_banded")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mod = importlib.import_module("mine_banded")
+    text = (tmp_path / "mine_banded" / "banded.py").read_text()
+    assert "first_n = tl.maximum(start_m - start_m_1 + 1, 0) // BLOCK_N * BLOCK_N" in text
+    assert "end_n = tl.minimum(end_n, (BLOCK_M + start_m + first_n_1 - 1) // 2 + 1)" in text
+    q, k, v = make(1, 2, 190, 150, 8, 4, torch.float64)
+    keep = lambda i, j: (j > i - 100) & (2 * j <= i + 9) & ((i - j < 5) | (j > 3))  # noqa: E731
+    compare(lambda q, k, v: mod.banded(q, k, v, start_m=100, first_n=9, scale=0.5),
+            lambda q, k, v: reference(q, k, v, keep=keep, scale=0.5), (q, k, v), 1e-10)
+
+
 def test_softcap_pullback_reads_the_capped_score():
     """dR is derived, with tanh(R/softcap) folded into the capped score S: no tanh in the backward."""
     from derive import derive
