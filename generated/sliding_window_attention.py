@@ -264,6 +264,10 @@ def _config(n_d: int, n_e: int, dtype: torch.dtype, kernel: str, idx64: bool, is
         # the query rows per step keeps ptxas from spilling at sm_80 (`pullback build`)
         cfg["BLOCK_M"] = min(cfg["BLOCK_M"], 16)
         cfg["num_warps"] = 2  # (16x16 tiles: 8 warps spilled fp64 at sm_90 with triton 3.6, 4 at sm_80 with 3.9)
+    if kernel == "fwd" and dtype in (torch.float32, torch.float64) and not rt.INTERPRET:
+        # the mask's tile bounds live beside the sweep: half the keys per step (32x32 tiles
+        # spilled fp32 at sm_80 with triton 3.6, on 8 warps and on 4)
+        cfg["BLOCK_N"] = min(cfg["BLOCK_N"], 16)
     if kernel == "fwd" and not rt.INTERPRET and cfg["BLOCK_M"] > 64:
         # a modified score keeps more values live per query row: 64 rows, one warpgroup
         # (128 rows on 8 warps spilled at sm_80 with triton 3.6, `pullback build`)
