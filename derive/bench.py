@@ -121,9 +121,14 @@ def _rowwise_inputs(meta, shape, dim, dtype):
 
 
 def _attention_cases(quick: bool = False):
+    """((B, H, M, D), N, causal, mask): mask None (attention), ("window", w) (sliding_window_attention)
+    or ("documents", k) (document_attention with k equal contiguous documents): the tiles they skip."""
     if quick:
-        return [((1, 1, 128, 64), 128, False)]
-    return [((1, 4, 512, 64), 512, False), ((1, 4, 512, 64), 512, True), ((1, 2, 256, 128), 1024, False)]
+        return [((1, 1, 128, 64), 128, False, None)]
+    return [((1, 4, 512, 64), 512, False, None), ((1, 4, 512, 64), 512, True, None),
+            ((1, 2, 256, 128), 1024, False, None)] + \
+        [((1, 4, n, 64), n, False, ("window", 128)) for n in (512, 1024, 2048)] + \
+        [((1, 4, 1024, 64), 1024, False, ("documents", k)) for k in (1, 4, 16)]
 
 
 def traffic(dtype_name: str = "float16", quick: bool = False, progress=None) -> list[TrafficRow]:
@@ -185,34 +190,44 @@ def traffic(dtype_name: str = "float16", quick: bool = False, progress=None) -> 
                                rereads + totals, pf.programs, pf.launches, n_rows))
         rows.append(TrafficRow(name, label, dtype_name, "backward", bwd.total_loaded, bwd.total_stored, ideal_b,
                                rereads_b + partials, pb.programs, pb.launches, n_rows))
-    for (b, h, m, d), n_keys, causal in _attention_cases(quick):
+    for (b, h, m, d), n_keys, causal, mask in _attention_cases(quick):
+        kind, size = mask or (None, None)
+        label = f"B={b} H={h} M={m} N={n_keys} D={d}{' causal' if causal else ''}" + \
+            {None: "", "window": f" window={size}", "documents": f" documents={size}"}[kind]
         if progress:
-            progress(f"attention B={b} H={h} M={m} N={n_keys} D={d} causal={causal}")
+            progress(f"attention {label}")
         q = torch.randn(b, h, m, d, dtype=dtype, requires_grad=True)
         k = torch.randn(b, h, n_keys, d, dtype=dtype, requires_grad=True)
         v = torch.randn(b, h, n_keys, d, dtype=dtype, requires_grad=True)
+        ids = torch.arange(n_keys).div(-(-n_keys // size), rounding_mode="floor").expand(b, n_keys) \
+            if kind == "documents" else None
+        op, call = {None: ("attention", lambda: generated.attention(q, k, v, causal=causal)),
+                    "window": ("sliding_window_attention",
+                               lambda: generated.sliding_window_attention(q, k, v, window=size)),
+                    "documents": ("document_attention",
+                                  lambda: generated.document_attention(q, k, v, ids, causal=causal))}[kind]
         with count_traffic() as fwd, count_programs() as pf:
-            o = generated.attention(q, k, v, causal=causal)
+            o = call()
         with count_traffic() as bwd, count_programs() as pb:
             o.backward(torch.randn_like(o))
         qkv = q.numel() + k.numel() + v.numel()
-        ideal_f = (qkv + o.numel()) * es
-        ideal_b = (qkv + 2 * o.numel() + qkv) * es  # read q, k, v, o, dO; write dq, dk, dv
-        label = f"B={b} H={h} M={m} N={n_keys} D={d}{' causal' if causal else ''}"
-        rows.append(TrafficRow("attention", label, dtype_name, "forward", fwd.total_loaded, fwd.total_stored,
+        extra = 0 if ids is None else ids.numel() * ids.element_size()  # the document ids, read once
+        ideal_f = (qkv + o.numel()) * es + extra
+        ideal_b = (qkv + 2 * o.numel() + qkv) * es + extra  # read q, k, v, o, dO; write dq, dk, dv
+        rows.append(TrafficRow(op, label, dtype_name, "forward", fwd.total_loaded, fwd.total_stored,
                                ideal_f, 0, pf.programs, pf.launches))
-        rows.append(TrafficRow("attention", label, dtype_name, "backward", bwd.total_loaded, bwd.total_stored,
+        rows.append(TrafficRow(op, label, dtype_name, "backward", bwd.total_loaded, bwd.total_stored,
                                ideal_b, 0, pb.programs, pb.launches))
     return rows
 
 
 def format_traffic(rows: list[TrafficRow]) -> str:
-    head = f"{'op':<13} {'shape':<34} {'dtype':<8} {'pass':<8} {'loaded MiB':>10} {'stored MiB':>10} " \
+    head = f"{'op':<24} {'shape':<40} {'dtype':<8} {'pass':<8} {'loaded MiB':>10} {'stored MiB':>10} " \
            f"{'ideal MiB':>10} {'per-prog':>9} {'x ideal':>8} {'programs':>9}"
     out = [head, "-" * len(head)]
     for r in rows:
         part = _mib(r.per_program) if r.per_program else "-"
-        out.append(f"{r.op:<13} {r.shape:<34} {r.dtype:<8} {r.direction:<8} {_mib(r.loaded):>10} "
+        out.append(f"{r.op:<24} {r.shape:<40} {r.dtype:<8} {r.direction:<8} {_mib(r.loaded):>10} "
                    f"{_mib(r.stored):>10} {_mib(r.ideal):>10} {part:>9} {r.ratio:8.2f} {r.programs:>9}")
     return "\n".join(out)
 

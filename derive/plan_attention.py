@@ -40,10 +40,10 @@ import sympy
 from sympy import Indexed, IndexedBase, Symbol
 
 from .derivation import Derivation
-from .ir import IndexMax, IndexSum, Indicator, Position, Where, base_name, free_indices
+from .ir import IndexMax, IndexSum, Indicator, Position, Where, base_name, condition_text, free_indices
 from .names import Names, template_identifiers
 from .plan import NEG_INF, TEMPLATES, PlanError, rescale_ratio
-from .printer import tile_code
+from .printer import NotSupported, index_code, tile_code, triton_code
 from .report import display_indices
 from .simplify import normalize
 
@@ -152,6 +152,18 @@ class AttentionPlan:
     delta_text: str
     masked: bool = False      # the score has a mask of its own (where(cond, s, -inf))
     kv: KeyRows | None = None  # the dK/dV kernel's statements, score tiles [j, i]
+    # tiles the mask removes entirely (see _skips): the key range of a query tile (forward, dQ),
+    # the query range of a key tile (dK/dV), as integer code in the tile's first position
+    # (start_m / start_n) and the tile size; "" where the mask bounds nothing
+    key_start: str = ""       # the first key any query of the tile can see
+    key_stop: str = ""        # one past the last
+    key_text: str = ""        # the per-query bounds they come from, for comments
+    query_start: str = ""
+    query_stop: str = ""
+    query_text: str = ""
+    tile_ranges: list = field(default_factory=list)  # Loads: min/max of integer inputs over a tile
+    tile_test: str = ""       # the tiles' ranges overlap: some pair may pass the mask
+    tile_text: str = ""
 
     @property
     def score(self) -> str:
@@ -320,6 +332,121 @@ def _chain(ir, defs, s_name, batch, i, j) -> list:
     return chain
 
 
+def _mask_conjuncts(s_eq) -> list:
+    """The conditions of the score's mask, split at ``and``: ``where(c1 and c2, where(c3, s,
+    -inf), -inf)`` -> [c1, c2, c3].  Only a where at the top of the score the max reads
+    removes keys outright (a modification after it could turn -inf finite: tanh(-inf) = -1)."""
+    out, e = [], s_eq.rhs
+    while isinstance(e, Where) and e.other == NEG_INF:
+        out += list(sympy.And.make_args(e.cond))
+        e = e.then
+    return out
+
+
+_RELATIONS = {sympy.StrictLessThan: (1, True), sympy.LessThan: (1, False),
+              sympy.StrictGreaterThan: (-1, True), sympy.GreaterThan: (-1, False)}
+
+
+def _position_bounds(conjuncts, x, y, params) -> tuple[list, list, sympy.Dummy]:
+    """Bounds on the position ``x`` as functions of the position ``y`` (a dummy ``v``), from each
+    conjunct that is a linear inequality (or equality) in the two positions with number
+    coefficients, the rest a polynomial in the int ``params``; solved with SymPy.  Returns
+    (starts, stops, v): (first visible x, inclusive; coefficient of v) and (one past the last,
+    exclusive; coefficient of v).  Every other conjunct bounds nothing.  Integer rounding:
+    a solution ``x <= N/d`` with d > 1 is printed ``N // d``, within one of the exact quotient
+    whichever way the kernel rounds, and the bound keeps that slack, so it never excludes a
+    visible position."""
+    u, v = sympy.Dummy("u"), sympy.Dummy("v")
+    starts, stops = [], []
+    for c in conjuncts:
+        if isinstance(c, sympy.Eq):
+            rels = [(c.lhs - c.rhs, False), (c.rhs - c.lhs, False)]
+        elif type(c) in _RELATIONS:
+            sign, strict = _RELATIONS[type(c)]
+            rels = [(sign * (c.lhs - c.rhs), strict)]
+        else:
+            continue
+        for e, strict in rels:  # e < 0 (strict) or e <= 0
+            e = sympy.expand(e.xreplace({Position(x): u, Position(y): v}))
+            if e.atoms(Indexed, Position, sympy.Function) or not e.free_symbols <= {u, v, *params}:
+                continue
+            a, b = e.coeff(u), e.coeff(v)
+            rest = sympy.expand(e - a * u - b * v)
+            if not (a.is_Rational and a != 0 and b.is_Rational) or rest.has(u, v):
+                continue
+            if params and not rest.is_polynomial(*params):
+                continue
+            coeffs = sympy.Poly(rest, *params).coeffs() if params else [rest]
+            if not all(k.is_Rational for k in coeffs):
+                continue
+            scale = sympy.ilcm(*[sympy.fraction(k)[1] for k in [a, b, *coeffs]])  # integer coefficients
+            a, b, rest = a * scale, b * scale, sympy.expand(rest * scale)
+            if a > 0:  # a u <(=) -(b v + rest): an upper bound on u
+                num, den = -(b * v + rest), a
+                stop = (num if strict else num + 1) if den == 1 else sympy.floor(num / den) + 1
+                stops.append((stop, -b))
+            else:      # -a u >(=) b v + rest: a lower bound
+                num, den = b * v + rest, -a
+                start = (num + 1 if strict else num) if den == 1 else sympy.floor(num / den)
+                starts.append((start, b))
+    return starts, stops, v
+
+
+def _tile_range(bounds, first, last, names, x, y) -> tuple[str, str, str]:
+    """A tile's range from per-position bounds (monotone in v): the first visible position is the
+    least start over the tile's positions (at its first or last one, by the sign of v's
+    coefficient), the stop the greatest; several conjuncts: the greatest start, the least stop.
+    Returns the printed start, the printed stop and the per-position bounds as text."""
+    starts, stops, v = bounds
+    pick = lambda k, low: (first if (k >= 0) == low else last)  # noqa: E731
+    start = [e.xreplace({v: pick(k, True)}) for e, k in starts]
+    stop = [e.xreplace({v: pick(k, False)}) for e, k in stops]
+    show = {v: Symbol(y)}
+    text = [f"{x} >= {sympy.sstr(e.xreplace(show))}" for e, _ in starts] + \
+        [f"{x} < {sympy.sstr(e.xreplace(show))}" for e, _ in stops]
+    try:
+        return (index_code(sympy.Max(*start), names) if start else "",
+                index_code(sympy.Min(*stop), names) if stop else "", ", ".join(text))
+    except NotSupported:  # (not expected: the bounds hold integers and floors only) no bounds
+        return "", "", ""
+
+
+def _id_overlaps(conjuncts, ints, i, j, uses, names, kn) -> tuple[list, str, str]:
+    """``ids[.., i] == ids[.., j]`` (integer inputs, one read at the query and one at the key
+    positions) holds for no pair of a query tile and a key tile whose ranges of values do
+    not overlap.  Returns the Loads of each tile's min and max (rows past the end take the
+    tile's max for its min and its min for its max: they widen nothing), the overlap test and
+    its text."""
+    loads, tests, texts = [], [], []
+    for c in conjuncts:
+        if not (isinstance(c, sympy.Eq) and isinstance(c.lhs, Indexed) and isinstance(c.rhs, Indexed)):
+            continue
+        a, b = c.lhs, c.rhs
+        if not {str(a.base.label), str(b.base.label)} <= ints:
+            continue
+        pa, pb = ([s for s in t.indices if s in (i, j)] for t in (a, b))
+        if (pa, pb) == ([j], [i]):
+            a, b = b, a
+        elif (pa, pb) != ([i], [j]):
+            continue
+        bounds = []
+        for t, ok, on_i in ((a, "row_ok", True), (b, "col_ok", False)):
+            label = str(uses[t].base.label)
+            x = names[label]
+            lo, hi = kn.take(f"{x}_lo"), kn.take(f"{x}_hi")
+            loads += [Load(lo, f"tl.min(tl.where({ok}, {x}, tl.max({x}, axis=0)), axis=0)", on_i, not on_i,
+                           f"least {sympy.sstr(t)} of the tile"),
+                      Load(hi, f"tl.max(tl.where({ok}, {x}, tl.min({x}, axis=0)), axis=0)", on_i, not on_i,
+                           f"greatest {sympy.sstr(t)} of the tile")]
+            bounds.append((Symbol(lo), Symbol(hi)))
+        (qlo, qhi), (klo, khi) = bounds
+        tests.append(sympy.And(sympy.Le(klo, qhi, evaluate=False), sympy.Le(qlo, khi, evaluate=False)))
+        texts.append(condition_text(sympy.StrPrinter(), c))
+    if not tests:
+        return [], "", ""
+    return loads, triton_code(sympy.And(*tests)), " and ".join(texts)
+
+
 def plan_attention(d: Derivation) -> AttentionPlan:
     ir = d.ir
     decls = {x.name: x for x in (d.spec.param_decls if d.spec is not None else [])}
@@ -458,6 +585,19 @@ def plan_attention(d: Derivation) -> AttentionPlan:
         if x.dtype == "float" and steps.get(x.name) is not None and steps[x.name].value != 0:
             pass  # its gradient is not computed: the runtime refuses it with requires_grad (see check_attention_extra)
 
+    # -- tiles the mask removes entirely: bounds from its linear conditions on the positions,
+    # an overlap test from its equalities of integer inputs
+    conjuncts = _mask_conjuncts(s_eq)
+    int_params = [prm for prm in ir.params if prm is not causal_sym and decls.get(prm.name) is not None
+                  and decls[prm.name].dtype == "int"]
+    first, block = Symbol(":first"), Symbol(":block")
+    skips = {}
+    for x, y, (f, b) in ((j, i, ("start_m", "BLOCK_M")), (i, j, ("start_n", "BLOCK_N"))):
+        skips[x] = _tile_range(_position_bounds(conjuncts, x, y, int_params), first, first + block - 1,
+                               dict(names, **{":first": f, ":block": b}), x.name, y.name)
+    tile_ranges, tile_test, tile_text = _id_overlaps(
+        conjuncts, {t.name for t in extras_t if t.dtype == "int"}, i, j, uses, names, kn)
+
     def code(expr, target) -> str:
         expr = expr.xreplace(uses)
         return tile_code(expr, axes, [t.name if isinstance(t, Symbol) else t for t in target], computed,
@@ -592,4 +732,4 @@ def plan_attention(d: Derivation) -> AttentionPlan:
         'float("-inf")', code(m_eq.rhs.body, ij), rescale, l_term,
         o_term, o_final, lse_code, code(p_from_lse, ij), delta_code, dp_code, ds_code, bwd_steps, grads,
         [str(eq) for eq in ir.equations], pullback_text, sympy.sstr(delta_sum),
-        any(eq.rhs.has(Where) for eq in chain), kv)
+        any(eq.rhs.has(Where) for eq in chain), kv, *skips[j], *skips[i], tile_ranges, tile_test, tile_text)

@@ -332,6 +332,31 @@ def tile_code(expr, axes: dict, target, computed=(), batch=(), names=None, dot_o
                         "positions": positions or {}}).doprint(expr)
 
 
+class IndexPrinter(TritonPrinter):
+    """Prints integer arithmetic on scalars: a loop bound from positions and int
+    parameters.  Integers stay integers; ``floor(p/q)`` (q a positive integer) is
+    ``p // q``, which Triton rounds toward zero and Python down: both lie within
+    one of the exact quotient, which the caller's bounds allow for.  Any other
+    fraction is refused."""
+
+    def _print_Integer(self, expr):
+        return str(int(expr))
+
+    def _print_Rational(self, expr):
+        raise NotSupported(f"an integer bound cannot hold the fraction {expr}")
+
+    def _print_floor(self, expr):
+        num, den = sympy.fraction(sympy.together(expr.args[0]))
+        if not (den.is_Integer and den > 0):
+            raise NotSupported(f"an integer bound divides only by a positive integer: {expr}")
+        return f"({self._print(num)}) // {int(den)}"
+
+
+def index_code(expr, names: dict | None = None) -> str:
+    """Print an integer scalar expression (see :class:`IndexPrinter`)."""
+    return IndexPrinter({"names": names or {}}).doprint(expr)
+
+
 def triton_code(expr, names: dict | None = None, column: str = "col", argmax: dict | None = None) -> str:
     """Print one expression as Triton code.  ``names`` maps tensor, parameter and
     size names to the kernel's names; ``argmax`` maps a max's name to the kernel
@@ -340,4 +365,4 @@ def triton_code(expr, names: dict | None = None, column: str = "col", argmax: di
 
 
 
-__all__ = ["TritonPrinter", "triton_code", "NotSupported", "IndexSum", "IndexMax", "ArgmaxIndicator"]
+__all__ = ["TritonPrinter", "triton_code", "index_code", "NotSupported", "IndexSum", "IndexMax", "ArgmaxIndicator"]

@@ -73,6 +73,8 @@ def _document_attention_fwd(
     Q = _tile(Q_ptr + z * Q_sz, offs_i, Q_si, n_i, offs_d, Q_sd, n_d, DT, IDX64)
     document_ids_z = tl.load(document_ids_zoff + z)  # document_ids's offset for this batch entry
     document_ids_i = tl.load(document_ids_ptr + document_ids_z + offs_i * document_ids_sj, mask=row_ok, other=0)  # document_ids[b, i]
+    document_ids_i_lo = tl.min(tl.where(row_ok, document_ids_i, tl.max(document_ids_i, axis=0)), axis=0)  # least document_ids[b, i] of the tile
+    document_ids_i_hi = tl.max(tl.where(row_ok, document_ids_i, tl.min(document_ids_i, axis=0)), axis=0)  # greatest document_ids[b, i] of the tile
     M_run = tl.full([BLOCK_M], float("-inf"), ACC)  # running max of each row
     L = tl.zeros([BLOCK_M], dtype=ACC)  # running normaliser
     acc = tl.zeros([BLOCK_M, BLOCK_E], dtype=ACC)  # running unnormalised output
@@ -82,21 +84,24 @@ def _document_attention_fwd(
     for start_n in range(0, end_n, BLOCK_N):
         offs_j = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_j < n_j
-        K = _tile(K_ptr + z * K_sz, offs_j, K_sj, n_j, offs_d, K_sd, n_d, DT, IDX64)
-        V = _tile(V_ptr + z * V_sz, offs_j, V_sj, n_j, offs_e, V_se, n_e, DT, IDX64)
         document_ids = tl.load(document_ids_ptr + document_ids_z + offs_j * document_ids_sj, mask=col_ok, other=0)  # document_ids[b, j]
-        R = scale*tl.dot(Q, tl.trans(K), input_precision=PREC)  # R[b, h, i, j] = scale*sum[d](K[b, h, j, d]*Q[b, h, i, d])
-        S = tl.where((document_ids_i[:, None] == document_ids[None, :]), R, float("-inf"))  # S[b, h, i, j] = where(document_ids[b, i] == document_ids[b, j], R[b, h, i, j], -oo)
-        valid = col_ok[None, :]
-        if CAUSAL:
-            valid = valid & (offs_j[None, :] <= offs_i[:, None])
-        S = tl.where(valid, S, float("-inf"))  # masked scores: the identity of max
-        M_new = tl.maximum(M_run, tl.max(S, axis=1))  # S[b, h, i, j] = where(document_ids[b, i] == document_ids[b, j], R[b, h, i, j], -oo), online
-        M_ref = tl.where(M_new == float("-inf"), 0.0, M_new)
-        alpha = tl.where((M_run == float("-inf")), 0.0, tl.exp(-M_new + M_run))  # rescale from the old running max to the new one (derived)
-        L = L * alpha + tl.sum(tl.exp(-M_ref[:, None] + S), axis=1)
-        acc = acc * alpha[:, None] + tl.dot((tl.exp(-M_ref[:, None] + S)).to(DT), V, input_precision=PREC)
-        M_run = M_new
+        document_ids_lo = tl.min(tl.where(col_ok, document_ids, tl.max(document_ids, axis=0)), axis=0)  # least document_ids[b, j] of the tile
+        document_ids_hi = tl.max(tl.where(col_ok, document_ids, tl.min(document_ids, axis=0)), axis=0)  # greatest document_ids[b, j] of the tile
+        if ((document_ids_i_lo <= document_ids_hi) & (document_ids_lo <= document_ids_i_hi)):  # else document_ids[b, i] == document_ids[b, j] holds for no pair: skip the tile
+            K = _tile(K_ptr + z * K_sz, offs_j, K_sj, n_j, offs_d, K_sd, n_d, DT, IDX64)
+            V = _tile(V_ptr + z * V_sz, offs_j, V_sj, n_j, offs_e, V_se, n_e, DT, IDX64)
+            R = scale*tl.dot(Q, tl.trans(K), input_precision=PREC)  # R[b, h, i, j] = scale*sum[d](K[b, h, j, d]*Q[b, h, i, d])
+            S = tl.where((document_ids_i[:, None] == document_ids[None, :]), R, float("-inf"))  # S[b, h, i, j] = where(document_ids[b, i] == document_ids[b, j], R[b, h, i, j], -oo)
+            valid = col_ok[None, :]
+            if CAUSAL:
+                valid = valid & (offs_j[None, :] <= offs_i[:, None])
+            S = tl.where(valid, S, float("-inf"))  # masked scores: the identity of max
+            M_new = tl.maximum(M_run, tl.max(S, axis=1))  # S[b, h, i, j] = where(document_ids[b, i] == document_ids[b, j], R[b, h, i, j], -oo), online
+            M_ref = tl.where(M_new == float("-inf"), 0.0, M_new)
+            alpha = tl.where((M_run == float("-inf")), 0.0, tl.exp(-M_new + M_run))  # rescale from the old running max to the new one (derived)
+            L = L * alpha + tl.sum(tl.exp(-M_ref[:, None] + S), axis=1)
+            acc = acc * alpha[:, None] + tl.dot((tl.exp(-M_ref[:, None] + S)).to(DT), V, input_precision=PREC)
+            M_run = M_new
     M = M_run
     O = acc/L[:, None]  # O[b, h, i, e] = sum[j](P[b, h, i, j]*V[b, h, j, e])
     tl.store(O_ptr + (z * n_i + offs_i[:, None]) * n_e + offs_e[None, :],
@@ -157,6 +162,8 @@ def _document_attention_bwd_dkdv(
     V = _tile(V_ptr + z * V_sz, offs_j, V_sj, n_j, offs_e, V_se, n_e, DT, IDX64)
     document_ids_z = tl.load(document_ids_zoff + z)  # document_ids's offset for this batch entry
     document_ids = tl.load(document_ids_ptr + document_ids_z + offs_j * document_ids_sj, mask=col_ok, other=0)  # document_ids[b, j]
+    document_ids_lo = tl.min(tl.where(col_ok, document_ids, tl.max(document_ids, axis=0)), axis=0)  # least document_ids[b, j] of the tile
+    document_ids_hi = tl.max(tl.where(col_ok, document_ids, tl.min(document_ids, axis=0)), axis=0)  # greatest document_ids[b, j] of the tile
     acc_dK = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     acc_dV = tl.zeros([BLOCK_N, BLOCK_E], dtype=ACC)
     start_i = 0
@@ -165,23 +172,26 @@ def _document_attention_bwd_dkdv(
     for start_m in range(start_i, n_i, BLOCK_M):
         offs_i = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_i < n_i
-        Q = _tile(Q_ptr + z * Q_sz, offs_i, Q_si, n_i, offs_d, Q_sd, n_d, DT, IDX64)
-        dO = _tile(dO_ptr + z * n_i * n_e, offs_i, n_e, n_i, offs_e, 1, n_e, DT, IDX64)
-        LSE = tl.load(LSE_ptr + z * n_i + offs_i, mask=row_ok, other=0.0)
-        Delta = tl.load(Delta_ptr + z * n_i + offs_i, mask=row_ok, other=0.0)
         document_ids_i = tl.load(document_ids_ptr + document_ids_z + offs_i * document_ids_sj, mask=row_ok, other=0)  # document_ids[b, i]
-        R = scale*tl.dot(K, tl.trans(Q), input_precision=PREC)
-        S = tl.where((document_ids_i[None, :] == document_ids[:, None]), R, float("-inf"))
-        valid = col_ok[:, None] & row_ok[None, :]
-        if CAUSAL:
-            valid = valid & (offs_j[:, None] <= offs_i[None, :])
-        S = tl.where(valid, S, float("-inf"))
-        P = tl.exp(-LSE[None, :] + S)  # recomputed from the log-sum-exp
-        acc_dV += tl.dot(P.to(DT), dO, input_precision=PREC)  # dV[b, h, j, e] = sum[i](P[b, h, i, j]*dO[b, h, i, e])
-        dP = tl.dot(V, tl.trans(dO), input_precision=PREC)  # dP = sum[e](V[b, h, j, e]*dO[b, h, i, e])
-        dS = (-Delta[None, :] + dP)*P  # dS = P * (dP - Delta)
-        dR = tl.where((document_ids_i[None, :] == document_ids[:, None]), dS, 0.0)  # dR = dS[b, h, i, j]*1[document_ids[b, i] == document_ids[b, j]]
-        acc_dK += tl.dot(dR.to(DT), Q, input_precision=PREC)  # dK[b, h, j, d] = scale*sum[i](Q[b, h, i, d]*dR[b, h, i, j])
+        document_ids_i_lo = tl.min(tl.where(row_ok, document_ids_i, tl.max(document_ids_i, axis=0)), axis=0)  # least document_ids[b, i] of the tile
+        document_ids_i_hi = tl.max(tl.where(row_ok, document_ids_i, tl.min(document_ids_i, axis=0)), axis=0)  # greatest document_ids[b, i] of the tile
+        if ((document_ids_i_lo <= document_ids_hi) & (document_ids_lo <= document_ids_i_hi)):  # else document_ids[b, i] == document_ids[b, j] holds for no pair: skip the tile
+            Q = _tile(Q_ptr + z * Q_sz, offs_i, Q_si, n_i, offs_d, Q_sd, n_d, DT, IDX64)
+            dO = _tile(dO_ptr + z * n_i * n_e, offs_i, n_e, n_i, offs_e, 1, n_e, DT, IDX64)
+            LSE = tl.load(LSE_ptr + z * n_i + offs_i, mask=row_ok, other=0.0)
+            Delta = tl.load(Delta_ptr + z * n_i + offs_i, mask=row_ok, other=0.0)
+            R = scale*tl.dot(K, tl.trans(Q), input_precision=PREC)
+            S = tl.where((document_ids_i[None, :] == document_ids[:, None]), R, float("-inf"))
+            valid = col_ok[:, None] & row_ok[None, :]
+            if CAUSAL:
+                valid = valid & (offs_j[:, None] <= offs_i[None, :])
+            S = tl.where(valid, S, float("-inf"))
+            P = tl.exp(-LSE[None, :] + S)  # recomputed from the log-sum-exp
+            acc_dV += tl.dot(P.to(DT), dO, input_precision=PREC)  # dV[b, h, j, e] = sum[i](P[b, h, i, j]*dO[b, h, i, e])
+            dP = tl.dot(V, tl.trans(dO), input_precision=PREC)  # dP = sum[e](V[b, h, j, e]*dO[b, h, i, e])
+            dS = (-Delta[None, :] + dP)*P  # dS = P * (dP - Delta)
+            dR = tl.where((document_ids_i[None, :] == document_ids[:, None]), dS, 0.0)  # dR = dS[b, h, i, j]*1[document_ids[b, i] == document_ids[b, j]]
+            acc_dK += tl.dot(dR.to(DT), Q, input_precision=PREC)  # dK[b, h, j, d] = scale*sum[i](Q[b, h, i, d]*dR[b, h, i, j])
     dK = scale*acc_dK
     dV = acc_dV
     rows = z * n_j + offs_j[:, None]
@@ -220,6 +230,8 @@ def _document_attention_bwd_dq(
     Delta = tl.load(Delta_ptr + z * n_i + offs_i, mask=row_ok, other=0.0)
     document_ids_z = tl.load(document_ids_zoff + z)  # document_ids's offset for this batch entry
     document_ids_i = tl.load(document_ids_ptr + document_ids_z + offs_i * document_ids_sj, mask=row_ok, other=0)  # document_ids[b, i]
+    document_ids_i_lo = tl.min(tl.where(row_ok, document_ids_i, tl.max(document_ids_i, axis=0)), axis=0)  # least document_ids[b, i] of the tile
+    document_ids_i_hi = tl.max(tl.where(row_ok, document_ids_i, tl.min(document_ids_i, axis=0)), axis=0)  # greatest document_ids[b, i] of the tile
     acc_dQ = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
     end_n = n_j
     if CAUSAL:
@@ -227,20 +239,23 @@ def _document_attention_bwd_dq(
     for start_n in range(0, end_n, BLOCK_N):
         offs_j = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_j < n_j
-        K = _tile(K_ptr + z * K_sz, offs_j, K_sj, n_j, offs_d, K_sd, n_d, DT, IDX64)
-        V = _tile(V_ptr + z * V_sz, offs_j, V_sj, n_j, offs_e, V_se, n_e, DT, IDX64)
         document_ids = tl.load(document_ids_ptr + document_ids_z + offs_j * document_ids_sj, mask=col_ok, other=0)  # document_ids[b, j]
-        R = scale*tl.dot(Q, tl.trans(K), input_precision=PREC)
-        S = tl.where((document_ids_i[:, None] == document_ids[None, :]), R, float("-inf"))
-        valid = row_ok[:, None] & col_ok[None, :]
-        if CAUSAL:
-            valid = valid & (offs_j[None, :] <= offs_i[:, None])
-        S = tl.where(valid, S, float("-inf"))
-        P = tl.exp(-LSE[:, None] + S)
-        dP = tl.dot(dO, tl.trans(V), input_precision=PREC)
-        dS = (-Delta[:, None] + dP)*P
-        dR = tl.where((document_ids_i[:, None] == document_ids[None, :]), dS, 0.0)
-        acc_dQ += tl.dot(dR.to(DT), K, input_precision=PREC)  # dQ[b, h, i, d] = scale*sum[j](K[b, h, j, d]*dR[b, h, i, j])
+        document_ids_lo = tl.min(tl.where(col_ok, document_ids, tl.max(document_ids, axis=0)), axis=0)  # least document_ids[b, j] of the tile
+        document_ids_hi = tl.max(tl.where(col_ok, document_ids, tl.min(document_ids, axis=0)), axis=0)  # greatest document_ids[b, j] of the tile
+        if ((document_ids_i_lo <= document_ids_hi) & (document_ids_lo <= document_ids_i_hi)):  # else document_ids[b, i] == document_ids[b, j] holds for no pair: skip the tile
+            K = _tile(K_ptr + z * K_sz, offs_j, K_sj, n_j, offs_d, K_sd, n_d, DT, IDX64)
+            V = _tile(V_ptr + z * V_sz, offs_j, V_sj, n_j, offs_e, V_se, n_e, DT, IDX64)
+            R = scale*tl.dot(Q, tl.trans(K), input_precision=PREC)
+            S = tl.where((document_ids_i[:, None] == document_ids[None, :]), R, float("-inf"))
+            valid = row_ok[:, None] & col_ok[None, :]
+            if CAUSAL:
+                valid = valid & (offs_j[None, :] <= offs_i[:, None])
+            S = tl.where(valid, S, float("-inf"))
+            P = tl.exp(-LSE[:, None] + S)
+            dP = tl.dot(dO, tl.trans(V), input_precision=PREC)
+            dS = (-Delta[:, None] + dP)*P
+            dR = tl.where((document_ids_i[:, None] == document_ids[None, :]), dS, 0.0)
+            acc_dQ += tl.dot(dR.to(DT), K, input_precision=PREC)  # dQ[b, h, i, d] = scale*sum[j](K[b, h, j, d]*dR[b, h, i, j])
     dQ = scale*acc_dQ
     tl.store(dQ_ptr + (z * n_i + offs_i[:, None]) * n_d + offs_d[None, :],
              dQ.to(dQ_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < n_d))
@@ -268,6 +283,13 @@ def _config(n_d: int, n_e: int, dtype: torch.dtype, kernel: str, idx64: bool, is
         # the query rows per step keeps ptxas from spilling at sm_80 (`pullback build`)
         cfg["BLOCK_M"] = min(cfg["BLOCK_M"], 16)
         cfg["num_warps"] = 2  # (16x16 tiles: 8 warps spilled fp64 at sm_90 with triton 3.6, 4 at sm_80 with 3.9)
+    if kernel == "fwd" and dtype in (torch.float32, torch.float64) and not rt.INTERPRET:
+        # the mask's tile bounds live beside the sweep: half the keys per step (32x32 tiles
+        # spilled fp32 at sm_80 with triton 3.6, on 8 warps and on 4)
+        cfg["BLOCK_N"] = min(cfg["BLOCK_N"], 16)
+    if kernel == "dkdv" and dtype == torch.float64 and not rt.INTERPRET:
+        # the tiles' ranges of ids and the test: 4 warps (2 spilled at sm_90, triton 3.6)
+        cfg["num_warps"] = 4
     if kernel == "fwd" and not rt.INTERPRET and cfg["BLOCK_M"] > 64:
         # a modified score keeps more values live per query row: 64 rows, one warpgroup
         # (128 rows on 8 warps spilled at sm_80 with triton 3.6, `pullback build`)

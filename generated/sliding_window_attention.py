@@ -77,7 +77,10 @@ def _sliding_window_attention_fwd(
     end_n = n_j
     if CAUSAL:  # keys after the last query of this block are masked for every row
         end_n = tl.minimum(n_j, start_m + BLOCK_M)
-    for start_n in range(0, end_n, BLOCK_N):
+    # the mask lets query i see the keys j >= i - window + 1, j < i + 1: the tiles between this block's extremes
+    end_n = tl.minimum(end_n, BLOCK_M + start_m)
+    first_n = tl.maximum(start_m - window + 1, 0) // BLOCK_N * BLOCK_N
+    for start_n in range(first_n, end_n, BLOCK_N):
         offs_j = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_j < n_j
         K = _tile(K_ptr + z * K_sz, offs_j, K_sj, n_j, offs_d, K_sd, n_d, DT, IDX64)
@@ -157,7 +160,10 @@ def _sliding_window_attention_bwd_dkdv(
     start_i = 0
     if CAUSAL:  # queries before this block's first key see none of its keys
         start_i = (start_n // BLOCK_M) * BLOCK_M
-    for start_m in range(start_i, n_i, BLOCK_M):
+    # the mask lets key j be seen by the queries i >= j, i < j + window: the tiles between this block's extremes
+    start_i = tl.maximum(start_i, tl.maximum(start_n, 0) // BLOCK_M * BLOCK_M)
+    end_m = tl.minimum(n_i, BLOCK_N + start_n + window - 1)
+    for start_m in range(start_i, end_m, BLOCK_M):
         offs_i = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_i < n_i
         Q = _tile(Q_ptr + z * Q_sz, offs_i, Q_si, n_i, offs_d, Q_sd, n_d, DT, IDX64)
@@ -216,7 +222,10 @@ def _sliding_window_attention_bwd_dq(
     end_n = n_j
     if CAUSAL:
         end_n = tl.minimum(n_j, start_m + BLOCK_M)
-    for start_n in range(0, end_n, BLOCK_N):
+    # the mask lets query i see the keys j >= i - window + 1, j < i + 1: the tiles between this block's extremes
+    end_n = tl.minimum(end_n, BLOCK_M + start_m)
+    first_n = tl.maximum(start_m - window + 1, 0) // BLOCK_N * BLOCK_N
+    for start_n in range(first_n, end_n, BLOCK_N):
         offs_j = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_j < n_j
         K = _tile(K_ptr + z * K_sz, offs_j, K_sj, n_j, offs_d, K_sd, n_d, DT, IDX64)
@@ -259,6 +268,10 @@ def _config(n_d: int, n_e: int, dtype: torch.dtype, kernel: str, idx64: bool, is
         # the query rows per step keeps ptxas from spilling at sm_80 (`pullback build`)
         cfg["BLOCK_M"] = min(cfg["BLOCK_M"], 16)
         cfg["num_warps"] = 2  # (16x16 tiles: 8 warps spilled fp64 at sm_90 with triton 3.6, 4 at sm_80 with 3.9)
+    if kernel == "fwd" and dtype in (torch.float32, torch.float64) and not rt.INTERPRET:
+        # the mask's tile bounds live beside the sweep: half the keys per step (32x32 tiles
+        # spilled fp32 at sm_80 with triton 3.6, on 8 warps and on 4)
+        cfg["BLOCK_N"] = min(cfg["BLOCK_N"], 16)
     if kernel == "fwd" and not rt.INTERPRET and cfg["BLOCK_M"] > 64:
         # a modified score keeps more values live per query row: 64 rows, one warpgroup
         # (128 rows on 8 warps spilled at sm_80 with triton 3.6, `pullback build`)

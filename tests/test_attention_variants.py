@@ -62,6 +62,17 @@ def test_sliding_window(dtype, tol, window):
             lambda q, k, v: reference(q, k, v, keep=lambda i, j: (j <= i) & (j > i - window)), (q, k, v), tol)
 
 
+@pytest.mark.parametrize("m,n,window", [(200, 200, 1), (200, 200, 3), (200, 200, 64), (200, 200, 65),
+                                          (200, 200, 130), (130, 200, 70), (200, 70, 150), (200, 200, 2**40)])
+def test_sliding_window_skipping_tiles(m, n, window):
+    """Several 64-tiles (the interpreter's): a query tile visits only the key tiles its window
+    reaches, and a key tile only the query tiles that see it; windows that end inside a tile,
+    on a tile's edge, wider than the keys, beyond 32 bits; fewer or more queries than keys."""
+    q, k, v = make(1, 2, m, n, 16, 8, torch.float64, seed=window % 1000)
+    compare(lambda q, k, v: sliding_window_attention(q, k, v, window=window),
+            lambda q, k, v: reference(q, k, v, keep=lambda i, j: (j <= i) & (j > i - window)), (q, k, v), 1e-10)
+
+
 @pytest.mark.parametrize("dtype,tol", IDS)
 @pytest.mark.parametrize("causal", [True, False])
 def test_alibi(dtype, tol, causal):
@@ -81,6 +92,59 @@ def test_document(dtype, tol, causal):
     keep = (lambda i, j: same(i, j) & CAUSAL(i, j)) if causal else same
     compare(lambda q, k, v: document_attention(q, k, v, ids, causal=causal),
             lambda q, k, v: reference(q, k, v, keep=keep), (q, k, v), tol)
+
+
+def _documents(*lengths, ids=None):
+    """Contiguous documents of the given lengths, numbered 0, 1, ... (or by ``ids``)."""
+    ids = range(len(lengths)) if ids is None else ids
+    return torch.tensor([d for d, n in zip(ids, lengths) for _ in range(n)])
+
+
+DOCUMENTS = {
+    # uneven contiguous documents: whole key tiles of other documents are skipped
+    "uneven": torch.stack([_documents(10, 90, 37, 63), _documents(150, 20, 30)[torch.arange(200)]]),
+    # ids out of order (9, 2, 7, 2, ...): a tile's min/max spans ids it does not hold; negative ids
+    "unsorted": torch.stack([_documents(50, 40, 30, 50, 30, ids=[9, 2, 7, 2, -3]),
+                             _documents(64, 64, 64, 8, ids=[3, 1, 2, 0])]),
+    # interleaved: every tile holds several documents, nothing may be skipped
+    "interleaved": torch.stack([torch.arange(200) % 3, (torch.arange(200) // 7) % 5]),
+    # one document, and each token its own
+    "extremes": torch.stack([torch.zeros(200, dtype=torch.int64), torch.arange(200)]),
+}
+
+
+@pytest.mark.parametrize("layout", list(DOCUMENTS))
+@pytest.mark.parametrize("causal", [False, True])
+def test_document_skipping_tiles(layout, causal):
+    """N = 200 (four 64-tiles, the last partial): tiles whose ranges of ids do not overlap
+    are skipped, in the forward and both backward kernels; the result is the reference's."""
+    q, k, v = make(2, 2, 200, 200, 16, 8, torch.float64, seed=3)
+    ids = DOCUMENTS[layout]
+    same = lambda i, j: ids[:, None, :, None] == ids[:, None, None, :]  # noqa: E731
+    keep = (lambda i, j: same(i, j) & CAUSAL(i, j)) if causal else same
+    compare(lambda q, k, v: document_attention(q, k, v, ids, causal=causal),
+            lambda q, k, v: reference(q, k, v, keep=keep), (q, k, v), 1e-10)
+
+
+def test_skipping_is_printed_from_the_plan():
+    """The tile bounds and the overlap test are the plan's text, derived from the masks:
+    i - window < j <= i bounds a query tile's keys and a key tile's queries."""
+    from derive import derive
+    from derive.plan import plan
+    p = plan(derive("sliding_window_attention"))
+    assert (p.key_start, p.key_stop) == ("start_m - window + 1", "BLOCK_M + start_m")
+    assert (p.query_start, p.query_stop) == ("start_n", "BLOCK_N + start_n + window - 1")
+    assert p.key_text == "j >= i - window + 1, j < i + 1" and not p.tile_test
+    d = plan(derive("document_attention"))
+    assert d.tile_test == "((document_ids_i_lo <= document_ids_hi) & (document_ids_lo <= document_ids_i_hi))"
+    assert not (d.key_start or d.key_stop or d.query_start or d.query_stop)
+    for name, q in (("sliding_window_attention", p), ("document_attention", d)):
+        text = open(__import__(f"generated.{name}", fromlist=["x"]).__file__).read()
+        for code in [q.key_start, q.key_stop, q.query_start, q.query_stop, q.tile_test] + \
+                [x.code for x in q.tile_ranges]:
+            assert code in text
+    a = plan(derive("softcap_attention"))  # no mask of its own: the full range
+    assert not (a.key_start or a.key_stop or a.query_start or a.query_stop or a.tile_test)
 
 
 def test_gradcheck():
@@ -128,6 +192,30 @@ def test_user_spec_with_a_learned_free_modification(tmp_path, monkeypatch):
     compare(lambda q, k, v: mod.my_attention(q, k, v, temp, ramp=0.7, scale=0.3),
             lambda q, k, v: reference(q, k, v, modify, lambda i, j: (i >= j) | (i - j == -2), scale=0.3),
             (q, k, v), 1e-6)  # float parameters reach the kernels as Triton's float32 arguments (0.3, 0.7 rounded)
+
+
+def test_user_mask_bounds_with_rounding_and_renamed_parameters(tmp_path, monkeypatch):
+    """A mask whose linear conditions solve to fractions (2j <= i + c: j <= floor((i + c)/2), printed
+    with //) next to a condition that bounds nothing (an or); int parameters named like the kernels'
+    own words (start_m, first_n), which the allocator renames in the kernels: over several tiles, as torch."""
+    import importlib
+    from derive import emit as E
+    path = tmp_path / "banded.op"
+    path.write_text(
+        "op banded(Q[z, i, d], K[z, j, d], V[z, j, e]; start_m: int, first_n: int, scale) -> O[z, i, e]\n"
+        "R = scale * sum[d](Q * K)\n"
+        "S = where(j > i - start_m and 2 * j <= i + first_n and (i - j < 5 or j > 3), R, -inf)\n"
+        "M = max[j](S)\nE = exp(S - M)\nL = sum[j](E)\nP = E / L\nO = sum[j](P * V)\n")
+    E.emit(str(path), tmp_path / "mine_banded")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mod = importlib.import_module("mine_banded")
+    text = (tmp_path / "mine_banded" / "banded.py").read_text()
+    assert "first_n = tl.maximum(start_m - start_m_1 + 1, 0) // BLOCK_N * BLOCK_N" in text
+    assert "end_n = tl.minimum(end_n, (BLOCK_M + start_m + first_n_1 - 1) // 2 + 1)" in text
+    q, k, v = make(1, 2, 190, 150, 8, 4, torch.float64)
+    keep = lambda i, j: (j > i - 100) & (2 * j <= i + 9) & ((i - j < 5) | (j > 3))  # noqa: E731
+    compare(lambda q, k, v: mod.banded(q, k, v, start_m=100, first_n=9, scale=0.5),
+            lambda q, k, v: reference(q, k, v, keep=keep, scale=0.5), (q, k, v), 1e-10)
 
 
 def test_softcap_pullback_reads_the_capped_score():

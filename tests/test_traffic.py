@@ -146,3 +146,57 @@ def test_count_traffic_restores_the_interpreter():
     with count_traffic():
         pass
     assert interpreter.InterpreterBuilder.create_masked_load is before
+
+
+def _masked_bytes(f, n, d=16):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 1, n, d, requires_grad=True) for _ in range(3))
+    with count_traffic() as fwd:
+        o = f(q, k, v)
+    with count_traffic() as bwd:
+        o.backward(torch.ones_like(o))
+    return fwd, bwd
+
+
+TILE = 64  # the interpreter's query and key tiles
+PAIR = 2 * TILE * 16 * 4  # one key tile of K and V (D = Dv = 16, fp32)
+
+
+def test_sliding_window_traffic_grows_as_n_times_window():
+    """window = 64: a query tile sees its own key tile and the one before it, so the forward
+    loads 2T - 1 tiles of K and V (T = N / 64), not T**2; a key tile is seen by two query
+    tiles.  Bytes grow linearly in N: N = 1024 moves about twice N = 512, not four times."""
+    from generated import sliding_window_attention
+    runs = {n: _masked_bytes(lambda q, k, v: sliding_window_attention(q, k, v, window=64), n)
+            for n in (256, 512, 1024)}
+    for n, (fwd, bwd) in runs.items():
+        t = n // TILE
+        assert fwd.total_loaded == n * 16 * 4 + (2 * t - 1) * PAIR  # Q once, then 2T - 1 tiles of K and V
+    for p in (0, 1):  # forward, backward
+        a, b, c = (runs[n][p].total for n in (256, 512, 1024))
+        assert c - b == 2 * (b - a)  # linear in N: no N**2 term
+        assert 1.9 < c / b < 2.1
+    assert 6 * runs[1024][0].total_loaded < (1024 // TILE) ** 2 * PAIR  # unmasked: T**2 = 256 tiles of K and V
+
+
+def test_documents_of_equal_length_move_one_kth_of_the_bytes():
+    """k equal contiguous documents over N = 512 (T = 8 tiles): a query tile sees T / k key
+    tiles, so the tiles of K and V the forward loads are T**2 / k, exactly 1/k of one
+    document's; every other byte (Q, O, the ids of every key tile) does not depend on k.
+    The backward's bytes are likewise affine in the T**2 / k tile pairs it visits."""
+    from generated import document_attention
+    n, t = 512, 512 // TILE
+    runs = {k: _masked_bytes(lambda q, kk, v: document_attention(q, kk, v, torch.arange(n)[None] // (n // k)), n)
+            for k in (1, 2, 4, 8)}
+    fixed = runs[1][0].total_loaded - t * t * PAIR  # what the forward loads besides K and V
+    for k, (fwd, bwd) in runs.items():
+        assert fwd.total_loaded - fixed == t * t // k * PAIR  # exactly 1/k of the K and V tiles
+    per_pair = (runs[1][1].total - runs[8][1].total) / (t * t - t)  # backward bytes per visited tile pair
+    base = runs[8][1].total - t * per_pair
+    for k in (2, 4):
+        assert runs[k][1].total == base + t * t // k * per_pair
+    # about 1/k of the whole: f + (1 - f) / k, f the share of what every layout moves (Q, O, dO,
+    # the ids, the row statistics; at D = 16, N = 512 about 0.17 of the forward, 0.26 of the backward)
+    for k in (2, 4, 8):
+        for p, extra in ((0, 0.17), (1, 0.26)):
+            assert 1 / k < runs[k][p].total / runs[1][p].total < 1 / k + extra
