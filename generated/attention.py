@@ -152,26 +152,30 @@ def _attention_bwd_dkdv(
     start_i = 0
     if CAUSAL:  # queries before this block's first key see none of its keys
         start_i = (start_n // BLOCK_M) * BLOCK_M
-    # dK and dV sum over r, i: each query head of the group, then its blocks of queries
-    for head in range(0, n_r):
-        z = zk * n_r + head  # the query head's batch entry
-        for start_m in range(start_i, n_i, BLOCK_M):
-            offs_i = start_m + tl.arange(0, BLOCK_M)
-            row_ok = offs_i < n_i
-            Q = _tile(Q_ptr + z * Q_sz, offs_i, Q_si, n_i, offs_d, Q_sd, n_d, DT, IDX64)
-            dO = _tile(dO_ptr + z * n_i * n_e, offs_i, n_e, n_i, offs_e, 1, n_e, DT, IDX64)
-            LSE = tl.load(LSE_ptr + z * n_i + offs_i, mask=row_ok, other=0.0)
-            Delta = tl.load(Delta_ptr + z * n_i + offs_i, mask=row_ok, other=0.0)
-            S = scale*tl.dot(Q, tl.trans(K), input_precision=PREC)
-            valid = row_ok[:, None] & col_ok[None, :]
-            if CAUSAL:
-                valid = valid & (offs_j[None, :] <= offs_i[:, None])
-            S = tl.where(valid, S, float("-inf"))
-            P = tl.exp(-LSE[:, None] + S)  # recomputed from the log-sum-exp
-            acc_dV += tl.dot(tl.trans(P.to(DT)), dO, input_precision=PREC)  # dV[z, j, e] = sum[i, r](P[z, r, i, j]*dO[z, r, i, e])
-            dP = tl.dot(dO, tl.trans(V), input_precision=PREC)  # dP = sum[e](V[z, j, e]*dO[z, r, i, e])
-            dS = (-Delta[:, None] + dP)*P  # dS = P * (dP - Delta)
-            acc_dK += tl.dot(tl.trans(dS.to(DT)), Q, input_precision=PREC)  # dK[z, j, d] = scale*sum[i, r](Q[z, r, i, d]*dS[z, r, i, j])
+    # dK and dV sum over r, i: each query head z of the group, and its blocks of queries
+    z = zk * n_r
+    start_m = start_i
+    for step in range(0, n_r * tl.cdiv(tl.maximum(n_i - start_i, 0), BLOCK_M)):
+        offs_i = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_i < n_i
+        Q = _tile(Q_ptr + z * Q_sz, offs_i, Q_si, n_i, offs_d, Q_sd, n_d, DT, IDX64)
+        dO = _tile(dO_ptr + z * n_i * n_e, offs_i, n_e, n_i, offs_e, 1, n_e, DT, IDX64)
+        LSE = tl.load(LSE_ptr + z * n_i + offs_i, mask=row_ok, other=0.0)
+        Delta = tl.load(Delta_ptr + z * n_i + offs_i, mask=row_ok, other=0.0)
+        S = scale*tl.dot(Q, tl.trans(K), input_precision=PREC)
+        valid = row_ok[:, None] & col_ok[None, :]
+        if CAUSAL:
+            valid = valid & (offs_j[None, :] <= offs_i[:, None])
+        S = tl.where(valid, S, float("-inf"))
+        P = tl.exp(-LSE[:, None] + S)  # recomputed from the log-sum-exp
+        acc_dV += tl.dot(tl.trans(P.to(DT)), dO, input_precision=PREC)  # dV[z, j, e] = sum[i, r](P[z, r, i, j]*dO[z, r, i, e])
+        dP = tl.dot(dO, tl.trans(V), input_precision=PREC)  # dP = sum[e](V[z, j, e]*dO[z, r, i, e])
+        dS = (-Delta[:, None] + dP)*P  # dS = P * (dP - Delta)
+        acc_dK += tl.dot(tl.trans(dS.to(DT)), Q, input_precision=PREC)  # dK[z, j, d] = scale*sum[i, r](Q[z, r, i, d]*dS[z, r, i, j])
+        start_m += BLOCK_M  # the next block of queries, or the next query head's first
+        wrap = start_m >= n_i
+        z += wrap.to(tl.int64)
+        start_m = tl.where(wrap, start_i, start_m)
     dK = scale*acc_dK
     dV = acc_dV
     rows = zk * n_j + offs_j[:, None]
