@@ -7,7 +7,11 @@ of the batch sets and positions (float or integer) and scalar parameters; an
 optional mask (``where(cond, R, -inf)``); a max-shifted softmax over the keys;
 a contraction with V.  A parameter ``causal: int`` is the family's own causal
 mask (``j <= i``, top-left aligned, a ``bool`` at the API); one named ``scale``
-defaults to ``1/sqrt(D)``.
+defaults to ``1/sqrt(D)``.  Q may have one batch set K and V lack, the last
+(``Q[z, r, i, d]``, ``K[z, j, d]``: grouped-query attention, the query heads ``r``
+of a group sharing one k/v head): the engine then derives dK and dV as sums over
+``r`` and ``i``, and the plan's :attr:`AttentionPlan.group` (from those sums) makes
+the dK/dV kernel loop over the group's query heads.
 
 The spec's shape is checked, then every formula the flash-style kernels need
 is printed from the derivation:
