@@ -7,7 +7,11 @@ of the batch sets and positions (float or integer) and scalar parameters; an
 optional mask (``where(cond, R, -inf)``); a max-shifted softmax over the keys;
 a contraction with V.  A parameter ``causal: int`` is the family's own causal
 mask (``j <= i``, top-left aligned, a ``bool`` at the API); one named ``scale``
-defaults to ``1/sqrt(D)``.
+defaults to ``1/sqrt(D)``.  Q may have one batch set K and V lack, the last
+(``Q[z, r, i, d]``, ``K[z, j, d]``: grouped-query attention, the query heads ``r``
+of a group sharing one k/v head): the engine then derives dK and dV as sums over
+``r`` and ``i``, and the plan's :attr:`AttentionPlan.group` (from those sums) makes
+the dK/dV kernel loop over the group's query heads.
 
 The spec's shape is checked, then every formula the flash-style kernels need
 is printed from the derivation:
@@ -64,6 +68,12 @@ class Pullback:
     final: str       # the result from the accumulator
     equation: str
     kv_term: str = ""  # the same contribution from [j, i] score tiles (the dK/dV kernel's, see KeyRows)
+    group: tuple = ()  # the query-only batch sets it also sums over (dK, dV of grouped attention: "r")
+
+    @property
+    def over(self) -> str:
+        """The indices it sums over, for comments: "j", or "r, i"."""
+        return ", ".join([*self.group, self.loop])
 
 
 @dataclass
@@ -164,6 +174,7 @@ class AttentionPlan:
     tile_ranges: list = field(default_factory=list)  # Loads: min/max of integer inputs over a tile
     tile_test: str = ""       # the tiles' ranges overlap: some pair may pass the mask
     tile_text: str = ""
+    group: str | None = None  # the query-only batch set (Q[z, r, i, d], K[z, j, d]: "r") that dK, dV sum over
 
     @property
     def score(self) -> str:
@@ -192,17 +203,24 @@ class AttentionPlan:
                 if q.default is not None and q is not self.scale]
         if self.scale is not None:
             out.append(f"{self.scale.arg}: float | None = None")
+        if self.group is not None:
+            out.append("enable_gqa: bool = False")
         return out
 
     @property
     def aot_cases(self) -> str:
         """``AOT_CASES``'s text: representative calls at B=4, H=16, N=4096 (`pullback build`)."""
-        lead = [4, 16]
-        sets = [lead[:len(lead) - (self.n_sets - 1)]] + [[x] for x in lead[len(lead) - (self.n_sets - 1):]]
-        inputs = [[*lead, 4096, "D"]] * 3
-        for x in self.extras:
-            shape = [m for a in x.layout for m in (sets[a] if isinstance(a, int) else [4096])]
-            inputs.append({"shape": shape, "dtype": "int64" if x.dtype == "int" else "float32"})
+        def inputs(h_kv: int) -> list:
+            """q [4, 16, 4096, D], k and v with h_kv heads, the other inputs (sized as
+            the kernels see q: [4, h_kv, 16 // h_kv, ...] when grouped)."""
+            lead = [4, h_kv, 16 // h_kv] if self.group is not None else [4, 16]
+            sets = [lead[:len(lead) - (self.n_sets - 1)]] + [[x] for x in lead[len(lead) - (self.n_sets - 1):]]
+            out = [[4, 16, 4096, "D"], [4, h_kv, 4096, "D"], [4, h_kv, 4096, "D"]]
+            for x in self.extras:
+                shape = [m for a in x.layout for m in (sets[a] if isinstance(a, int) else [4096])]
+                out.append({"shape": shape, "dtype": "int64" if x.dtype == "int" else "float32"})
+            return out
+
         kwargs = {q.arg: (256 if q.dtype == "int" else 1.0) for q in self.params
                   if q.default is None and q is not self.scale}
         flags = [False, True] if self.causal is not None and self.name == "attention" else [None]
@@ -211,9 +229,15 @@ class AttentionPlan:
             for flag in flags:
                 kw = dict(kwargs, **({self.causal.arg: flag} if flag is not None else {}))
                 label = f"B=4 H=16 N=4096 D={d}" + (" causal" if flag else "")
-                shapes = [[d if a == "D" else a for a in s] if isinstance(s, list) else s for s in inputs]
+                shapes = [[d if a == "D" else a for a in s] if isinstance(s, list) else s for s in inputs(16)]
                 cases.append({"op": self.fn, "label": label, "inputs": shapes, "kwargs": kw,
                               "dtypes": ["float16", "bfloat16", "float32", "float64"]})
+        if self.group is not None:  # 4 query heads per k/v head: dK, dV loop over the group
+            d = 128 if self.name == "attention" else 64
+            shapes = [[d if a == "D" else a for a in s] if isinstance(s, list) else s for s in inputs(4)]
+            cases.append({"op": self.fn, "label": f"B=4 Hq=16 Hkv=4 N=4096 D={d}", "inputs": shapes,
+                          "kwargs": dict(kwargs, enable_gqa=True), "dtypes": ["float16", "bfloat16", "float32",
+                                                                              "float64"]})
         if self.name == "attention":
             cases.append({"op": self.fn, "label": "B=1 H=16 N=1024 D=256", "inputs": [[1, 16, 1024, 256]] * 3,
                           "kwargs": {}, "dtypes": ["float16", "bfloat16"]})
@@ -278,7 +302,7 @@ def _allocate(ir, roles: dict, internal: dict, indices: dict, extras: list) -> t
         n[f"{role}_srow"], n[f"{role}_scol"] = (kn.take(f"{n[tensor]}_s{indices[x]}") for x in strides)
     for role in ("o", "lse", "delta", "do", "dq", "dk", "dv"):
         n[f"{role}_ptr"] = kn.take(f"{n[role]}_ptr")
-    for x in ("i", "j", "d", "e"):
+    for x in indices:  # "r" too for grouped attention: the query heads per k/v head
         n[f"n_{x}"] = kn.take(f"n_{indices[x]}")
     n["kn"] = kn  # for the plan's further kernel names (the extras' pointers and loads)
     return fn, n, label
@@ -461,9 +485,16 @@ def plan_attention(d: Derivation) -> AttentionPlan:
         _fail("declare Q[z, i, d], K[z, j, d], V[z, j, e] -> O[z, i, e]")
     batch, (i, dd) = q.indices[:-2], q.indices[-2:]
     j, e = k.indices[-2], v.indices[-1]
-    if not (k.indices == (*batch, j, dd) and v.indices == (*batch, j, e) and out.indices == (*batch, i, e)
+    # grouped-query attention: Q's batch sets may end in one set K and V lack (Q[z, r, i, d],
+    # K[z, j, d]: the query heads r of a group share one k/v head)
+    kv_batch = k.indices[:-2]
+    group = batch[len(kv_batch):]
+    if not (kv_batch == batch[:len(kv_batch)] and len(group) <= 1 and (kv_batch or not group)
+            and k.indices == (*kv_batch, j, dd) and v.indices == (*kv_batch, j, e) and out.indices == (*batch, i, e)
             and len({i, j, dd, e, *batch}) == len(batch) + 4 and len(ir.outputs) == 1):
-        _fail("declare Q[z, i, d], K[z, j, d], V[z, j, e] -> O[z, i, e] (z: the batch index sets)")
+        _fail("declare Q[z, i, d], K[z, j, d], V[z, j, e] -> O[z, i, e] (z: the batch index sets), or, "
+              "grouped, Q[z, r, i, d], K[z, j, d], V[z, j, e] -> O[z, r, i, e] (r: the query heads that "
+              "share one k/v head, the last of Q's batch sets)")
     for x in extras_t:
         if not set(x.indices) <= {*batch, i, j} or list(x.indices) != sorted(
                 x.indices, key=lambda s: [*batch, i, j].index(s)):
@@ -511,7 +542,8 @@ def plan_attention(d: Derivation) -> AttentionPlan:
                 "m_new": (":new", "{m}_new"), "m_ref": (":ref", "{m}_ref"), "acc": (":acc", "acc"),
                 "acc_dq": (":acc:dq", "acc_{dq}"), "acc_dk": (":acc:dk", "acc_{dk}"),
                 "acc_dv": (":acc:dv", "acc_{dv}")}
-    fn, n, names = _allocate(ir, roles, internal, {"i": i.name, "j": j.name, "d": dd.name, "e": e.name},
+    fn, n, names = _allocate(ir, roles, internal, {"i": i.name, "j": j.name, "d": dd.name, "e": e.name,
+                                                   **({"r": group[0].name} if group else {})},
                              [x.name for x in extras_t])
     kn = n.pop("kn")
 
@@ -697,9 +729,13 @@ def plan_attention(d: Derivation) -> AttentionPlan:
         (t,) = terms
         outer = [f for f in sympy.Mul.make_args(t.mono) if not (free_indices(f) & t.bound)]
         inner = [f for f in sympy.Mul.make_args(t.mono) if free_indices(f) & t.bound]
-        if len(t.bound) != 1:
-            _fail(f"expected d{x.name} to sum over one index, got {sympy.sstr(value)}")
-        (loop,) = t.bound
+        # one position (the kernel's streamed loop), plus the batch sets x lacks (a loop over them)
+        loops = [s_ for s_ in t.bound if s_ in (i, j)]
+        summed_sets = tuple(s_ for s_ in batch if s_ in t.bound)
+        if len(loops) != 1 or len(t.bound) != 1 + len(summed_sets):
+            _fail(f"expected d{x.name} to sum over one position, {i} or {j}, and the query-only batch sets, "
+                  f"got {sympy.sstr(value)}")
+        (loop,) = loops
         operand = [f for f in inner if isinstance(f, Indexed) and set(axes.get(str(f.base.label), ())) & {dd.name, e.name}]
         rest = sympy.Mul(*[f for f in inner if f not in operand])
         if len(operand) != 1:
@@ -722,14 +758,19 @@ def plan_attention(d: Derivation) -> AttentionPlan:
         idx, shown = display_indices(list(x.indices), value)
         grads.append(Pullback(n[role], x.name, n[f"acc_{role}"], base_name(loop), term_code, final,
                               f"d{x.name}[{', '.join(s.name for s in idx)}] = {sympy.sstr(shown)}",
-                              code_kv(IndexSum(operand[0] * rest, loop), target)))
-    loops = {g.of: g.loop for g in grads}
-    if loops != {q.name: j.name, k.name: i.name, v.name: i.name}:
-        _fail(f"expected dQ to sum over {j} and dK, dV over {i}; found {loops}")
+                              code_kv(IndexSum(operand[0] * rest, loop), target),
+                              tuple(base_name(s_) for s_ in summed_sets)))
+    # the kernels' loops, from the derived sums: dQ streams the keys; dK and dV the queries of
+    # every query head their k/v head serves (the query-only sets, summed by the engine)
+    loops = {g.of: g.over for g in grads}
+    shared = ", ".join([*(base_name(s_) for s_ in group), i.name])
+    if loops != {q.name: j.name, k.name: shared, v.name: shared}:
+        _fail(f"expected dQ to sum over {j} and dK, dV over {shared}; found {loops}")
     pullback_text += [g.equation for g in grads]
     return AttentionPlan(
         "attention", ir.name, fn, n, extras, params, scale, causal, len(batch), loads, score_steps,
         'float("-inf")', code(m_eq.rhs.body, ij), rescale, l_term,
         o_term, o_final, lse_code, code(p_from_lse, ij), delta_code, dp_code, ds_code, bwd_steps, grads,
         [str(eq) for eq in ir.equations], pullback_text, sympy.sstr(delta_sum),
-        any(eq.rhs.has(Where) for eq in chain), kv, *skips[j], *skips[i], tile_ranges, tile_test, tile_text)
+        any(eq.rhs.has(Where) for eq in chain), kv, *skips[j], *skips[i], tile_ranges, tile_test, tile_text,
+        grads[1].group[0] if grads[1].group else None)

@@ -137,10 +137,10 @@ def _softcap_attention_bwd_dkdv(
     DOT_FP32: tl.constexpr, IDX64: tl.constexpr,  # upcast dot operands; 64-bit offsets (see _config)
 ):
     """One program per (batch, block of keys); streams blocks of queries to
-    accumulate dK and dV (sums over i).  Its score tiles are
-    [keys, queries], the transpose of the other kernels': the block of keys is
-    every dot's M (the tensor cores' rows) while the queries stream in narrow
-    blocks, as in Triton's fused-attention tutorial."""
+    accumulate dK and dV (sums over i).
+    Its score tiles are [keys, queries], the transpose of the other kernels': the
+    block of keys is every dot's M (the tensor cores' rows) while the queries
+    stream in narrow blocks, as in Triton's fused-attention tutorial."""
     DT = tl.float32 if DOT_FP32 else Q_ptr.dtype.element_ty  # tl.dot operands (see _config)
     n_blocks = tl.cdiv(n_j, BLOCK_N)
     pid = tl.program_id(0)
@@ -285,10 +285,10 @@ def _forward(q, k, v, extras: list, params: list, is_causal: bool, arch: str | N
 
 
 def _backward(q, k, v, extras: list, o, lse, do, params: list, is_causal: bool, arch: str | None = None):
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     qf, kf, vf = _flat(q), _flat(k), _flat(v)
     z, n_i, n_d = qf.shape
     n_j, n_e = vf.shape[1], vf.shape[2]
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     empty = torch.zeros_like if n_i == 0 else torch.empty_like  # no queries: dK = dV = 0
     dk = empty(k, memory_format=torch.contiguous_format)
     dv = empty(v, memory_format=torch.contiguous_format)
@@ -306,12 +306,13 @@ def _backward(q, k, v, extras: list, o, lse, do, params: list, is_causal: bool, 
     lse = lse.reshape(-1).contiguous()
     common = (qf, *qf.stride(), kf, *kf.stride(), vf, *vf.stride())
     ex = rt.attention_extra_args(q, extras, _EXTRAS, _N_SETS)
-    if z * n_j:
-        _softcap_attention_bwd_dkdv[(z * triton.cdiv(n_j, kv_cfg["BLOCK_N"]),)](
-            *common, dof, lse, delta, dk, dv, *ex, *params, n_i, n_j, n_d, n_e, CAUSAL=is_causal, **kv_cfg)
+    sizes = (n_i, n_j, n_d, n_e)
+    if kf.shape[0] * n_j:  # one program per k/v batch entry and block of keys
+        _softcap_attention_bwd_dkdv[(kf.shape[0] * triton.cdiv(n_j, kv_cfg["BLOCK_N"]),)](
+            *common, dof, lse, delta, dk, dv, *ex, *params, *sizes, CAUSAL=is_causal, **kv_cfg)
     if z * n_i:
         _softcap_attention_bwd_dq[(z * triton.cdiv(n_i, q_cfg["BLOCK_M"]),)](
-            *common, dof, lse, delta, dq, *ex, *params, n_i, n_j, n_d, n_e, CAUSAL=is_causal, **q_cfg)
+            *common, dof, lse, delta, dq, *ex, *params, *sizes, CAUSAL=is_causal, **q_cfg)
     return dq, dk, dv
 
 

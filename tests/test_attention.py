@@ -119,7 +119,10 @@ def test_bad_inputs(device):
     q, k, v = make((2, 4, 8), 5, 6, torch.float32, device)
     cases = [
         ((q[0], k, v), ValueError, r"attention: q, k and v must have the same number of dimensions, got 2, 3 and 3"),
-        ((q, k[:1], v[:1]), ValueError, r"attention: the batch shapes of q, k and v differ: \(2,\), \(1,\) and \(1,\)"),
+        ((q[None], k[None].expand(3, -1, -1, -1), v[None].expand(3, -1, -1, -1)), ValueError,
+         r"attention: the batch shapes of q, k and v differ: \(1,\), \(3,\) and \(3,\) \(the axes before the heads\)"),
+        ((q, k[:1], v[:1]), ValueError, r"attention: q has 2 heads \(dim -3\) and k and v have 1: the head counts "
+                                        r"must match, or pass enable_gqa=True"),
         ((q, k[..., :4], v), ValueError, r"attention: q and k must have the same head dim D, got 8 and 4"),
         ((q, k, v[:, :3]), ValueError, r"attention: k and v must have the same number of keys N, got 5 and 3"),
         ((q, k.double(), v), TypeError, r"attention: q, k and v must have one dtype"),

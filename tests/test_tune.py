@@ -120,10 +120,10 @@ def test_attention_config_reads_the_entry_else_the_structural_defaults():
     table = {"attention": {SM90: {key: {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}}}}
     got = rt.attention_config(100, 128, torch.bfloat16, "dkdv", True, table=table, arch=SM90)
     assert got == dict(BLOCK_M=128, BLOCK_N=32, BLOCK_D=128, BLOCK_E=128, num_warps=4, num_stages=2)
-    m, n, w = rt.ARCH_ATTENTION_TILES[SM90]["dkdv"][128]  # the architecture's own entry
-    assert (m, n, w) == (32, 128, 8)
+    m, n, w, st = rt.ARCH_ATTENTION_TILES[SM90]["dkdv"][128]  # the architecture's own entry, with stages
+    assert (m, n, w, st) == (32, 128, 8, 2)
     assert rt.attention_config(100, 128, torch.bfloat16, "dkdv", False, table=table, arch=SM90) == \
-        dict(BLOCK_M=m, BLOCK_N=n, BLOCK_D=128, BLOCK_E=128, num_warps=w)
+        dict(BLOCK_M=m, BLOCK_N=n, BLOCK_D=128, BLOCK_E=128, num_warps=w, num_stages=st)
     m, n, w = rt.ATTENTION_TILES["dkdv"][128]  # the others' (sm_80: 128 keys x 32 queries spill)
     assert (m, n, w) != (32, 128, 8)
     assert rt.attention_config(100, 128, torch.bfloat16, "dkdv", True, table=table, arch="sm_80") == \
