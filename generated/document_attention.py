@@ -273,7 +273,7 @@ def _config(n_d: int, n_e: int, dtype: torch.dtype, kernel: str, idx64: bool, is
 
 # The other inputs (besides q, k, v): name, declaration, dtype and, per index set, its batch
 # set's position or the positions it follows ("i" the queries, "j" the keys).
-_EXTRAS = [{'name': 'document_ids', 'decl': 'document_ids[b, j]', 'dtype': 'int', 'layout': [0, 'j'], 'cross': True}]
+_EXTRAS = [{'name': 'document_ids', 'decl': 'document_ids[b, j]', 'dtype': 'int', 'layout': [0, 'j'], 'cross': True, 'grad': 'none'}]
 _N_SETS = 2  # batch index sets of q: the last ones one axis each, the first the rest
 
 
