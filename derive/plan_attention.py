@@ -213,6 +213,11 @@ class AttentionPlan:
                 shapes = [[d if a == "D" else a for a in s] if isinstance(s, list) else s for s in inputs]
                 cases.append({"op": self.fn, "label": label, "inputs": shapes, "kwargs": kw,
                               "dtypes": ["float16", "bfloat16", "float32", "float64"]})
+        if self.xgrads:  # the same call with the float extras learned: the backward kernels accumulate their gradients
+            learned = {x.slot for x in self.xgrads}
+            shapes = [dict(s, requires_grad=True) if k - 3 in learned else s for k, s in enumerate(cases[0]["inputs"])]
+            cases.append(dict(cases[0], label=cases[0]["label"] + " learned " + ", ".join(x.arg for x in self.xgrads),
+                              inputs=shapes))
         if self.name == "attention":
             cases.append({"op": self.fn, "label": "B=1 H=16 N=1024 D=256", "inputs": [[1, 16, 1024, 256]] * 3,
                           "kwargs": {}, "dtypes": ["float16", "bfloat16"]})

@@ -435,4 +435,5 @@ def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: t
 # ---- ahead-of-time builds (`pullback build`): representative calls, whose kernel launches the build captures
 AOT_CASES = [
     {'op': 'alibi_attention', 'label': 'B=4 H=16 N=4096 D=64', 'inputs': [[4, 16, 4096, 64], [4, 16, 4096, 64], [4, 16, 4096, 64], {'shape': [16], 'dtype': 'float32'}], 'kwargs': {}, 'dtypes': ['float16', 'bfloat16', 'float32', 'float64']},
+    {'op': 'alibi_attention', 'label': 'B=4 H=16 N=4096 D=64 learned slopes', 'inputs': [[4, 16, 4096, 64], [4, 16, 4096, 64], [4, 16, 4096, 64], {'shape': [16], 'dtype': 'float32', 'requires_grad': True}], 'kwargs': {}, 'dtypes': ['float16', 'bfloat16', 'float32', 'float64']},
 ]
