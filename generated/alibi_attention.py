@@ -257,7 +257,7 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 
 
 def _config(n_d: int, n_e: int, dtype: torch.dtype, kernel: str, idx64: bool, is_causal: bool = False,
-            device=None) -> dict:
+            device=None, learned: bool = False) -> dict:
     cfg = rt.attention_config(n_d, n_e, dtype, kernel, is_causal, device)
     cfg["ACC"] = rt.acc_dtype(dtype)
     cfg["PREC"] = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
@@ -271,6 +271,14 @@ def _config(n_d: int, n_e: int, dtype: torch.dtype, kernel: str, idx64: bool, is
         # the query rows per step keeps ptxas from spilling at sm_80 (`pullback build`)
         cfg["BLOCK_M"] = min(cfg["BLOCK_M"], 16)
         cfg["num_warps"] = 2  # (16x16 tiles: 8 warps spilled fp64 at sm_90 with triton 3.6, 4 at sm_80 with 3.9)
+    if learned and dtype == torch.float32 and not rt.INTERPRET:
+        # an extra's gradient tiles and partial sums beside the accumulators (``learned``: this
+        # kernel accumulates one): 2 warps on dK/dV's 16x16 tiles and 8 on dQ's 32x16 spilled at
+        # sm_80/sm_90 with triton 3.9 (`pullback build`, D=64)
+        if kernel == "dkdv":
+            cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"] = min(cfg["BLOCK_M"], 16), min(cfg["BLOCK_N"], 16), 8
+        elif kernel == "dq":
+            cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"] = min(cfg["BLOCK_M"], 32), min(cfg["BLOCK_N"], 16), 4
     if kernel == "fwd" and not rt.INTERPRET and cfg["BLOCK_M"] > 64:
         # a modified score keeps more values live per query row: 64 rows, one warpgroup
         # (128 rows on 8 warps spilled at sm_80 with triton 3.6, `pullback build`)
@@ -321,7 +329,8 @@ def _backward(q, k, v, extras: list, o, lse, do, params: list, is_causal: bool, 
     delta = torch.empty(z * n_i, dtype=lse.dtype, device=q.device)
     idx64 = rt.attention_idx64(qf, kf, vf, of, _flat(dq), _flat(dk), _flat(dv))
     kv_cfg = _config(n_d, n_e, q.dtype, "dkdv", idx64, is_causal, q.device)
-    q_cfg = _config(n_d, n_e, q.dtype, "dq", idx64, is_causal, q.device)
+    q_cfg = _config(n_d, n_e, q.dtype, "dq", idx64, is_causal, q.device,
+                    learned=any([need[0]]))
     if z * n_i:
         _alibi_attention_bwd_delta[(triton.cdiv(z * n_i, 64),)](
             of, dof, delta, z * n_i, n_e, BLOCK_M=64, BLOCK_E=q_cfg["BLOCK_E"], ACC=q_cfg["ACC"], IDX64=idx64)
