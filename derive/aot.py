@@ -253,8 +253,10 @@ def capture(module_name: str, arch: int) -> list[Launch]:
             try:
                 with _pretend_cuda(arch, record):
                     # an input is a shape (in the case's dtype), or {"shape": [...], "dtype": "int64"}
-                    # for an integer input (class targets: no gradient)
+                    # for an integer input (class targets: no gradient) or another float input (a
+                    # gradient with "requires_grad": True)
                     xs = [torch.zeros(list(s["shape"]), dtype=getattr(torch, s["dtype"])).as_subclass(cuda_looking)
+                          .requires_grad_(bool(s.get("requires_grad", False)))
                           if isinstance(s, dict) else
                           torch.empty(list(s), dtype=dtype).as_subclass(cuda_looking).requires_grad_()
                           for s in case["inputs"]]

@@ -118,6 +118,29 @@ class Extra:
     kargs: list          # the kernel's arguments: pointer, batch offsets, one stride per "i"/"j" set
     decl: str            # "slopes[h]", for messages
     cross: bool = False  # read at query positions along an axis declared over keys, or the reverse (M = N)
+    grad: str = "none"   # "built": the kernels compute its gradient; "unbuilt": a float read across,
+                         # "grouped": one of a grouped spec (both refused with requires_grad)
+
+
+@dataclass
+class ExtraGrad:
+    """The gradient of a float input X of the modification, from its derived pullback
+    (a sum over the positions and batch sets X lacks of a tile the backward kernels
+    compute).  X indexed by the key position is accumulated in the dK/dV kernel (which
+    streams every query past a block of keys), any other in the dQ kernel (every key
+    past a block of queries); each program writes its partial sums, the runtime sums
+    them over the batch sets (and positions) X lacks, in a fixed order."""
+    of: str             # the spec's name, "slopes"
+    arg: str            # its argument name in the module's functions
+    slot: int           # its position among the extras
+    kernel: str         # "dq" or "dkdv"
+    positions: tuple    # the partials' position axes after the batch entry: ("i",), ("j",) or ("i", "j")
+    tile: Stmt          # the masked summand over one (query, key) tile
+    acc: str | None     # the partial sums per row (dq) or per key (dkdv); None: the tile is stored as it is
+    term: str           # the accumulator's increment: the tile summed over the other position
+    ptr: str            # the kernel's pointer to the partials
+    flag: str           # the kernel's constexpr: the gradient is wanted
+    equation: str       # dslopes[h] = ..., for the docstrings
 
 
 @dataclass
@@ -175,6 +198,15 @@ class AttentionPlan:
     tile_test: str = ""       # the tiles' ranges overlap: some pair may pass the mask
     tile_text: str = ""
     group: str | None = None  # the query-only batch set (Q[z, r, i, d], K[z, j, d]: "r") that dK, dV sum over
+    xgrads: list[ExtraGrad] = field(default_factory=list)  # the float extras' gradients
+
+    def xgrads_in(self, kernel: str) -> list[ExtraGrad]:
+        return [g for g in self.xgrads if g.kernel == kernel]
+
+    @property
+    def xgrads_meta(self) -> list[dict]:
+        """What the runtime allocates and reduces for each extra's gradient."""
+        return [{"slot": g.slot, "positions": list(g.positions)} for g in self.xgrads]
 
     @property
     def score(self) -> str:
@@ -189,8 +221,8 @@ class AttentionPlan:
     @property
     def extras_meta(self) -> list[dict]:
         """What the runtime checks and lays out for each other input."""
-        return [{"name": x.arg, "decl": x.decl, "dtype": x.dtype, "layout": x.layout, "cross": x.cross}
-                for x in self.extras]
+        return [{"name": x.arg, "decl": x.decl, "dtype": x.dtype, "layout": x.layout, "cross": x.cross,
+                 "grad": x.grad} for x in self.extras]
 
     @property
     def public_params(self) -> list[str]:
@@ -238,6 +270,11 @@ class AttentionPlan:
             cases.append({"op": self.fn, "label": f"B=4 Hq=16 Hkv=4 N=4096 D={d}", "inputs": shapes,
                           "kwargs": dict(kwargs, enable_gqa=True), "dtypes": ["float16", "bfloat16", "float32",
                                                                               "float64"]})
+        if self.xgrads:  # the same call with the float extras learned: the backward kernels accumulate their gradients
+            learned = {x.slot for x in self.xgrads}
+            shapes = [dict(s, requires_grad=True) if k - 3 in learned else s for k, s in enumerate(cases[0]["inputs"])]
+            cases.append(dict(cases[0], label=cases[0]["label"] + " learned " + ", ".join(x.arg for x in self.xgrads),
+                              inputs=shapes))
         if self.name == "attention":
             cases.append({"op": self.fn, "label": "B=1 H=16 N=1024 D=256", "inputs": [[1, 16, 1024, 256]] * 3,
                           "kwargs": {}, "dtypes": ["float16", "bfloat16"]})
@@ -578,7 +615,7 @@ def plan_attention(d: Derivation) -> AttentionPlan:
     batch_names = tuple(x.name for x in batch)
 
     # -- the other inputs: one kernel value per use (ids[b, i] and ids[b, j] are two loads)
-    extras, loads, uses = [], [], {}
+    extras, loads, uses, differentiable = [], [], {}, []
     for x in extras_t:
         layout = [batch.index(s) if s in batch else ("i" if s == i else "j") for s in x.indices]
         ptr, zoff = kn.take(f"{names[x.name]}_ptr"), kn.take(f"{names[x.name]}_zoff")
@@ -615,7 +652,7 @@ def plan_attention(d: Derivation) -> AttentionPlan:
             loads.append(Load(name, code, any(u == i for _, u in pos), any(u == j for _, u in pos),
                               sympy.sstr(use)))
         if x.dtype == "float" and steps.get(x.name) is not None and steps[x.name].value != 0:
-            pass  # its gradient is not computed: the runtime refuses it with requires_grad (see check_attention_extra)
+            differentiable.append((len(extras) - 1, x))
 
     # -- tiles the mask removes entirely: bounds from its linear conditions on the positions,
     # an overlap test from its equalities of integer inputs
@@ -767,10 +804,68 @@ def plan_attention(d: Derivation) -> AttentionPlan:
     if loops != {q.name: j.name, k.name: shared, v.name: shared}:
         _fail(f"expected dQ to sum over {j} and dK, dV over {shared}; found {loops}")
     pullback_text += [g.equation for g in grads]
+    xgrads = _extra_grads(differentiable, extras, steps, chain, chain_names, batch, i, j, axes, names, computed,
+                          kn, code, code_kv, bool(group))
+    pullback_text += [g.equation for g in xgrads]
     return AttentionPlan(
         "attention", ir.name, fn, n, extras, params, scale, causal, len(batch), loads, score_steps,
         'float("-inf")', code(m_eq.rhs.body, ij), rescale, l_term,
         o_term, o_final, lse_code, code(p_from_lse, ij), delta_code, dp_code, ds_code, bwd_steps, grads,
         [str(eq) for eq in ir.equations], pullback_text, sympy.sstr(delta_sum),
         any(eq.rhs.has(Where) for eq in chain), kv, *skips[j], *skips[i], tile_ranges, tile_test, tile_text,
-        grads[1].group[0] if grads[1].group else None)
+        grads[1].group[0] if grads[1].group else None, xgrads)
+
+
+def _extra_grads(differentiable, extras, steps, chain, chain_names, batch, i, j, axes, names, computed, kn,
+                 code, code_kv, grouped: bool) -> list[ExtraGrad]:
+    """The gradients of the float extras X with a nonzero derived pullback.  Each is
+    ``dX = sum[the batch sets and positions X lacks](a tile)``, the tile printed from the
+    derived summand (its consumers' contributions: dS and the modification's pullbacks,
+    which the backward kernels compute); the kernel that streams the position X lacks
+    sums the tile over it (tl.sum, plan text), the runtime the rest.  An extra read at
+    positions other than its declared ones (``ids[b, i]`` of ``ids[b, j]``) gets no
+    gradient built: the runtime refuses it with requires_grad.  Neither does any extra of a
+    grouped spec (``Q[z, r, i, d]``: the dK/dV kernel's partials would span a group's query
+    heads).  The dK/dV kernel's tiles are [keys, queries] (``code_kv``), the dQ kernel's
+    [queries, keys]."""
+    out = []
+    for slot, x in differentiable:
+        ex = extras[slot]
+        st = steps[x.name]
+        if ex.cross or grouped:
+            ex.grad = "unbuilt" if ex.cross else "grouped"
+            continue
+        parts = [c for who, c in st.contributions if who in chain_names]
+        if len(parts) != len(st.contributions):
+            _fail(f"{x.name} is read outside the score")
+        lacks = {s.name for s in (*batch, i, j) if s not in x.indices}
+        summand = []
+        for t in normalize(sympy.Add(*parts)):
+            bound = [base_name(b) for b in t.bound]
+            if sorted(bound) != sorted(lacks):
+                _fail(f"expected d{x.name} to sum over {', '.join(sorted(lacks)) or 'nothing'}, got "
+                      f"{sympy.sstr(t.expr())}")
+            summand.append(t.coeff * t.mono.xreplace({b: Symbol(base_name(b)) for b in t.bound}))
+        summand = _fold(sympy.Add(*summand), chain)
+        kernel = "dkdv" if j in x.indices else "dq"
+        positions = (i.name, j.name) if i in x.indices and j in x.indices else (
+            (j.name,) if kernel == "dkdv" else (i.name,))
+        dx = names[f"d{x.name}"]
+        label = f":gx:{x.name}"
+        axes[label] = (i.name, j.name)
+        names[label] = kn.take(f"g_{dx}")
+        computed.add(label)
+        printer, order = (code_kv, (j, i)) if kernel == "dkdv" else (code, (i, j))
+        tile = Stmt(names[label], f"tl.where(valid, {printer(summand, order)}, 0.0)",
+                    f"the summand of d{x.name}, zero where the score is masked")
+        acc, term = None, ""
+        if len(positions) == 1:
+            acc_label = f":acc:x:{x.name}"
+            names[acc_label] = acc = kn.take(f"acc_{dx}")
+            other = j if positions == (i.name,) else i
+            term = printer(IndexSum(Indexed(IndexedBase(label), *batch, i, j), other), (Symbol(positions[0]),))
+        equation = f"d{x.name}[{', '.join(s.name for s in x.indices)}] = {sympy.sstr(sympy.Add(*parts))}"
+        ex.grad = "built"
+        out.append(ExtraGrad(x.name, ex.arg, slot, kernel, positions, tile, acc, term,
+                             kn.take(f"{dx}_ptr"), kn.take(f"NEED_{dx}"), equation))
+    return out

@@ -18,6 +18,7 @@ Pullbacks (derived; see `pullback derive alibi_attention`):
     dQ[b, h, i, d] = scale*sum[j](K[b, h, j, d]*dR[b, h, i, j])
     dK[b, h, j, d] = scale*sum[i](Q[b, h, i, d]*dR[b, h, i, j])
     dV[b, h, j, e] = sum[i](P[b, h, i, j]*dO[b, h, i, e])
+    dslopes[h] = -sum[b, i, j](dS[b, h, i, j]*Max(-i + j, i - j))
 No i x j tensor is written to memory: the forward streams tiles of
 keys/values with an online softmax and saves the row log-sum-exp; the backward
 recomputes P from it.
@@ -195,11 +196,13 @@ def _alibi_attention_bwd_dq(
     K_ptr, K_sz, K_sj, K_sd,
     V_ptr, V_sz, V_sj, V_se,
     dO_ptr, LSE_ptr, Delta_ptr, dQ_ptr,
+    dslopes_ptr,  # dslopes's partial sums [Z, i], contiguous
     slopes_ptr, slopes_zoff, scale,  # the other inputs (pointer, batch offsets, strides), the parameters
     n_i, n_j, n_d, n_e,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
     CAUSAL: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
     DOT_FP32: tl.constexpr, IDX64: tl.constexpr,  # upcast dot operands; 64-bit offsets (see _config)
+    NEED_dslopes: tl.constexpr,  # dslopes is wanted
 ):
     """One program per (batch, block of queries); streams blocks of keys to
     accumulate dQ (a sum over j)."""
@@ -219,6 +222,8 @@ def _alibi_attention_bwd_dq(
     slopes_z = tl.load(slopes_zoff + z)  # slopes's offset for this batch entry
     slopes = tl.load(slopes_ptr + slopes_z).to(ACC)  # slopes[h]
     acc_dQ = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
+    if NEED_dslopes:
+        acc_dslopes = tl.zeros([BLOCK_M], dtype=ACC)  # dslopes summed over the keys, per query row
     end_n = n_j
     if CAUSAL:
         end_n = tl.minimum(n_j, start_m + BLOCK_M)
@@ -238,9 +243,14 @@ def _alibi_attention_bwd_dq(
         dS = (-Delta[:, None] + dP)*P
         dR = dS
         acc_dQ += tl.dot(dR.to(DT), K, input_precision=PREC)  # dQ[b, h, i, d] = scale*sum[j](K[b, h, j, d]*dR[b, h, i, j])
+        if NEED_dslopes:  # dslopes[h] = -sum[b, i, j](dS[b, h, i, j]*Max(-i + j, i - j))
+            g_dslopes = tl.where(valid, -dS*tl.maximum(-offs_i[:, None].to(ACC) + offs_j[None, :].to(ACC), offs_i[:, None].to(ACC) - offs_j[None, :].to(ACC)), 0.0)
+            acc_dslopes += tl.sum(g_dslopes, axis=1)
     dQ = scale*acc_dQ
     tl.store(dQ_ptr + (z * n_i + offs_i[:, None]) * n_d + offs_d[None, :],
              dQ.to(dQ_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < n_d))
+    if NEED_dslopes:
+        tl.store(dslopes_ptr + z * n_i + offs_i, acc_dslopes, mask=row_ok)
 
 
 # ---- launchers
@@ -250,7 +260,7 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 
 
 def _config(n_d: int, n_e: int, dtype: torch.dtype, kernel: str, idx64: bool, is_causal: bool = False,
-            device=None, arch: str | None = None) -> dict:
+            device=None, arch: str | None = None, learned: bool = False) -> dict:
     """The launch config of one kernel; ``arch`` (tests) names the GPU whose tiles to use."""
     cfg = rt.attention_config(n_d, n_e, dtype, kernel, is_causal, device, arch=arch)
     cfg["ACC"] = rt.acc_dtype(dtype)
@@ -265,6 +275,14 @@ def _config(n_d: int, n_e: int, dtype: torch.dtype, kernel: str, idx64: bool, is
         # the query rows per step keeps ptxas from spilling at sm_80 (`pullback build`)
         cfg["BLOCK_M"] = min(cfg["BLOCK_M"], 16)
         cfg["num_warps"] = 2  # (16x16 tiles: 8 warps spilled fp64 at sm_90 with triton 3.6, 4 at sm_80 with 3.9)
+    if learned and dtype == torch.float32 and not rt.INTERPRET:
+        # an extra's gradient tiles and partial sums beside the accumulators (``learned``: this
+        # kernel accumulates one): 2 warps on dK/dV's 16x16 tiles and 8 on dQ's 32x16 spilled at
+        # sm_80/sm_90 with triton 3.9 (`pullback build`, D=64)
+        if kernel == "dkdv":
+            cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"] = min(cfg["BLOCK_M"], 16), min(cfg["BLOCK_N"], 16), 8
+        elif kernel == "dq":
+            cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"] = min(cfg["BLOCK_M"], 32), min(cfg["BLOCK_N"], 16), 4
     if kernel == "fwd" and not rt.INTERPRET and cfg["BLOCK_M"] > 64:
         # a modified score keeps more values live per query row: 64 rows, one warpgroup
         # (128 rows on 8 warps spilled at sm_80 with triton 3.6, `pullback build`)
@@ -274,8 +292,11 @@ def _config(n_d: int, n_e: int, dtype: torch.dtype, kernel: str, idx64: bool, is
 
 # The other inputs (besides q, k, v): name, declaration, dtype and, per index set, its batch
 # set's position or the positions it follows ("i" the queries, "j" the keys).
-_EXTRAS = [{'name': 'slopes', 'decl': 'slopes[h]', 'dtype': 'float', 'layout': [1], 'cross': False}]
+_EXTRAS = [{'name': 'slopes', 'decl': 'slopes[h]', 'dtype': 'float', 'layout': [1], 'cross': False, 'grad': 'built'}]
 _N_SETS = 2  # batch index sets of q: the last ones one axis each, the first the rest
+# The float extras whose gradients the kernels compute: their slot among the extras and
+# the position axes of their partial sums (per batch entry; the runtime sums the rest).
+_GRADS = [{'slot': 0, 'positions': ['i']}]
 
 
 def _forward(q, k, v, extras: list, params: list, is_causal: bool, arch: str | None = None):
@@ -295,22 +316,26 @@ def _forward(q, k, v, extras: list, params: list, is_causal: bool, arch: str | N
     return o, lse
 
 
-def _backward(q, k, v, extras: list, o, lse, do, params: list, is_causal: bool, arch: str | None = None):
+def _backward(q, k, v, extras: list, o, lse, do, params: list, is_causal: bool, need: list,
+              arch: str | None = None):
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     qf, kf, vf = _flat(q), _flat(k), _flat(v)
     z, n_i, n_d = qf.shape
     n_j, n_e = vf.shape[1], vf.shape[2]
+    # the float extras' partial sums (zero where no program writes: causally skipped tiles)
+    parts = rt.attention_grad_partials(q, k, _GRADS, need, rt.torch_acc_dtype(q.dtype))
     empty = torch.zeros_like if n_i == 0 else torch.empty_like  # no queries: dK = dV = 0
     dk = empty(k, memory_format=torch.contiguous_format)
     dv = empty(v, memory_format=torch.contiguous_format)
     if q.numel() == 0 and k.numel() == 0 and v.numel() == 0:
-        return dq, dk, dv
+        return dq, dk, dv, *rt.attention_extra_grads(q, extras, parts, _GRADS, need, _EXTRAS, _N_SETS)
     dof = _flat(do).contiguous()
     of = _flat(o).contiguous()
     delta = torch.empty(z * n_i, dtype=lse.dtype, device=q.device)
     idx64 = rt.attention_idx64(qf, kf, vf, of, _flat(dq), _flat(dk), _flat(dv))
     kv_cfg = _config(n_d, n_e, q.dtype, "dkdv", idx64, is_causal, q.device, arch)
-    q_cfg = _config(n_d, n_e, q.dtype, "dq", idx64, is_causal, q.device, arch)
+    q_cfg = _config(n_d, n_e, q.dtype, "dq", idx64, is_causal, q.device, arch,
+                    learned=any([need[0]]))
     if z * n_i:
         _alibi_attention_bwd_delta[(triton.cdiv(z * n_i, 64),)](
             of, dof, delta, z * n_i, n_e, BLOCK_M=64, BLOCK_E=q_cfg["BLOCK_E"], ACC=q_cfg["ACC"], IDX64=idx64)
@@ -323,8 +348,9 @@ def _backward(q, k, v, extras: list, o, lse, do, params: list, is_causal: bool, 
             *common, dof, lse, delta, dk, dv, *ex, *params, *sizes, CAUSAL=is_causal, **kv_cfg)
     if z * n_i:
         _alibi_attention_bwd_dq[(z * triton.cdiv(n_i, q_cfg["BLOCK_M"]),)](
-            *common, dof, lse, delta, dq, *ex, *params, *sizes, CAUSAL=is_causal, **q_cfg)
-    return dq, dk, dv
+            *common, dof, lse, delta, dq, parts[0], *ex, *params, *sizes, CAUSAL=is_causal, NEED_dslopes=need[0], **q_cfg)
+    # the extras' gradients: the partials summed over the batch sets and positions each lacks
+    return dq, dk, dv, *rt.attention_extra_grads(q, extras, parts, _GRADS, need, _EXTRAS, _N_SETS)
 
 
 def _check(op: str, q, k, v, extras: list, params: list, is_causal: bool) -> list:
@@ -359,21 +385,26 @@ def _(q, k, v, slopes, scale, is_causal):
             q.new_empty(list(lead) + [n_i], dtype=rt.torch_acc_dtype(q.dtype)))
 
 
+# ``need``: per float extra with a gradient (_GRADS), whether it is wanted; the backward
+# returns dq, dk, dv, then those gradients (an empty tensor where not wanted).
 @torch.library.custom_op(_BACKWARD_OP, mutates_args=())
 def _backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-                 do: torch.Tensor, scale: float, is_causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 do: torch.Tensor, scale: float, is_causal: bool, need: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     params = _check(_BACKWARD_OP, q, k, v, [slopes, ], [scale, ], is_causal)
     rt.check_attention_backward(_BACKWARD_OP, q, k, v, o, lse, do)
-    return _backward(q, k, v, [slopes, ], o, lse, do, params, is_causal)
+    rt.check_attention_need(_BACKWARD_OP, need, _GRADS)
+    return tuple(_backward(q, k, v, [slopes, ], o, lse, do, params, is_causal, need))
 
 
 @_backward_op.register_fake
-def _(q, k, v, slopes, o, lse, do, scale, is_causal):
+def _(q, k, v, slopes, o, lse, do, scale, is_causal, need):
     _check(_BACKWARD_OP, q, k, v, [slopes, ], [scale, ], is_causal)
     rt.check_attention_backward(_BACKWARD_OP, q, k, v, o, lse, do)
+    rt.check_attention_need(_BACKWARD_OP, need, _GRADS)
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
-            torch.empty_like(v, memory_format=torch.contiguous_format))
+            torch.empty_like(v, memory_format=torch.contiguous_format),
+            *rt.attention_extra_grads_like([slopes, ], _GRADS, need))
 
 
 def _setup_context(ctx, inputs, output):
@@ -387,8 +418,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward_rule(ctx, do, unused_dlse):
     q, k, v, o, lse, *extras = ctx.saved_tensors
-    dq, dk, dv = _backward_op(q, k, v, *extras, o, lse, do, *ctx.params, ctx.is_causal)
-    return (dq, dk, dv) + (None,) * (1 + 1 + 1)
+    need = [ctx.needs_input_grad[3 + g["slot"]] for g in _GRADS]
+    dq, dk, dv, *dx = _backward_op(q, k, v, *extras, o, lse, do, *ctx.params, ctx.is_causal, need)
+    grads = [None] * 1  # integer extras, and floats that need none, get no gradient
+    for g, want, t in zip(_GRADS, need, dx):
+        grads[g["slot"]] = t if want else None
+    return (dq, dk, dv, *grads) + (None,) * (1 + 1)
 
 
 _forward_op.register_autograd(_backward_rule, setup_context=_setup_context)
@@ -405,7 +440,7 @@ def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: t
     defaults to ``1/sqrt(D)``.
     ``causal`` (a bool) masks key j > query i (SDPA's ``is_causal``,
     aligned to the top left when M != N).
-    ``slopes``: ``slopes[h]``, floating point, no gradient.
+    ``slopes``: ``slopes[h]``, floating point, differentiable.
     """
     is_causal = causal
     params = _check("alibi_attention", q, k, v, [slopes, ], [scale, ], is_causal)
@@ -415,4 +450,5 @@ def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: t
 # ---- ahead-of-time builds (`pullback build`): representative calls, whose kernel launches the build captures
 AOT_CASES = [
     {'op': 'alibi_attention', 'label': 'B=4 H=16 N=4096 D=64', 'inputs': [[4, 16, 4096, 64], [4, 16, 4096, 64], [4, 16, 4096, 64], {'shape': [16], 'dtype': 'float32'}], 'kwargs': {}, 'dtypes': ['float16', 'bfloat16', 'float32', 'float64']},
+    {'op': 'alibi_attention', 'label': 'B=4 H=16 N=4096 D=64 learned slopes', 'inputs': [[4, 16, 4096, 64], [4, 16, 4096, 64], [4, 16, 4096, 64], {'shape': [16], 'dtype': 'float32', 'requires_grad': True}], 'kwargs': {}, 'dtypes': ['float16', 'bfloat16', 'float32', 'float64']},
 ]

@@ -299,7 +299,7 @@ def _config(n_d: int, n_e: int, dtype: torch.dtype, kernel: str, idx64: bool, is
 
 # The other inputs (besides q, k, v): name, declaration, dtype and, per index set, its batch
 # set's position or the positions it follows ("i" the queries, "j" the keys).
-_EXTRAS = [{'name': 'document_ids', 'decl': 'document_ids[b, j]', 'dtype': 'int', 'layout': [0, 'j'], 'cross': True}]
+_EXTRAS = [{'name': 'document_ids', 'decl': 'document_ids[b, j]', 'dtype': 'int', 'layout': [0, 'j'], 'cross': True, 'grad': 'none'}]
 _N_SETS = 2  # batch index sets of q: the last ones one axis each, the first the rest
 
 
@@ -320,7 +320,8 @@ def _forward(q, k, v, extras: list, params: list, is_causal: bool, arch: str | N
     return o, lse
 
 
-def _backward(q, k, v, extras: list, o, lse, do, params: list, is_causal: bool, arch: str | None = None):
+def _backward(q, k, v, extras: list, o, lse, do, params: list, is_causal: bool,
+              arch: str | None = None):
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     qf, kf, vf = _flat(q), _flat(k), _flat(v)
     z, n_i, n_d = qf.shape

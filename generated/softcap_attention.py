@@ -284,7 +284,8 @@ def _forward(q, k, v, extras: list, params: list, is_causal: bool, arch: str | N
     return o, lse
 
 
-def _backward(q, k, v, extras: list, o, lse, do, params: list, is_causal: bool, arch: str | None = None):
+def _backward(q, k, v, extras: list, o, lse, do, params: list, is_causal: bool,
+              arch: str | None = None):
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     qf, kf, vf = _flat(q), _flat(k), _flat(v)
     z, n_i, n_d = qf.shape

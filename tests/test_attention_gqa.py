@@ -199,6 +199,10 @@ def test_user_spec_in_the_grouped_notation(tmp_path, monkeypatch):
                 reference(q, k, v, causal), (q, k, v), 1e-6)  # float parameters reach the kernels as float32
     with pytest.raises(ValueError, match=r"gqa_softcap: temp \(temp\[h, r\]\) must have shape \(2, 3\)"):
         mod.gqa_softcap(q, k, v, temp.reshape(6), softcap=1.5, enable_gqa=True)
+    # a grouped spec builds no gradient for its float inputs: one that requires grad is refused
+    with pytest.raises(ValueError, match=r"gqa_softcap: temp requires grad, but pullback builds no gradient for an "
+                                         r"input of grouped-query attention; pass temp.detach\(\)"):
+        mod.gqa_softcap(q, k, v, temp.clone().requires_grad_(), softcap=1.5, enable_gqa=True)
 
 
 @pytest.mark.parametrize("header,msg", [
