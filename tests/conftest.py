@@ -50,3 +50,21 @@ def run():
         return runner.invoke(cli.main, list(args), catch_exceptions=False)
 
     return invoke
+
+
+@pytest.fixture
+def emit_spec(tmp_path, monkeypatch):
+    """``emit_spec(text, name, package)``: write the spec ``text`` to ``<name>.op``, emit it
+    into the package ``package`` under tmp_path (as ``pullback emit``) and import it."""
+    import importlib
+
+    from derive import emit as E
+
+    def emit(text: str, name: str, package: str):
+        path = tmp_path / f"{name}.op"
+        path.write_text(text)
+        E.emit(str(path), tmp_path / package)
+        monkeypatch.syspath_prepend(str(tmp_path))
+        return importlib.import_module(package)
+
+    return emit

@@ -82,16 +82,7 @@ USER_SPEC = (
     "O = sum[j](P * V)\n")
 
 
-def _emit(tmp_path, monkeypatch, text, name, package):
-    from derive import emit as E
-    path = tmp_path / f"{name}.op"
-    path.write_text(text)
-    E.emit(str(path), tmp_path / package)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    return importlib.import_module(package)
-
-
-def test_user_spec_with_learned_inputs(tmp_path, monkeypatch):
+def test_user_spec_with_learned_inputs(emit_spec):
     """`pullback emit` of a user's variant with a learned per-head temperature temp[h],
     a per-key bias kb[b, j], a per-query distance penalty qs[b, i] and a bias tile
     pb[h, i, j]: every gradient against torch (float64, float32), each accumulated
@@ -102,7 +93,7 @@ def test_user_spec_with_learned_inputs(tmp_path, monkeypatch):
     p = plan(derive_text(text, "learned_attention.op"))
     assert {g.of: (g.kernel, g.positions) for g in p.xgrads} == {
         "temp": ("dq", ("i",)), "kb": ("dkdv", ("j",)), "qs": ("dq", ("i",)), "pb": ("dkdv", ("i", "j"))}
-    mod = _emit(tmp_path, monkeypatch, text, "learned_attention", "learned")
+    mod = emit_spec(text, "learned_attention", "learned")
     for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 3e-5)):
         q, k, v = make(2, 3, 21, 21, 8, 4, dtype)
         gen = torch.Generator().manual_seed(1)
@@ -121,7 +112,7 @@ def test_user_spec_with_learned_inputs(tmp_path, monkeypatch):
                 (q, k, v, temp, kb, qs, pb), tol, names=["q", "k", "v", "temp", "kb", "qs", "pb"])
 
 
-def test_user_spec_per_head_bias_gradcheck(tmp_path, monkeypatch):
+def test_user_spec_per_head_bias_gradcheck(emit_spec):
     """A per-head bias on a causal score (S = R + bias[h] * (j - i)) and a per-key gate:
     float64 gradcheck through every input."""
     text = ("op gated(Q[z, h, i, d], K[z, h, j, d], V[z, h, j, e], bias[h], gate[z, h, j]; causal: int = 1, scale)"
@@ -129,7 +120,7 @@ def test_user_spec_per_head_bias_gradcheck(tmp_path, monkeypatch):
             "R = scale * sum[d](Q * K)\n"
             "S = R * gate + bias * (j - i)\n"
             "M = max[j](S)\nE = exp(S - M)\nL = sum[j](E)\nP = E / L\nO = sum[j](P * V)\n")
-    mod = _emit(tmp_path, monkeypatch, text, "gated", "gated_pkg")
+    mod = emit_spec(text, "gated", "gated_pkg")
     q, k, v = make(1, 2, 5, 5, 3, 2, torch.float64, q_scale=1.0)
     bias = torch.tensor([0.3, -0.2], dtype=torch.float64, requires_grad=True)
     gate = torch.rand(1, 2, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2)).requires_grad_()
@@ -138,13 +129,13 @@ def test_user_spec_per_head_bias_gradcheck(tmp_path, monkeypatch):
                                         (q, k, v, bias, gate), eps=1e-6, atol=1e-7)
 
 
-def test_float_input_read_across_positions_gets_no_gradient(tmp_path, monkeypatch):
+def test_float_input_read_across_positions_gets_no_gradient(emit_spec):
     """kb[b, j] read at the query positions too (kb[b, i]): its gradient is not built;
     with requires_grad the call says so, detached it runs."""
     text = ("op cross(Q[b, h, i, d], K[b, h, j, d], V[b, h, j, e], kb[b, j]; scale) -> O[b, h, i, e]\n"
             "R = scale * sum[d](Q * K)\nS = R + kb[b, i] * kb[b, j]\n"
             "M = max[j](S)\nE = exp(S - M)\nL = sum[j](E)\nP = E / L\nO = sum[j](P * V)\n")
-    mod = _emit(tmp_path, monkeypatch, text, "cross", "cross_pkg")
+    mod = emit_spec(text, "cross", "cross_pkg")
     q, k, v = make(1, 2, 6, 6, 4, 4, torch.float64)
     kb = torch.randn(1, 6, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"cross: kb requires grad, but pullback builds no gradient for an input "
@@ -208,13 +199,13 @@ def test_torch_compile_fullgraph_with_learned_slopes():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_learned_inputs_named_like_the_code_around_them(tmp_path, monkeypatch):
+def test_learned_inputs_named_like_the_code_around_them(emit_spec):
     """Extras named like the launcher's words (need, parts) and a score named like the
     gradient's tile (g_dneed): the allocator renames, the gradients match torch."""
     text = ("op clash(Q[b, h, i, d], K[b, h, j, d], V[b, h, j, e], need[h], parts[b, j]; scale) -> O[b, h, i, e]\n"
             "R = scale * sum[d](Q * K)\ng_dneed = R * need + parts\n"
             "M = max[j](g_dneed)\nE = exp(g_dneed - M)\nL = sum[j](E)\nP = E / L\nO = sum[j](P * V)\n")
-    mod = _emit(tmp_path, monkeypatch, text, "clash", "clash_pkg")
+    mod = emit_spec(text, "clash", "clash_pkg")
     q, k, v = make(2, 2, 9, 9, 4, 4, torch.float64)
     need = torch.tensor([0.5, 1.5], dtype=torch.float64, requires_grad=True)
     parts = torch.randn(2, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(4)).requires_grad_()

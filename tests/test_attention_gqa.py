@@ -172,17 +172,10 @@ O = sum[j](P * V)
 """
 
 
-def test_user_spec_in_the_grouped_notation(tmp_path, monkeypatch):
+def test_user_spec_in_the_grouped_notation(emit_spec):
     """A user's grouped spec (a per-query-head temperature temp[h, r], a softcap) emitted
     and compared with torch: scores from q and k repeated per group, as SDPA's enable_gqa."""
-    import importlib
-
-    from derive import emit as E
-    path = tmp_path / "gqa_softcap.op"
-    path.write_text(GROUPED_SPEC)
-    E.emit(str(path), tmp_path / "grouped")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    mod = importlib.import_module("grouped")
+    mod = emit_spec(GROUPED_SPEC, "gqa_softcap", "grouped")
     q, k, v = make(2, 6, 2, 21, 17, 8, 4, torch.float64)
     temp = torch.tensor([[0.5, 1.0, 2.0], [1.5, 0.25, 1.0]], dtype=torch.float64)  # [Hkv, G]
 

@@ -167,13 +167,10 @@ def test_fully_masked_rows_are_nan_as_in_torch():
     torch.testing.assert_close(sliding_window_attention(q, k, v, window=1), v)
 
 
-def test_user_spec_with_a_learned_free_modification(tmp_path, monkeypatch):
+def test_user_spec_with_a_learned_free_modification(emit_spec):
     """A spec the built-ins do not use: a per-head temperature and a relative-position
     bias ramp, masked to even distances; emitted and compared with torch."""
-    import importlib
-    from derive import emit as E
-    path = tmp_path / "my_attention.op"
-    path.write_text(
+    mod = emit_spec(
         "op my_attention(Q[b, h, i, d], K[b, h, j, d], V[b, h, j, e], temp[h]; scale, ramp) -> O[b, h, i, e]\n"
         "R = scale * sum[d](Q * K)\n"
         "T = R * temp + ramp * exp(-(i - j) * (i - j) / 16)\n"
@@ -182,10 +179,7 @@ def test_user_spec_with_a_learned_free_modification(tmp_path, monkeypatch):
         "E = exp(S - M)\n"
         "L = sum[j](E)\n"
         "P = E / L\n"
-        "O = sum[j](P * V)\n")
-    E.emit(str(path), tmp_path / "mine")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    mod = importlib.import_module("mine")
+        "O = sum[j](P * V)\n", "my_attention", "mine")
     q, k, v = make(2, 3, 21, 21, 8, 4, torch.float64)
     temp = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
     modify = lambda s, i, j: s * temp[:, None, None] + 0.7 * torch.exp(-((i - j) ** 2) / 16)  # noqa: E731
@@ -194,21 +188,15 @@ def test_user_spec_with_a_learned_free_modification(tmp_path, monkeypatch):
             (q, k, v), 1e-6)  # float parameters reach the kernels as Triton's float32 arguments (0.3, 0.7 rounded)
 
 
-def test_user_mask_bounds_with_rounding_and_renamed_parameters(tmp_path, monkeypatch):
+def test_user_mask_bounds_with_rounding_and_renamed_parameters(emit_spec, tmp_path):
     """A mask whose linear conditions solve to fractions (2j <= i + c: j <= floor((i + c)/2), printed
     with //) next to a condition that bounds nothing (an or); int parameters named like the kernels'
     own words (start_m, first_n), which the allocator renames in the kernels: over several tiles, as torch."""
-    import importlib
-    from derive import emit as E
-    path = tmp_path / "banded.op"
-    path.write_text(
+    mod = emit_spec(
         "op banded(Q[z, i, d], K[z, j, d], V[z, j, e]; start_m: int, first_n: int, scale) -> O[z, i, e]\n"
         "R = scale * sum[d](Q * K)\n"
         "S = where(j > i - start_m and 2 * j <= i + first_n and (i - j < 5 or j > 3), R, -inf)\n"
-        "M = max[j](S)\nE = exp(S - M)\nL = sum[j](E)\nP = E / L\nO = sum[j](P * V)\n")
-    E.emit(str(path), tmp_path / "mine_banded")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    mod = importlib.import_module("mine_banded")
+        "M = max[j](S)\nE = exp(S - M)\nL = sum[j](E)\nP = E / L\nO = sum[j](P * V)\n", "banded", "mine_banded")
     text = (tmp_path / "mine_banded" / "banded.py").read_text()
     assert "first_n = tl.maximum(start_m - start_m_1 + 1, 0) // BLOCK_N * BLOCK_N" in text
     assert "end_n = tl.minimum(end_n, (BLOCK_M + start_m + first_n_1 - 1) // 2 + 1)" in text
