@@ -121,11 +121,11 @@ class TritonPrinter(CodePrinter):
         x = self._print(expr.args[0])
         return f"(1.0 - 2.0 / (tl.exp(2.0 * ({x})) + 1.0))"
 
-    def _fold(self, func: str, expr) -> str:
+    def _fold(self, func: str, expr, extra: str = "") -> str:
         args = [self._print(a) for a in expr.args]
         out = args[0]
         for a in args[1:]:
-            out = f"{func}({out}, {a})"
+            out = f"{func}({out}, {a}{extra})"
         return out
 
     def _print_Heaviside(self, expr):
@@ -134,11 +134,13 @@ class TritonPrinter(CodePrinter):
         half = self._print(expr.args[1]) if len(expr.args) > 1 else "0.5"
         return f"tl.where(({x}) > 0, 1.0, tl.where(({x}) < 0, 0.0, {half}))"
 
+    # elementwise maximum/minimum as torch's: a NaN operand gives NaN (Triton's default
+    # returns the other operand)
     def _print_Max(self, expr):
-        return self._fold("tl.maximum", expr)
+        return self._fold("tl.maximum", expr, ", propagate_nan=tl.PropagateNan.ALL")
 
     def _print_Min(self, expr):
-        return self._fold("tl.minimum", expr)
+        return self._fold("tl.minimum", expr, ", propagate_nan=tl.PropagateNan.ALL")
 
     def _print_Piecewise(self, expr):
         if expr.args[-1].cond != True:  # noqa: E712 - SymPy's true

@@ -86,7 +86,7 @@ def _alibi_attention_fwd(
         K = _tile(K_ptr + z * K_sz, offs_j, K_sj, n_j, offs_d, K_sd, n_d, DT, IDX64)
         V = _tile(V_ptr + z * V_sz, offs_j, V_sj, n_j, offs_e, V_se, n_e, DT, IDX64)
         R = scale*tl.dot(Q, tl.trans(K), input_precision=PREC)  # R[b, h, i, j] = scale*sum[d](K[b, h, j, d]*Q[b, h, i, d])
-        S = -slopes*tl.maximum(-offs_i[:, None].to(ACC) + offs_j[None, :].to(ACC), offs_i[:, None].to(ACC) - offs_j[None, :].to(ACC)) + R  # S[b, h, i, j] = R[b, h, i, j] - slopes[h]*Max(-i + j, i - j)
+        S = -slopes*tl.maximum(-offs_i[:, None].to(ACC) + offs_j[None, :].to(ACC), offs_i[:, None].to(ACC) - offs_j[None, :].to(ACC), propagate_nan=tl.PropagateNan.ALL) + R  # S[b, h, i, j] = R[b, h, i, j] - slopes[h]*Max(-i + j, i - j)
         valid = col_ok[None, :]
         if CAUSAL:
             valid = valid & (offs_j[None, :] <= offs_i[:, None])
@@ -170,7 +170,7 @@ def _alibi_attention_bwd_dkdv(
         LSE = tl.load(LSE_ptr + z * n_i + offs_i, mask=row_ok, other=0.0)
         Delta = tl.load(Delta_ptr + z * n_i + offs_i, mask=row_ok, other=0.0)
         R = scale*tl.dot(K, tl.trans(Q), input_precision=PREC)
-        S = -slopes*tl.maximum(-offs_i[None, :].to(ACC) + offs_j[:, None].to(ACC), offs_i[None, :].to(ACC) - offs_j[:, None].to(ACC)) + R
+        S = -slopes*tl.maximum(-offs_i[None, :].to(ACC) + offs_j[:, None].to(ACC), offs_i[None, :].to(ACC) - offs_j[:, None].to(ACC), propagate_nan=tl.PropagateNan.ALL) + R
         valid = col_ok[:, None] & row_ok[None, :]
         if CAUSAL:
             valid = valid & (offs_j[:, None] <= offs_i[None, :])
@@ -233,7 +233,7 @@ def _alibi_attention_bwd_dq(
         K = _tile(K_ptr + z * K_sz, offs_j, K_sj, n_j, offs_d, K_sd, n_d, DT, IDX64)
         V = _tile(V_ptr + z * V_sz, offs_j, V_sj, n_j, offs_e, V_se, n_e, DT, IDX64)
         R = scale*tl.dot(Q, tl.trans(K), input_precision=PREC)
-        S = -slopes*tl.maximum(-offs_i[:, None].to(ACC) + offs_j[None, :].to(ACC), offs_i[:, None].to(ACC) - offs_j[None, :].to(ACC)) + R
+        S = -slopes*tl.maximum(-offs_i[:, None].to(ACC) + offs_j[None, :].to(ACC), offs_i[:, None].to(ACC) - offs_j[None, :].to(ACC), propagate_nan=tl.PropagateNan.ALL) + R
         valid = row_ok[:, None] & col_ok[None, :]
         if CAUSAL:
             valid = valid & (offs_j[None, :] <= offs_i[:, None])
@@ -244,7 +244,7 @@ def _alibi_attention_bwd_dq(
         dR = dS
         acc_dQ += tl.dot(dR.to(DT), K, input_precision=PREC)  # dQ[b, h, i, d] = scale*sum[j](K[b, h, j, d]*dR[b, h, i, j])
         if NEED_dslopes:  # dslopes[h] = -sum[b, i, j](dS[b, h, i, j]*Max(-i + j, i - j))
-            g_dslopes = tl.where(valid, -dS*tl.maximum(-offs_i[:, None].to(ACC) + offs_j[None, :].to(ACC), offs_i[:, None].to(ACC) - offs_j[None, :].to(ACC)), 0.0)
+            g_dslopes = tl.where(valid, -dS*tl.maximum(-offs_i[:, None].to(ACC) + offs_j[None, :].to(ACC), offs_i[:, None].to(ACC) - offs_j[None, :].to(ACC), propagate_nan=tl.PropagateNan.ALL), 0.0)
             acc_dslopes += tl.sum(g_dslopes, axis=1)
     dQ = scale*acc_dQ
     tl.store(dQ_ptr + (z * n_i + offs_i[:, None]) * n_d + offs_d[None, :],

@@ -72,7 +72,7 @@ def _l2_normalize_fwd(
             x = tl.load(x_row + x_off, mask=mask, other=0.0).to(ACC)  # the input x[r, c]
             norm_sum_x = tl.sum(tl.where(mask, (x * x), 0.0), axis=0)  # sum[c](x[r, c]**2)
             norm = tl.sqrt(norm_sum_x)  # norm[r] = sqrt(sum[c](x[r, c]**2))
-            y = x/tl.maximum(eps, norm)  # y[r, c] = x[r, c]/Max(eps, norm[r])
+            y = x/tl.maximum(eps, norm, propagate_nan=tl.PropagateNan.ALL)  # y[r, c] = x[r, c]/Max(eps, norm[r])
             tl.store(y_row + y_off, y.to(y_ptr.dtype.element_ty), mask=mask)  # the output y[r, c]
             tl.store(norm_row, norm.to(norm_ptr.dtype.element_ty))  # norm saved for the backward
     elif PHASE == 0:
@@ -123,7 +123,7 @@ def _l2_normalize_fwd(
                     x_off = c0 * x_sr0 + c1 * x_sr1 + c2 * x_sr2
                     y_off = c0 * y_sr0 + c1 * y_sr1 + c2 * y_sr2
                 x = tl.load(x_row + x_off, mask=mask, other=0.0).to(ACC)  # the input x[r, c]
-                y = x/tl.maximum(eps, norm)  # y[r, c] = x[r, c]/Max(eps, norm[r])
+                y = x/tl.maximum(eps, norm, propagate_nan=tl.PropagateNan.ALL)  # y[r, c] = x[r, c]/Max(eps, norm[r])
                 tl.store(y_row + y_off, y.to(y_ptr.dtype.element_ty), mask=mask)  # the output y[r, c]
             tl.store(norm_row, norm.to(norm_ptr.dtype.element_ty))  # norm saved for the backward
     else:
@@ -192,7 +192,7 @@ def _l2_normalize_fwd(
                         x_off = c0 * x_sr0 + c1 * x_sr1 + c2 * x_sr2
                         y_off = c0 * y_sr0 + c1 * y_sr1 + c2 * y_sr2
                     x = tl.load(x_row + x_off, mask=mask, other=0.0).to(ACC)  # the input x[r, c]
-                    y = x/tl.maximum(eps, norm)  # y[r, c] = x[r, c]/Max(eps, norm[r])
+                    y = x/tl.maximum(eps, norm, propagate_nan=tl.PropagateNan.ALL)  # y[r, c] = x[r, c]/Max(eps, norm[r])
                     tl.store(y_row + y_off, y.to(y_ptr.dtype.element_ty), mask=mask)  # the output y[r, c]
                 if seg == 0:  # a row's own values: once per row
                     tl.store(norm_row, norm.to(norm_ptr.dtype.element_ty))  # norm saved for the backward
@@ -257,7 +257,7 @@ def _l2_normalize_bwd(
             x = tl.load(x_row + x_off, mask=mask, other=0.0).to(ACC)  # the input x[r, c]
             dy = tl.load(dy_row + dy_off, mask=mask, other=0.0).to(ACC)  # the gradient of y
             sum_dy_x = tl.sum(tl.where(mask, dy*x, 0.0), axis=0)  # sum[c](dy[r, c]*x[r, c])
-            dx = (-tl.where((-eps + norm) > 0, 1.0, tl.where((-eps + norm) < 0, 0.0, 0.5))*sum_dy_x*x/(norm*tl.maximum(eps, norm)) + dy)/tl.maximum(eps, norm)  # dx[r, c'] = (-Heaviside(-eps + norm[r])*sum[c](dy[r, c]*x[r, c])*x[r, c']/(norm[r]*Max(eps, norm[r])) + dy[r, c'])/Max(eps, norm[r])
+            dx = (-tl.where((-eps + norm) > 0, 1.0, tl.where((-eps + norm) < 0, 0.0, 0.5))*sum_dy_x*x/(norm*tl.maximum(eps, norm, propagate_nan=tl.PropagateNan.ALL)) + dy)/tl.maximum(eps, norm, propagate_nan=tl.PropagateNan.ALL)  # dx[r, c'] = (-Heaviside(-eps + norm[r])*sum[c](dy[r, c]*x[r, c])*x[r, c']/(norm[r]*Max(eps, norm[r])) + dy[r, c'])/Max(eps, norm[r])
             tl.store(dx_row + dx_off, dx.to(dx_ptr.dtype.element_ty), mask=mask)  # the gradient of x
     elif PHASE == 0:
         # ---- long rows: passes over blocks, lane-wise accumulators reduced at the end
@@ -314,7 +314,7 @@ def _l2_normalize_bwd(
                     dx_off = c0 * dx_sr0 + c1 * dx_sr1 + c2 * dx_sr2
                 x = tl.load(x_row + x_off, mask=mask, other=0.0).to(ACC)  # the input x[r, c]
                 dy = tl.load(dy_row + dy_off, mask=mask, other=0.0).to(ACC)  # the gradient of y
-                dx = (-tl.where((-eps + norm) > 0, 1.0, tl.where((-eps + norm) < 0, 0.0, 0.5))*sum_dy_x*x/(norm*tl.maximum(eps, norm)) + dy)/tl.maximum(eps, norm)  # dx[r, c'] = (-Heaviside(-eps + norm[r])*sum[c](dy[r, c]*x[r, c])*x[r, c']/(norm[r]*Max(eps, norm[r])) + dy[r, c'])/Max(eps, norm[r])
+                dx = (-tl.where((-eps + norm) > 0, 1.0, tl.where((-eps + norm) < 0, 0.0, 0.5))*sum_dy_x*x/(norm*tl.maximum(eps, norm, propagate_nan=tl.PropagateNan.ALL)) + dy)/tl.maximum(eps, norm, propagate_nan=tl.PropagateNan.ALL)  # dx[r, c'] = (-Heaviside(-eps + norm[r])*sum[c](dy[r, c]*x[r, c])*x[r, c']/(norm[r]*Max(eps, norm[r])) + dy[r, c'])/Max(eps, norm[r])
                 tl.store(dx_row + dx_off, dx.to(dx_ptr.dtype.element_ty), mask=mask)  # the gradient of x
     else:
         # ---- few long rows, split: a work item is one segment of seg_len columns of a row.
@@ -388,7 +388,7 @@ def _l2_normalize_bwd(
                         dx_off = c0 * dx_sr0 + c1 * dx_sr1 + c2 * dx_sr2
                     x = tl.load(x_row + x_off, mask=mask, other=0.0).to(ACC)  # the input x[r, c]
                     dy = tl.load(dy_row + dy_off, mask=mask, other=0.0).to(ACC)  # the gradient of y
-                    dx = (-tl.where((-eps + norm) > 0, 1.0, tl.where((-eps + norm) < 0, 0.0, 0.5))*sum_dy_x*x/(norm*tl.maximum(eps, norm)) + dy)/tl.maximum(eps, norm)  # dx[r, c'] = (-Heaviside(-eps + norm[r])*sum[c](dy[r, c]*x[r, c])*x[r, c']/(norm[r]*Max(eps, norm[r])) + dy[r, c'])/Max(eps, norm[r])
+                    dx = (-tl.where((-eps + norm) > 0, 1.0, tl.where((-eps + norm) < 0, 0.0, 0.5))*sum_dy_x*x/(norm*tl.maximum(eps, norm, propagate_nan=tl.PropagateNan.ALL)) + dy)/tl.maximum(eps, norm, propagate_nan=tl.PropagateNan.ALL)  # dx[r, c'] = (-Heaviside(-eps + norm[r])*sum[c](dy[r, c]*x[r, c])*x[r, c']/(norm[r]*Max(eps, norm[r])) + dy[r, c'])/Max(eps, norm[r])
                     tl.store(dx_row + dx_off, dx.to(dx_ptr.dtype.element_ty), mask=mask)  # the gradient of x
 
 

@@ -336,3 +336,21 @@ def test_an_integer_input_selects_one_element_of_each_row(tmp_path, monkeypatch)
 def test_integer_inputs_misused(text, message):
     with pytest.raises(SpecError, match=message):
         plan(derive_text(text, "f.op"))
+
+
+def test_elementwise_maximum_and_minimum_propagate_nan_as_torch(emit_spec):
+    """maximum/minimum of a NaN is NaN, as torch.maximum/torch.minimum (a kernel that dropped
+    the NaN would clip it to a number); gradients elsewhere as torch's."""
+    import torch
+    mod = emit_spec("op clip6(x[r, c]) -> y[r, c]\ny = minimum(maximum(x, 0), 6)\n", "clip6", "userops_clip6")
+    x = torch.linspace(-3, 9, 40, dtype=torch.float64).reshape(4, 10)
+    x[1, 3] = x[2, 7] = float("nan")
+    x.requires_grad_()
+    y = mod.clip6(x)
+    ref = torch.minimum(torch.maximum(x, torch.zeros_like(x)), torch.full_like(x, 6.0))
+    torch.testing.assert_close(y, ref, equal_nan=True)
+    assert torch.isnan(y[1, 3]) and torch.isnan(y[2, 7])
+    g = torch.rand_like(y)
+    (gx,), (gr,) = torch.autograd.grad(y, [x], g), torch.autograd.grad(ref, [x], g)
+    finite = ~torch.isnan(x.detach())
+    torch.testing.assert_close(gx[finite], gr[finite])

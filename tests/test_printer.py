@@ -83,11 +83,14 @@ def test_piecewise_without_default_is_refused():
 
 
 def test_max_min():
+    """Elementwise, NaN-propagating as torch.maximum / torch.minimum (Triton's default returns
+    the operand that is not NaN)."""
+    nan = ", propagate_nan=tl.PropagateNan.ALL"
     code = triton_code(Max(A, B))
-    assert code in ("tl.maximum(A, B)", "tl.maximum(B, A)")
+    assert code in (f"tl.maximum(A, B{nan})", f"tl.maximum(B, A{nan})")
     code3 = triton_code(Max(A, B, C))
-    assert code3.count("tl.maximum(") == 2
-    assert triton_code(Min(A, B)) in ("tl.minimum(A, B)", "tl.minimum(B, A)")
+    assert code3.count("tl.maximum(") == 2 and code3.count(nan) == 2
+    assert triton_code(Min(A, B)) in (f"tl.minimum(A, B{nan})", f"tl.minimum(B, A{nan})")
 
 
 def test_argmax_indicator_times_value():
