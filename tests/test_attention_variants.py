@@ -282,3 +282,55 @@ def test_positions_derive_no_gradient():
                     "L = sum[j](E)\nP = E / L\nO = sum[j](P * V)\n", "att.op")
     step = next(s for s in d.steps if s.tensor.name == "R")
     assert str(step.raw) == "dS[z, i, j]"
+
+
+# Every built-in variant with small fixed inputs: (our call, the explicit torch reference).
+_IDS7 = torch.tensor([[0, 0, 0, 1, 1, 2, 2] * 5 + [3, 3]])  # 37 tokens, four documents
+_SLOPES = torch.tensor([0.5, 0.0625])
+VARIANTS = {
+    "softcap": (lambda q, k, v: softcap_attention(q, k, v, softcap=1.5, causal=True),
+                lambda q, k, v: reference(q, k, v, lambda s, i, j: 1.5 * torch.tanh(s / 1.5), CAUSAL)),
+    "sliding_window": (lambda q, k, v: sliding_window_attention(q, k, v, window=5),
+                       lambda q, k, v: reference(q, k, v, keep=lambda i, j: (j <= i) & (j > i - 5))),
+    "alibi": (lambda q, k, v: alibi_attention(q, k, v, _SLOPES.to(q.dtype), causal=False),
+              lambda q, k, v: reference(q, k, v, lambda s, i, j: s - _SLOPES.to(s.dtype)[:, None, None] * (i - j).abs())),
+    "document": (lambda q, k, v: document_attention(q, k, v, _IDS7),
+                 lambda q, k, v: reference(q, k, v, keep=lambda i, j: _IDS7[:, None, :, None] == _IDS7[:, None, None, :])),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 1e-2), (torch.bfloat16, 4e-2)])
+def test_half_precision_against_float64(variant, dtype, tol):
+    """fp16/bf16 inputs (bf16 dots upcast under the interpreter) against the float64
+    reference of the same rounded inputs: the output and every gradient."""
+    ours, ref = VARIANTS[variant]
+    q, k, v = make(1, 2, 37, 37, 16, 8, dtype, q_scale=1.0)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    o, r = ours(q, k, v), ref(q64, k64, v64)
+    assert o.dtype == dtype
+    torch.testing.assert_close(o.double(), r, rtol=tol, atol=tol)
+    g = torch.randn(o.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for name, a, b in zip("qkv", torch.autograd.grad(o, (q, k, v), g.to(dtype)), torch.autograd.grad(r, (q64, k64, v64), g)):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_torch_compile_fullgraph(variant):
+    """Each variant traces whole under torch.compile(fullgraph=True) (its kernels are
+    torch.library ops) and gives the eager reference's values and gradients."""
+    torch._dynamo.reset()
+    ours, ref = VARIANTS[variant]
+    q, k, v = make(1, 2, 37, 37, 16, 8, torch.float32, q_scale=1.0)
+    out = torch.compile(lambda q, k, v: ours(q * 1.5, k, v).square().sum(), fullgraph=True)(q, k, v)
+    want = ref(q * 1.5, k, v).square().sum()
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v)), torch.autograd.grad(want, (q, k, v))):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_opcheck_softcap_and_alibi():
+    q, k, v = make(1, 2, 7, 7, 8, 4, torch.float32)
+    torch.library.opcheck(torch.ops.pullback.softcap_attention_forward, (q, k, v, 1.5, 0.5, True))
+    torch.library.opcheck(torch.ops.pullback.alibi_attention_forward, (q, k, v, _SLOPES, 0.5, False))
