@@ -157,9 +157,12 @@ class _TL:
     abs = staticmethod(abs)
     exp2 = staticmethod(lambda v: 2.0 ** v)
     log2 = staticmethod(math.log2)
-    maximum = staticmethod(max)
-    minimum = staticmethod(min)
+    maximum = staticmethod(lambda a, b, propagate_nan=None: math.nan if math.isnan(a) or math.isnan(b) else max(a, b))
+    minimum = staticmethod(lambda a, b, propagate_nan=None: math.nan if math.isnan(a) or math.isnan(b) else min(a, b))
     where = staticmethod(lambda c, a, b: a if c else b)
+
+    class PropagateNan:
+        ALL = "all"
 
 
 def run(expr, **values):
