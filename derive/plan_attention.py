@@ -366,6 +366,16 @@ def _fold(expr, eqs):
     return expr
 
 
+def _score_contributions(step, chain_names) -> list:
+    """The derived contributions to ``step``'s adjoint, each from a step of the score
+    (the chain rule's terms the backward kernels can form); a located failure if the
+    tensor is read anywhere else."""
+    parts = [c for who, c in step.contributions if who in chain_names]
+    if len(parts) != len(step.contributions):
+        _fail(f"{step.tensor.name} is read outside the score")
+    return parts
+
+
 def _chain(ir, defs, s_name, batch, i, j) -> list:
     """The score's equations, in spec order: every defined tensor the max's
     argument depends on (the contraction, the modification, the mask)."""
@@ -747,9 +757,7 @@ def plan_attention(d: Derivation) -> AttentionPlan:
                                     f"{ds_name} = {sympy.sstr(ds_value)}    (Delta = {sympy.sstr(delta_sum)})"]
     for eq in reversed(chain[:-1]):
         st = steps[eq.target.name]
-        parts = [c for who, c in st.contributions if who in chain_names]
-        if len(parts) != len(st.contributions):
-            _fail(f"{eq.target.name} is read outside the score")
+        parts = _score_contributions(st, chain_names)
         raw = _fold(sympy.Add(*parts), chain)
         text, text_kv = code(raw, ij), code_kv(raw, ji)
         if s_eq.lhs in raw.atoms(Indexed):  # it reads the score, -inf where the kernels mask it (valid)
@@ -835,9 +843,7 @@ def _extra_grads(differentiable, extras, steps, chain, chain_names, batch, i, j,
         if ex.cross or grouped:
             ex.grad = "unbuilt" if ex.cross else "grouped"
             continue
-        parts = [c for who, c in st.contributions if who in chain_names]
-        if len(parts) != len(st.contributions):
-            _fail(f"{x.name} is read outside the score")
+        parts = _score_contributions(st, chain_names)
         lacks = {s.name for s in (*batch, i, j) if s not in x.indices}
         summand = []
         for t in normalize(sympy.Add(*parts)):
