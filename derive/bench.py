@@ -151,11 +151,12 @@ def traffic(dtype_name: str = "float16", quick: bool = False, progress=None) -> 
         meta = mod.META
         inputs, params, dims = _rowwise_inputs(meta, shape, dim, dtype)
         call_dim = dim if meta["reduces"] == "dim" else None
-        with count_traffic() as fwd, count_programs() as pf:  # (an op that returns one output by a keyword:
+        weights = {m["name"]: t for m, t in zip(meta["inputs"], inputs) if m["level"] == "col"}
+        with count_traffic(watch=weights) as fwd, count_programs() as pf:  # (an op that returns one output by a keyword:
             ys = (mod.OP._call if meta.get("choice") else mod.OP)(inputs, params, call_dim, False)  # all of them)
         ys = list(ys) if isinstance(ys, tuple) else [ys]
         gs = [torch.randn_like(y) for y in ys]
-        with count_traffic() as bwd, count_programs() as pb:
+        with count_traffic(watch=weights) as bwd, count_programs() as pb:
             torch.autograd.backward(ys, gs)
         nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
         # forward: each input read once, each output written once
@@ -174,20 +175,24 @@ def traffic(dtype_name: str = "float16", quick: bool = False, progress=None) -> 
         # (the weights' gradients are written by the second stage, a torch sum the counter does not see)
         ideal_b = read + sum(nbytes(t) for m, gr, t in zip(meta["inputs"], meta["grads"], inputs)
                              if m["level"] != "col" and not gr["zero"])  # (a gradient that is zero is not written)
-        # Per program, not per op: each program reads the column weights once (rows that fit a
-        # block), and the weights' gradients are per-program partials (fp32) summed in a second stage.
-        weights = [t for m, t in zip(meta["inputs"], inputs) if m["level"] == "col"]
+        # Apart from the ratio: the column weights read again (measured: each program reads them
+        # once when rows fit a block, each row's passes read them again when rows are long: [c]
+        # values a GPU serves from L2), and the weights' gradients' per-program partials (fp32),
+        # summed in a second stage.
         single = rt.block_config(n_cols, dtype, torch.device("cpu"))["SINGLE"]
         n_progs = rt.programs(n_rows, torch.device("cpu"))
-        read_back = [t for m, t in zip(meta["inputs"], inputs) if m["level"] == "col" and m["name"] in meta["saved"]]
-        rereads = (n_progs - 1) * sum(nbytes(w) for w in weights) if single else 0
-        rereads_b = (n_progs - 1) * sum(nbytes(w) for w in read_back) if single else 0
+
+        def rereads(t, counted: set) -> int:
+            seen = sum(t.per_tensor[k].bytes_loaded for k in weights if k in t.per_tensor)
+            return seen - sum(nbytes(w) for k, w in weights.items() if k in counted)
+        rereads_f = rereads(fwd, set(weights))
+        rereads_b = rereads(bwd, set(meta["saved"]))
         partials = len(weights) * 4 * n_cols * (n_progs if single else 2 * n_rows)
         # totals over the rows: each program writes its partials, the second stage reads them
         totals = 2 * 4 * n_progs * sum(1 for k in meta["forward"]["tensors"] if k.startswith("tpartial:"))
         label = f"{tuple(shape)} dim={dim}" if meta["reduces"] == "dim" else f"{tuple(shape)}"
         rows.append(TrafficRow(name, label, dtype_name, "forward", fwd.total_loaded, fwd.total_stored, ideal_f,
-                               rereads + totals, pf.programs, pf.launches, n_rows))
+                               rereads_f + totals, pf.programs, pf.launches, n_rows))
         rows.append(TrafficRow(name, label, dtype_name, "backward", bwd.total_loaded, bwd.total_stored, ideal_b,
                                rereads_b + partials, pb.programs, pb.launches, n_rows))
     for (b, h, m, d), n_keys, causal, mask in _attention_cases(quick):
@@ -208,7 +213,7 @@ def traffic(dtype_name: str = "float16", quick: bool = False, progress=None) -> 
                                   lambda: generated.document_attention(q, k, v, ids, causal=causal))}[kind]
         with count_traffic() as fwd, count_programs() as pf:
             o = call()
-        with count_traffic() as bwd, count_programs() as pb:
+        with count_traffic(watch=weights) as bwd, count_programs() as pb:
             o.backward(torch.randn_like(o))
         qkv = q.numel() + k.numel() + v.numel()
         extra = 0 if ids is None else ids.numel() * ids.element_size()  # the document ids, read once

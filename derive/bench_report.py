@@ -95,8 +95,9 @@ def traffic_section(rows: list[TrafficRow], image: str) -> str:
         "Every byte each kernel loads and stores, counted under Triton's interpreter (`derive/memtrace.py`), "
         "against the ideal: each input of the pass read once, each output written once (for a backward: what "
         "it reads of the forward, the incoming gradients, the gradients it writes). `per-program` bytes "
-        "(column weights each program reads, per-program partial sums of the weights' gradients) are shown "
-        "and left out of the ratio. `programs` is the sum of the grid sizes of the pass's kernel launches, "
+        "(column weights read again, measured: once by each program when rows fit a block, by each pass "
+        "over each row when rows are long, `[c]` values a GPU serves from L2; per-program partial sums of "
+        "the weights' gradients) are shown and left out of the ratio. `programs` is the sum of the grid sizes of the pass's kernel launches, "
         "counted as they run: row-wise kernels run a persistent grid (at most 16 programs on the CPU, "
         "4 per SM on a GPU), each program walking rows `pid, pid + n, ...` (`rows per program`).", "",
         f"![bytes against the ideal and programs launched]({image})", "", table, ""])

@@ -66,6 +66,9 @@ class KernelTraffic:
 @dataclass
 class Traffic:
     per_kernel: dict[str, KernelTraffic] = field(default_factory=dict)
+    # bytes loaded / stored inside the memory of each watched tensor (``count_traffic(watch=...)``)
+    per_tensor: dict[str, KernelTraffic] = field(default_factory=dict)
+    regions: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)  # name -> [start, end)
 
     @property
     def total_loaded(self) -> int:
@@ -143,31 +146,44 @@ def _element_bytes(ptrs) -> int:
     return max(int(pointee.primitive_bitwidth) // 8, 1)
 
 
-def _active_elements(ptrs, mask) -> int:
-    """How many of the pointers in ``ptrs`` the mask lets through.
+def _active_elements(ptrs, mask, region: tuple[int, int] | None = None) -> int:
+    """How many of the pointers in ``ptrs`` the mask lets through (and, given a
+    ``region`` [start, end) of addresses, point inside it).
 
     ``mask`` is a TensorHandle, or (block pointers and descriptors in triton
     3.6) a bare numpy array, or None for all of them.
     """
     import numpy as np
-    shape = np.shape(ptrs.data)
+    data = np.asarray(ptrs.data)
+    shape = np.shape(data)
     if mask is None:
-        return int(np.prod(shape, dtype=np.int64))
-    m = mask if isinstance(mask, np.ndarray) else getattr(mask, "data", mask)
-    m = np.asarray(m).astype(bool, copy=False)
+        m = np.ones(shape, dtype=bool)
+    else:
+        m = mask if isinstance(mask, np.ndarray) else getattr(mask, "data", mask)
+        m = np.asarray(m).astype(bool, copy=False)
     try:
         m = np.broadcast_to(m, np.broadcast_shapes(m.shape, shape))
     except ValueError:  # shapes that do not broadcast: count the mask as given
-        pass
+        return 0 if region is not None else int(np.count_nonzero(m))
+    if region is not None:
+        addr = np.broadcast_to(data, m.shape).astype(np.uint64, copy=False)
+        m = m & (addr >= np.uint64(region[0])) & (addr < np.uint64(region[1]))
     return int(np.count_nonzero(m))
 
 
-def _record(loaded: int, stored: int) -> None:
+def _record(loaded: int, stored: int, ptrs=None, mask=None) -> None:
     name = _running[-1] if _running else OUTSIDE
     for traffic in _active:
         entry = traffic.kernel(name)
         entry.bytes_loaded += loaded
         entry.bytes_stored += stored
+        if traffic.regions and ptrs is not None:
+            for tname, (start, end) in traffic.regions.items():
+                inside = _active_elements(ptrs, mask, (start, end)) * _element_bytes(ptrs)
+                if inside:
+                    t = traffic.per_tensor.setdefault(tname, KernelTraffic(tname))
+                    t.bytes_loaded += inside if loaded else 0
+                    t.bytes_stored += inside if stored else 0
 
 
 def _install(interp) -> None:
@@ -176,11 +192,11 @@ def _install(interp) -> None:
     orig_run = function.run
 
     def create_masked_load(self, ptrs, mask, *args, **kwargs):
-        _record(_active_elements(ptrs, mask) * _element_bytes(ptrs), 0)
+        _record(_active_elements(ptrs, mask) * _element_bytes(ptrs), 0, ptrs, mask)
         return orig_load(self, ptrs, mask, *args, **kwargs)
 
     def create_masked_store(self, ptrs, value, mask, *args, **kwargs):
-        _record(0, _active_elements(ptrs, mask) * _element_bytes(ptrs))
+        _record(0, _active_elements(ptrs, mask) * _element_bytes(ptrs), ptrs, mask)
         return orig_store(self, ptrs, value, mask, *args, **kwargs)
 
     def run(self, *args, **kwargs):
@@ -231,16 +247,22 @@ def _uninstall() -> None:
 
 
 @contextmanager
-def count_traffic() -> Iterator[Traffic]:
+def count_traffic(watch: dict | None = None) -> Iterator[Traffic]:
     """Count bytes loaded and stored by every kernel launched inside the block.
 
-    Yields a :class:`Traffic` that fills while kernels run.  Needs triton's
-    interpreter (``TRITON_INTERPRET=1`` before triton is imported); raises
-    RuntimeError otherwise, or when this triton's interpreter lacks the
-    methods the counter hooks.
+    Yields a :class:`Traffic` that fills while kernels run.  ``watch`` maps
+    names to CPU tensors: the bytes accessed inside each one's memory are
+    also counted apart, in ``per_tensor[name]``.  Needs triton's interpreter
+    (``TRITON_INTERPRET=1`` before triton is imported); raises RuntimeError
+    otherwise, or when this triton's interpreter lacks the methods the
+    counter hooks.
     """
     interp = _interpreter_module()
     traffic = Traffic()
+    for tname, t in (watch or {}).items():
+        start = t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size()
+        span = sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if n > 0) + 1 if t.numel() else 0
+        traffic.regions[tname] = (start, start + span * t.element_size())
     with _lock:
         if not _active:
             try:

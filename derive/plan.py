@@ -22,7 +22,10 @@ program:
 * **looped** (long rows): passes over the row, one per level of dependent
   reductions.  A ``sum`` whose summand depends on a ``max`` only through a
   factor that rescales (``exp(A - M)``) shares the max's pass: the rescale
-  factor ``f(M_new) / f(M_old)`` is *derived* here, not written by hand.
+  factor ``f(M_new) / f(M_old)`` is *derived* here, not written by hand.  A
+  ``sum`` whose summand is a polynomial in row values of an earlier pass (layer
+  norm's variance about the mean) shares that pass too: its Taylor
+  re-expansion about a moving per-lane reference is derived (:class:`_Shift`).
 
 Every formula and every policy (a max's NaN and tie rules, the online
 rescaling) is printed here as statements; every name in them comes from
@@ -31,6 +34,7 @@ rescaling) is printed here as statements; every name in them comes from
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import pprint
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -336,6 +340,31 @@ class _KEq:
     argmax: bool = False
 
 
+@dataclass
+class _Shift:
+    """A sum whose summand is a polynomial in row values ``L`` of its own pass (layer
+    norm's ``sum[c]((x - mu)**2)`` with ``mu = mean[c](x)``), folded into that pass.
+
+    Taylor's theorem, exact for a polynomial: ``sum[c](f(L)) = sum_a prod_i (L_i -
+    rho_i)**a_i * U_a`` with ``U_a = sum[c](d^a f / a! at rho)``, for any reference
+    ``rho``.  Each lane keeps its own ``rho`` (its running estimate of ``L``: the
+    pass's sums scaled from the lane's columns to the row) and its ``U_a``; when
+    ``rho`` moves, the ``U_a`` are re-expanded about the new one (``shift``), as an
+    online softmax rescales its running sum when the running max moves.  Lanes (and
+    a split row's segments) combine the same way, about the row's estimate ``ref``."""
+
+    late: list[str]            # the row values L_i, in equation order
+    syms: list[Symbol]         # L_i as symbols
+    rho: list[Symbol]          # a lane's reference for each L_i
+    delta: list[Symbol]        # how far it moves
+    terms: dict                # a (multi-index) -> d^a f / a! at rho, an element expression (U_a a lane sum)
+    consts: dict               # a -> the constant d^a f / a! (U_a = it * count)
+    shift: dict                # a -> U_a about ``rho + delta``, from the U's about ``rho``
+    value: object              # the sum about rho: sum_a prod (L - rho)**a * U_a
+    needs: list[str]           # this pass's sums and values the estimate of L is made of, in order
+    u: dict                    # a -> Symbol U_a
+
+
 class _Kernel:
     """Schedules a list of kernel equations into the single and looped shapes."""
 
@@ -436,18 +465,19 @@ class _Kernel:
         return f"{acc} += tl.where({self.n['mask']}, {self.code(e.expr)}, 0.0)  # {comment_text(e.comment)}"
 
     # -- the looped shape
-    def loop_for(self, reds: list[_KEq], online: dict[str, tuple]) -> Loop:
+    def loop_for(self, reds: list[_KEq], online: dict[str, tuple], shifted: dict[str, _Shift]) -> Loop:
         n = self.n
         init, block, finish, names = [], [], [], []
-        exprs = [e.expr for e in reds if e.name not in online] + [self.inline_block(e.expr) for e in reds
-                                                                    if e.name in online]
+        exprs = [e.expr for e in reds if e.name not in online and e.name not in shifted] + \
+            [self.inline_block(e.expr) for e in reds if e.name in online] + \
+            [x for e in reds if e.name in shifted for x in shifted[e.name].terms.values()]
         values: list[str] = []
         for x in exprs:
             values += [nm for nm in self.block_deps(x) if nm not in values]
         values = [e.name for e in self.eqs if e.name in values]
         block_code = [self.assign(self.by_name[nm]) for nm in values]
         maxes = [e for e in reds if e.kind == "max"]
-        sums = [e for e in reds if e.kind == "sum"]
+        sums = [e for e in reds if e.kind == "sum" and e.name not in shifted]
         run = {e.name: self.N.of(("run", e.name), f"{self.value_of[e.name]}_run") for e in reds}
         for e in maxes:
             v = self.value_of[e.name]
@@ -483,6 +513,14 @@ class _Kernel:
                                   f"# {comment_text(e.comment)}")
                 finish_sum = f"{v} = tl.sum({run[e.name]}, axis=0)"
             finish.append(finish_sum)
+        shifts = [(e, shifted[e.name]) for e in reds if e.name in shifted]
+        shift_seg: list[tuple[str, str, str, str]] = []  # (key, finish value, lane name, what)
+        if shifts:
+            more = self.shift_code(reds, shifts, run)
+            init += more["init"]
+            block_code += more["block"]
+            finish += more["finish"]
+            shift_seg = more["seg"]
         for e in maxes:
             block_code.append(f"{run[e.name]} = {self.N.given[('new', e.name)]}")
         max_finish = []
@@ -526,7 +564,94 @@ class _Kernel:
             t = seg(e.name, "stat", f"each segment's {comment_text(e.comment)} (split rows)")
             seg_stores.append((t, self.value_of[e.name]))
             load(t, run[e.name], "0.0", f"the segments' {comment_text(e.comment)}")
+        for key, value, lane, what in shift_seg:
+            t = seg(key, "stat", f"each segment's {what} (split rows)")
+            seg_stores.append((t, value))
+            load(t, lane, "0.0", f"the segments' {what} (no segment: 0)")
         return Loop([e.name for e in reds], init, Block(loads, block_code), max_finish + finish, seg_stores, seg_loads)
+
+    def shift_code(self, reds: list[_KEq], shifts: list[tuple[_KEq, _Shift]], run: dict[str, str]) -> dict:
+        """The statements of a pass's shifted sums (see :class:`_Shift`): lane
+        references and coefficient sums set up, updated per block, combined at the end."""
+        n, N = self.n, self.N
+        key = reds[0].name
+        cnt = N.of(("cnt", key), "n_seen")
+        cnt_new = N.of(("cnt_new", key), "n_seen_new")
+        cnt_all = N.of(("cnt_all", key), "n_seen_row")
+        ncols = f"tl.cast({n['n_cols']}, {self.n['ACC']})"
+        late = [x for x in self.eqs if any(x.name in sh.late for _, sh in shifts)]
+        needs = [x for x in self.eqs if any(x.name in sh.needs for _, sh in shifts)]
+        rho = {x.name: N.of(("rho", x.name), f"{self.value_of[x.name]}_rho") for x in late}
+        rho_new = {x.name: N.of(("rho_new", x.name), f"{self.value_of[x.name]}_rho_new") for x in late}
+        delta = {x.name: N.of(("delta", x.name), f"{self.value_of[x.name]}_delta") for x in late}
+        est = {x.name: N.of(("est", x.name), f"{self.value_of[x.name]}_est") for x in needs}
+        ref = {x.name: N.of(("fest", x.name), f"{self.value_of[x.name]}_ref") for x in needs}
+        u_lane = {(e.name, a): N.of(("U", e.name, a), f"{self.value_of[e.name]}_u{''.join(map(str, a))}")
+                  for e, sh in shifts for a in sh.terms}
+        u_row = {(e.name, a): N.of(("Ur", e.name, a), f"{self.value_of[e.name]}_u{''.join(map(str, a))}_row")
+                 for e, sh in shifts for a in sh.terms}
+        init = [f"{cnt} = tl.zeros([{n['BLOCK']}], dtype={n['ACC']})  # columns each lane has seen"]
+        init += [f"{rho[x.name]} = tl.zeros([{n['BLOCK']}], dtype={n['ACC']})  # each lane's reference for "
+                 f"{comment_text(x.name)}" for x in late]
+        init += [f"{u_lane[k]} = tl.zeros([{n['BLOCK']}], dtype={n['ACC']})" for k in u_lane]
+
+        def estimates(names_: dict, count: str, sums: dict) -> list[str]:
+            out, given = [], {}
+            for x in needs:
+                if x.kind == "sum":
+                    out.append(f"{names_[x.name]} = {sums[x.name]} * ({ncols} / tl.maximum({count}, 1.0))  "
+                               f"# {comment_text(x.comment)}, scaled to the whole row")
+                else:
+                    out.append(f"{names_[x.name]} = {self.code(x.expr, **given)}  # {comment_text(x.comment)}")
+                given[x.name] = names_[x.name]
+            return out
+
+        def printed(expr, sh: _Shift, e: _KEq, deltas: dict, us: dict, count: str, **extra) -> str:
+            names_ = {d.name: deltas[nm] for d, nm in zip(sh.delta, sh.late)}
+            names_.update({sh.u[a].name: us[(e.name, a)] for a in sh.terms})
+            names_.update(extra)
+            expr = expr.xreplace({sh.u[a]: c * Symbol(count) for a, c in sh.consts.items()})
+            names_[count] = count
+            return self.code(expr, **names_)
+
+        block = [f"{cnt_new} = {cnt} + tl.where({n['mask']}, 1.0, 0.0)",
+                 "# each lane's estimate of the row's values, from its columns so far: its new reference"]
+        block += estimates(est, cnt_new, {x.name: run[x.name] for x in needs if x.kind == "sum"})
+        block += [f"{rho_new[x.name]} = tl.where({cnt_new} > 0, {est[x.name]}, 0.0)" for x in late]
+        block += [f"{delta[x.name]} = {rho_new[x.name]} - {rho[x.name]}" for x in late]
+        for e, sh in shifts:
+            block.append(f"# {comment_text(e.comment)}: the lane's sums re-expanded about the new reference "
+                         f"(Taylor, exact for a polynomial), then this block's terms")
+            for a in sh.terms:  # (by degree: each reads only higher coefficients, not yet moved)
+                block.append(f"{u_lane[(e.name, a)]} = {printed(sh.shift[a], sh, e, delta, u_lane, cnt)}")
+            for a, term in sh.terms.items():
+                body = self.code(term, **{r.name: rho_new[nm] for r, nm in zip(sh.rho, sh.late)})
+                block.append(f"{u_lane[(e.name, a)]} += tl.where({n['mask']}, {body}, 0.0)")
+        block += [f"{rho[x.name]} = {rho_new[x.name]}" for x in late] + [f"{cnt} = {cnt_new}"]
+
+        finish = [f"{cnt_all} = tl.sum({cnt}, axis=0)", "# the row's estimate: the reference the lanes combine about"]
+        finish += estimates(ref, cnt_all, {x.name: self.value_of[x.name] for x in needs if x.kind == "sum"})
+        finish += [f"{delta[x.name]} = {ref[x.name]} - {rho[x.name]}" for x in late]
+        seg = [(f"{key}:n_seen", cnt_all, cnt, "columns seen")]
+        seg += [(f"{x.name}:ref", ref[x.name], rho[x.name], f"reference for {comment_text(x.name)}") for x in late]
+        for e, sh in shifts:
+            for a in sh.terms:
+                moved = printed(sh.shift[a], sh, e, delta, u_lane, cnt)
+                finish.append(f"{u_row[(e.name, a)]} = tl.sum({moved}, axis=0)")
+                seg.append((f"{e.name}:u{''.join(map(str, a))}", u_row[(e.name, a)], u_lane[(e.name, a)],
+                            f"coefficient {a} of {comment_text(e.comment)}"))
+        return {"init": init, "block": block, "finish": finish, "seg": seg}
+
+    def shift_final(self, e: _KEq, sh: _Shift, reds: list[_KEq]) -> str:
+        """The shifted sum itself, once its row values are known: its polynomial about the row's estimate."""
+        key = reds[0].name
+        names_ = {r.name: self.N.given[("fest", nm)] for r, nm in zip(sh.rho, sh.late)}
+        names_.update({s_.name: self.value_of[nm] for s_, nm in zip(sh.syms, sh.late)})
+        names_.update({sh.u[a].name: self.N.given[("Ur", e.name, a)] for a in sh.terms})
+        cnt_all = self.N.given[("cnt_all", key)]
+        value = sh.value.xreplace({sh.u[a]: c * Symbol(cnt_all) for a, c in sh.consts.items()})
+        names_[cnt_all] = cnt_all
+        return f"{self.value_of[e.name]} = {self.code(value, **names_)}  # {comment_text(e.comment)}"
 
     def online_factor(self, e: _KEq, ready: dict[str, int], level: int):
         """A sum whose summand depends on a max M of the same pass only through a
@@ -556,6 +681,69 @@ class _Kernel:
         final = self.code(sympy.Piecewise((0, sympy.Eq(old, NEG_INF)), (ratio.xreplace({new: Symbol(m)}), True)),
                           **{old.name: run})
         return m, body_online, step, final
+
+    def shift_sum(self, e: _KEq, ready: dict[str, int], level: int, pass_of: dict[str, int],
+                  online: dict, max_degree: int = 4) -> _Shift | None:
+        """A sum whose summand is a polynomial in row values of pass ``level``, each an
+        expression of that pass's plain sums: its :class:`_Shift`, else None."""
+        if e.kind != "sum":
+            return None
+        late = [x.name for x in self.eqs if x.name in self.row_deps(e.expr) and ready.get(x.name) == level]
+        if not late:
+            return None
+        # what the estimate of each L is made of: this pass's plain sums and values of them
+        needs: list[str] = []
+        todo = list(late)
+        while todo:
+            x = self.by_name[todo.pop()]
+            if x.name in needs:
+                continue
+            if x.kind == "sum":
+                if pass_of.get(x.name) != level or x.name in online:
+                    return None
+            elif x.kind != "value":
+                return None
+            needs.append(x.name)
+            if x.kind == "value":
+                todo += [y for y in self.row_deps(x.expr) if ready.get(y) == level]
+        needs = [x.name for x in self.eqs if x.name in needs]
+        body = self.inline_block(e.expr)
+        syms = [Symbol(f"_L{k}") for k in range(len(late))]
+        by_late = dict(zip(late, syms))
+        body = body.xreplace({t: by_late[str(t.base.label)] for t in body.atoms(Indexed)
+                              if str(t.base.label) in by_late})
+        if any(str(t.base.label) in by_late for t in body.atoms(Indexed)) or not body.is_polynomial(*syms):
+            return None
+        degree = sympy.Poly(body, *syms).total_degree()
+        if not 1 <= degree <= max_degree:
+            return None
+        rho = [Symbol(f"_rho{k}") for k in range(len(syms))]
+        new = [Symbol(f"_rho_new{k}") for k in range(len(syms))]
+        alphas = sorted((a for a in itertools.product(range(degree + 1), repeat=len(syms)) if sum(a) <= degree),
+                        key=lambda a: (sum(a), a))
+        terms, consts, u = {}, {}, {}
+        for a in alphas:
+            d = body
+            for sym, k in zip(syms, a):
+                d = sympy.diff(d, sym, k)
+            d = d.xreplace(dict(zip(syms, rho))) / sympy.prod(sympy.factorial(k) for k in a)
+            if d == 0:
+                continue
+            u[a] = Symbol("_U" + "_".join(map(str, a)))
+            if d.atoms(Indexed) or d.free_symbols & set(rho):
+                terms[a] = d
+            else:
+                consts[a] = d
+        # the sum as a polynomial in L about rho
+        value = sympy.Add(*[u[a] * sympy.prod((s_ - r) ** k for s_, r, k in zip(syms, rho, a)) for a in u])
+        # re-expanded about new = rho + delta: the coefficient of prod (L - new)**b, in powers of delta
+        # (a lane's reference moves little, so no large terms cancel)
+        t = [Symbol(f"_t{k}") for k in range(len(syms))]
+        delta = [Symbol(f"_delta{k}") for k in range(len(syms))]
+        moved = sympy.Add(*[u[a] * sympy.prod((t_ + d_) ** k for t_, d_, k in zip(t, delta, a)) for a in u])
+        moved = sympy.Poly(sympy.expand(moved), *t)
+        shift = {b: moved.coeff_monomial(sympy.prod(t_ ** k for t_, k in zip(t, b))) for b in u}
+        return _Shift(late, syms, rho, delta, terms, consts, shift, value, needs, u)
 
     def build(self) -> RowKernel:
         eqs = self.eqs
@@ -587,6 +775,7 @@ class _Kernel:
         ready: dict[str, int] = {t.key: 0 for t in self.loads if t.level == "row"}
         pass_of: dict[str, int] = {}
         online: dict[str, tuple] = {}
+        shifted: dict[str, _Shift] = {}
         for e in eqs:
             if e.level != "row":
                 continue
@@ -596,17 +785,22 @@ class _Kernel:
                 ready[e.name] = base
                 continue
             red = self.online_factor(e, ready, base) if base > 0 else None
-            level = base if red is not None else base + 1
             if red is not None:
                 online[e.name] = red
+            elif base > 0:
+                sh = self.shift_sum(e, ready, base, pass_of, online)
+                if sh is not None:
+                    shifted[e.name] = sh
+            level = base if e.name in online or e.name in shifted else base + 1
             pass_of[e.name] = level
             ready[e.name] = level
         loops = []
         for p in range(1, max(pass_of.values(), default=0) + 1):
             reds = [e for e in eqs if pass_of.get(e.name) == p]
-            loop = self.loop_for(reds, online)
-            loop.finish += [self.assign(e) for e in eqs
-                            if e.level == "row" and e.kind == "value" and ready[e.name] == p]
+            loop = self.loop_for(reds, online, shifted)
+            loop.finish += [self.assign(e) if e.kind == "value" else self.shift_final(e, shifted[e.name], reds)
+                            for e in eqs if e.level == "row" and ready.get(e.name) == p
+                            and (e.kind == "value" or e.name in shifted)]
             loops.append(loop)
         before = [self.assign(e) for e in eqs if e.level == "row" and e.kind == "value" and ready[e.name] == 0]
         final = None

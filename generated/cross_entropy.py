@@ -77,10 +77,9 @@ def _cross_entropy_fwd(
             c0 = cc // (nr2 * nr1)
             logits_off = c0 * logits_sr0 + c1 * logits_sr1 + c2 * logits_sr2
         for row in range(pid, n_rows, n_progs):
-            r64 = tl.cast(row, tl.int64)
-            k2 = r64 % nk2
-            k1 = (r64 // nk2) % nk1
-            k0 = r64 // (nk2 * nk1)
+            k2 = (row % nk2).to(tl.int64)  # the row's kept indices: 32-bit division (rows < 2**31), 64-bit offsets
+            k1 = ((row // nk2) % nk1).to(tl.int64)
+            k0 = (row // (nk2 * nk1)).to(tl.int64)
             logits_row = logits_ptr + k0 * logits_sk0 + k1 * logits_sk1 + k2 * logits_sk2
             target_row = target_ptr + k0 * target_sk0 + k1 * target_sk1 + k2 * target_sk2
             per_row_row = per_row_ptr + k0 * per_row_sk0 + k1 * per_row_sk1 + k2 * per_row_sk2
@@ -110,10 +109,9 @@ def _cross_entropy_fwd(
     elif PHASE == 0:
         # ---- long rows: passes over blocks, lane-wise accumulators reduced at the end
         for row in range(pid, n_rows, n_progs):
-            r64 = tl.cast(row, tl.int64)
-            k2 = r64 % nk2
-            k1 = (r64 // nk2) % nk1
-            k0 = r64 // (nk2 * nk1)
+            k2 = (row % nk2).to(tl.int64)  # the row's kept indices: 32-bit division (rows < 2**31), 64-bit offsets
+            k1 = ((row // nk2) % nk1).to(tl.int64)
+            k0 = (row // (nk2 * nk1)).to(tl.int64)
             logits_row = logits_ptr + k0 * logits_sk0 + k1 * logits_sk1 + k2 * logits_sk2
             target_row = target_ptr + k0 * target_sk0 + k1 * target_sk1 + k2 * target_sk2
             per_row_row = per_row_ptr + k0 * per_row_sk0 + k1 * per_row_sk1 + k2 * per_row_sk2
@@ -181,10 +179,9 @@ def _cross_entropy_fwd(
             seg_end = seg_start + seg_len
             if seg_end > n_cols:  # the last segment ends with the row
                 seg_end = n_cols
-            r64 = tl.cast(row, tl.int64)
-            k2 = r64 % nk2
-            k1 = (r64 // nk2) % nk1
-            k0 = r64 // (nk2 * nk1)
+            k2 = (row % nk2).to(tl.int64)  # the row's kept indices: 32-bit division (rows < 2**31), 64-bit offsets
+            k1 = ((row // nk2) % nk1).to(tl.int64)
+            k0 = (row // (nk2 * nk1)).to(tl.int64)
             logits_row = logits_ptr + k0 * logits_sk0 + k1 * logits_sk1 + k2 * logits_sk2
             target_row = target_ptr + k0 * target_sk0 + k1 * target_sk1 + k2 * target_sk2
             per_row_row = per_row_ptr + k0 * per_row_sk0 + k1 * per_row_sk1 + k2 * per_row_sk2
@@ -321,10 +318,9 @@ def _cross_entropy_bwd(
             logits_off = c0 * logits_sr0 + c1 * logits_sr1 + c2 * logits_sr2
             dlogits_off = c0 * dlogits_sr0 + c1 * dlogits_sr1 + c2 * dlogits_sr2
         for row in range(pid, n_rows, n_progs):
-            r64 = tl.cast(row, tl.int64)
-            k2 = r64 % nk2
-            k1 = (r64 // nk2) % nk1
-            k0 = r64 // (nk2 * nk1)
+            k2 = (row % nk2).to(tl.int64)  # the row's kept indices: 32-bit division (rows < 2**31), 64-bit offsets
+            k1 = ((row // nk2) % nk1).to(tl.int64)
+            k0 = (row // (nk2 * nk1)).to(tl.int64)
             logits_row = logits_ptr + k0 * logits_sk0 + k1 * logits_sk1 + k2 * logits_sk2
             target_row = target_ptr + k0 * target_sk0 + k1 * target_sk1 + k2 * target_sk2
             counts_row = counts_ptr + k0 * counts_sk0 + k1 * counts_sk1 + k2 * counts_sk2
@@ -343,10 +339,9 @@ def _cross_entropy_bwd(
     elif PHASE == 0:
         # ---- long rows: passes over blocks, lane-wise accumulators reduced at the end
         for row in range(pid, n_rows, n_progs):
-            r64 = tl.cast(row, tl.int64)
-            k2 = r64 % nk2
-            k1 = (r64 // nk2) % nk1
-            k0 = r64 // (nk2 * nk1)
+            k2 = (row % nk2).to(tl.int64)  # the row's kept indices: 32-bit division (rows < 2**31), 64-bit offsets
+            k1 = ((row // nk2) % nk1).to(tl.int64)
+            k0 = (row // (nk2 * nk1)).to(tl.int64)
             logits_row = logits_ptr + k0 * logits_sk0 + k1 * logits_sk1 + k2 * logits_sk2
             target_row = target_ptr + k0 * target_sk0 + k1 * target_sk1 + k2 * target_sk2
             counts_row = counts_ptr + k0 * counts_sk0 + k1 * counts_sk1 + k2 * counts_sk2
@@ -392,10 +387,9 @@ def _cross_entropy_bwd(
             seg_end = seg_start + seg_len
             if seg_end > n_cols:  # the last segment ends with the row
                 seg_end = n_cols
-            r64 = tl.cast(row, tl.int64)
-            k2 = r64 % nk2
-            k1 = (r64 // nk2) % nk1
-            k0 = r64 // (nk2 * nk1)
+            k2 = (row % nk2).to(tl.int64)  # the row's kept indices: 32-bit division (rows < 2**31), 64-bit offsets
+            k1 = ((row // nk2) % nk1).to(tl.int64)
+            k0 = (row // (nk2 * nk1)).to(tl.int64)
             logits_row = logits_ptr + k0 * logits_sk0 + k1 * logits_sk1 + k2 * logits_sk2
             target_row = target_ptr + k0 * target_sk0 + k1 * target_sk1 + k2 * target_sk2
             counts_row = counts_ptr + k0 * counts_sk0 + k1 * counts_sk1 + k2 * counts_sk2

@@ -32,7 +32,10 @@ def _layer_norm_fwd(
     mu_ptr, mu_sk0, mu_sk1, mu_sk2,  # mu saved for the backward
     std_ptr, std_sk0, std_sk1, std_sk2,  # std saved for the backward
     mu_sum_x_seg_ptr,  # each segment's sum[c](x[r, c]) (split rows)
-    var_sum_xc_seg_ptr,  # each segment's sum[c](xc[r, c]**2) (split rows)
+    mu_sum_x_n_seen_seg_ptr,  # each segment's columns seen (split rows)
+    mu_ref_seg_ptr,  # each segment's reference for mu (split rows)
+    var_sum_xc_u0_seg_ptr,  # each segment's coefficient (0,) of sum[c](xc[r, c]**2) (split rows)
+    var_sum_xc_u1_seg_ptr,  # each segment's coefficient (1,) of sum[c](xc[r, c]**2) (split rows)
     n_rows, n_cols, nk1, nk2, nr1, nr2,  # rows, row length; sizes of the inner kept and reduced groups
     n_segs, seg_len,  # split rows: segments per row, columns per segment (a multiple of BLOCK)
     params_ptr,  # the op's real parameters, in the accumulation dtype
@@ -77,10 +80,9 @@ def _layer_norm_fwd(
         weight = tl.load(weight_ptr + weight_off, mask=mask, other=0.0).to(ACC)  # the input weight[c]
         bias = tl.load(bias_ptr + bias_off, mask=mask, other=0.0).to(ACC)  # the input bias[c]
         for row in range(pid, n_rows, n_progs):
-            r64 = tl.cast(row, tl.int64)
-            k2 = r64 % nk2
-            k1 = (r64 // nk2) % nk1
-            k0 = r64 // (nk2 * nk1)
+            k2 = (row % nk2).to(tl.int64)  # the row's kept indices: 32-bit division (rows < 2**31), 64-bit offsets
+            k1 = ((row // nk2) % nk1).to(tl.int64)
+            k0 = (row // (nk2 * nk1)).to(tl.int64)
             x_row = x_ptr + k0 * x_sk0 + k1 * x_sk1 + k2 * x_sk2
             y_row = y_ptr + k0 * y_sk0 + k1 * y_sk1 + k2 * y_sk2
             mu_row = mu_ptr + k0 * mu_sk0 + k1 * mu_sk1 + k2 * mu_sk2
@@ -99,16 +101,19 @@ def _layer_norm_fwd(
     elif PHASE == 0:
         # ---- long rows: passes over blocks, lane-wise accumulators reduced at the end
         for row in range(pid, n_rows, n_progs):
-            r64 = tl.cast(row, tl.int64)
-            k2 = r64 % nk2
-            k1 = (r64 // nk2) % nk1
-            k0 = r64 // (nk2 * nk1)
+            k2 = (row % nk2).to(tl.int64)  # the row's kept indices: 32-bit division (rows < 2**31), 64-bit offsets
+            k1 = ((row // nk2) % nk1).to(tl.int64)
+            k0 = (row // (nk2 * nk1)).to(tl.int64)
             x_row = x_ptr + k0 * x_sk0 + k1 * x_sk1 + k2 * x_sk2
             y_row = y_ptr + k0 * y_sk0 + k1 * y_sk1 + k2 * y_sk2
             mu_row = mu_ptr + k0 * mu_sk0 + k1 * mu_sk1 + k2 * mu_sk2
             std_row = std_ptr + k0 * std_sk0 + k1 * std_sk1 + k2 * std_sk2
-            # pass 1: mu_sum:x
+            # pass 1: mu_sum:x, var_sum:xc
             mu_sum_x_run = tl.zeros([BLOCK], dtype=ACC)
+            n_seen = tl.zeros([BLOCK], dtype=ACC)  # columns each lane has seen
+            mu_rho = tl.zeros([BLOCK], dtype=ACC)  # each lane's reference for mu
+            var_sum_xc_u0 = tl.zeros([BLOCK], dtype=ACC)
+            var_sum_xc_u1 = tl.zeros([BLOCK], dtype=ACC)
             for start in range(0, n_cols, BLOCK):
                 col = start + offs
                 mask = col < n_cols
@@ -125,28 +130,29 @@ def _layer_norm_fwd(
                     x_off = c0 * x_sr0 + c1 * x_sr1 + c2 * x_sr2
                 x = tl.load(x_row + x_off, mask=mask, other=0.0).to(ACC)  # the input x[r, c]
                 mu_sum_x_run += tl.where(mask, x, 0.0)  # sum[c](x[r, c])
+                n_seen_new = n_seen + tl.where(mask, 1.0, 0.0)
+                # each lane's estimate of the row's values, from its columns so far: its new reference
+                mu_sum_x_est = mu_sum_x_run * (tl.cast(n_cols, ACC) / tl.maximum(n_seen_new, 1.0))  # sum[c](x[r, c]), scaled to the whole row
+                mu_est = mu_sum_x_est/tl.cast(n_cols, ACC)  # mu[r] = sum[c](x[r, c])/|c|
+                mu_rho_new = tl.where(n_seen_new > 0, mu_est, 0.0)
+                mu_delta = mu_rho_new - mu_rho
+                # sum[c](xc[r, c]**2): the lane's sums re-expanded about the new reference (Taylor, exact for a polynomial), then this block's terms
+                var_sum_xc_u0 = var_sum_xc_u0 + var_sum_xc_u1*mu_delta + (mu_delta * mu_delta)*n_seen
+                var_sum_xc_u1 = var_sum_xc_u1 + 2.0*mu_delta*n_seen
+                var_sum_xc_u0 += tl.where(mask, ((-mu_rho_new + x) * (-mu_rho_new + x)), 0.0)
+                var_sum_xc_u1 += tl.where(mask, 2.0*mu_rho_new - 2.0*x, 0.0)
+                mu_rho = mu_rho_new
+                n_seen = n_seen_new
             mu_sum_x = tl.sum(mu_sum_x_run, axis=0)
+            n_seen_row = tl.sum(n_seen, axis=0)
+            # the row's estimate: the reference the lanes combine about
+            mu_sum_x_ref = mu_sum_x * (tl.cast(n_cols, ACC) / tl.maximum(n_seen_row, 1.0))  # sum[c](x[r, c]), scaled to the whole row
+            mu_ref = mu_sum_x_ref/tl.cast(n_cols, ACC)  # mu[r] = sum[c](x[r, c])/|c|
+            mu_delta = mu_ref - mu_rho
+            var_sum_xc_u0_row = tl.sum(var_sum_xc_u0 + var_sum_xc_u1*mu_delta + (mu_delta * mu_delta)*n_seen, axis=0)
+            var_sum_xc_u1_row = tl.sum(var_sum_xc_u1 + 2.0*mu_delta*n_seen, axis=0)
             mu = mu_sum_x/tl.cast(n_cols, ACC)  # mu[r] = sum[c](x[r, c])/|c|
-            # pass 2: var_sum:xc
-            var_sum_xc_run = tl.zeros([BLOCK], dtype=ACC)
-            for start in range(0, n_cols, BLOCK):
-                col = start + offs
-                mask = col < n_cols
-                if IDX64:
-                    cc = col.to(tl.int64)
-                else:
-                    cc = col
-                if RG == 1:  # the reduced axes are one strided run
-                    x_off = cc * x_sr2
-                else:  # split the flat column over the reduced groups
-                    c2 = cc % nr2
-                    c1 = (cc // nr2) % nr1
-                    c0 = cc // (nr2 * nr1)
-                    x_off = c0 * x_sr0 + c1 * x_sr1 + c2 * x_sr2
-                x = tl.load(x_row + x_off, mask=mask, other=0.0).to(ACC)  # the input x[r, c]
-                xc = -mu + x  # xc[r, c] = -mu[r] + x[r, c]
-                var_sum_xc_run += tl.where(mask, (xc * xc), 0.0)  # sum[c](xc[r, c]**2)
-            var_sum_xc = tl.sum(var_sum_xc_run, axis=0)
+            var_sum_xc = var_sum_xc_u0_row + var_sum_xc_u1_row*(mu - mu_ref) + n_seen_row*((mu - mu_ref) * (mu - mu_ref))  # sum[c](xc[r, c]**2)
             var = var_sum_xc/tl.cast(n_cols, ACC)  # var[r] = sum[c](xc[r, c]**2)/|c|
             std = tl.sqrt(eps + var)  # std[r] = sqrt(eps + var[r])
             # final pass: compute and store the outputs
@@ -191,22 +197,39 @@ def _layer_norm_fwd(
             seg_end = seg_start + seg_len
             if seg_end > n_cols:  # the last segment ends with the row
                 seg_end = n_cols
-            r64 = tl.cast(row, tl.int64)
-            k2 = r64 % nk2
-            k1 = (r64 // nk2) % nk1
-            k0 = r64 // (nk2 * nk1)
+            k2 = (row % nk2).to(tl.int64)  # the row's kept indices: 32-bit division (rows < 2**31), 64-bit offsets
+            k1 = ((row // nk2) % nk1).to(tl.int64)
+            k0 = (row // (nk2 * nk1)).to(tl.int64)
             x_row = x_ptr + k0 * x_sk0 + k1 * x_sk1 + k2 * x_sk2
             y_row = y_ptr + k0 * y_sk0 + k1 * y_sk1 + k2 * y_sk2
             mu_row = mu_ptr + k0 * mu_sk0 + k1 * mu_sk1 + k2 * mu_sk2
             std_row = std_ptr + k0 * std_sk0 + k1 * std_sk1 + k2 * std_sk2
             if PHASE > 1:
-                # pass 1 (mu_sum:x): its segments' values, combined as its lanes are
+                # pass 1 (mu_sum:x, var_sum:xc): its segments' values, combined as its lanes are
                 mu_sum_x_run = tl.load(mu_sum_x_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)  # the segments' sum[c](x[r, c])
+                n_seen = tl.load(mu_sum_x_n_seen_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)  # the segments' columns seen (no segment: 0)
+                mu_rho = tl.load(mu_ref_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)  # the segments' reference for mu (no segment: 0)
+                var_sum_xc_u0 = tl.load(var_sum_xc_u0_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)  # the segments' coefficient (0,) of sum[c](xc[r, c]**2) (no segment: 0)
+                var_sum_xc_u1 = tl.load(var_sum_xc_u1_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)  # the segments' coefficient (1,) of sum[c](xc[r, c]**2) (no segment: 0)
                 mu_sum_x = tl.sum(mu_sum_x_run, axis=0)
+                n_seen_row = tl.sum(n_seen, axis=0)
+                # the row's estimate: the reference the lanes combine about
+                mu_sum_x_ref = mu_sum_x * (tl.cast(n_cols, ACC) / tl.maximum(n_seen_row, 1.0))  # sum[c](x[r, c]), scaled to the whole row
+                mu_ref = mu_sum_x_ref/tl.cast(n_cols, ACC)  # mu[r] = sum[c](x[r, c])/|c|
+                mu_delta = mu_ref - mu_rho
+                var_sum_xc_u0_row = tl.sum(var_sum_xc_u0 + var_sum_xc_u1*mu_delta + (mu_delta * mu_delta)*n_seen, axis=0)
+                var_sum_xc_u1_row = tl.sum(var_sum_xc_u1 + 2.0*mu_delta*n_seen, axis=0)
                 mu = mu_sum_x/tl.cast(n_cols, ACC)  # mu[r] = sum[c](x[r, c])/|c|
+                var_sum_xc = var_sum_xc_u0_row + var_sum_xc_u1_row*(mu - mu_ref) + n_seen_row*((mu - mu_ref) * (mu - mu_ref))  # sum[c](xc[r, c]**2)
+                var = var_sum_xc/tl.cast(n_cols, ACC)  # var[r] = sum[c](xc[r, c]**2)/|c|
+                std = tl.sqrt(eps + var)  # std[r] = sqrt(eps + var[r])
             elif PHASE == 1:
                 # pass 1 over this segment
                 mu_sum_x_run = tl.zeros([BLOCK], dtype=ACC)
+                n_seen = tl.zeros([BLOCK], dtype=ACC)  # columns each lane has seen
+                mu_rho = tl.zeros([BLOCK], dtype=ACC)  # each lane's reference for mu
+                var_sum_xc_u0 = tl.zeros([BLOCK], dtype=ACC)
+                var_sum_xc_u1 = tl.zeros([BLOCK], dtype=ACC)
                 for start in range(seg_start, seg_end, BLOCK):
                     col = start + offs
                     mask = col < n_cols
@@ -223,40 +246,37 @@ def _layer_norm_fwd(
                         x_off = c0 * x_sr0 + c1 * x_sr1 + c2 * x_sr2
                     x = tl.load(x_row + x_off, mask=mask, other=0.0).to(ACC)  # the input x[r, c]
                     mu_sum_x_run += tl.where(mask, x, 0.0)  # sum[c](x[r, c])
+                    n_seen_new = n_seen + tl.where(mask, 1.0, 0.0)
+                    # each lane's estimate of the row's values, from its columns so far: its new reference
+                    mu_sum_x_est = mu_sum_x_run * (tl.cast(n_cols, ACC) / tl.maximum(n_seen_new, 1.0))  # sum[c](x[r, c]), scaled to the whole row
+                    mu_est = mu_sum_x_est/tl.cast(n_cols, ACC)  # mu[r] = sum[c](x[r, c])/|c|
+                    mu_rho_new = tl.where(n_seen_new > 0, mu_est, 0.0)
+                    mu_delta = mu_rho_new - mu_rho
+                    # sum[c](xc[r, c]**2): the lane's sums re-expanded about the new reference (Taylor, exact for a polynomial), then this block's terms
+                    var_sum_xc_u0 = var_sum_xc_u0 + var_sum_xc_u1*mu_delta + (mu_delta * mu_delta)*n_seen
+                    var_sum_xc_u1 = var_sum_xc_u1 + 2.0*mu_delta*n_seen
+                    var_sum_xc_u0 += tl.where(mask, ((-mu_rho_new + x) * (-mu_rho_new + x)), 0.0)
+                    var_sum_xc_u1 += tl.where(mask, 2.0*mu_rho_new - 2.0*x, 0.0)
+                    mu_rho = mu_rho_new
+                    n_seen = n_seen_new
                 mu_sum_x = tl.sum(mu_sum_x_run, axis=0)
+                n_seen_row = tl.sum(n_seen, axis=0)
+                # the row's estimate: the reference the lanes combine about
+                mu_sum_x_ref = mu_sum_x * (tl.cast(n_cols, ACC) / tl.maximum(n_seen_row, 1.0))  # sum[c](x[r, c]), scaled to the whole row
+                mu_ref = mu_sum_x_ref/tl.cast(n_cols, ACC)  # mu[r] = sum[c](x[r, c])/|c|
+                mu_delta = mu_ref - mu_rho
+                var_sum_xc_u0_row = tl.sum(var_sum_xc_u0 + var_sum_xc_u1*mu_delta + (mu_delta * mu_delta)*n_seen, axis=0)
+                var_sum_xc_u1_row = tl.sum(var_sum_xc_u1 + 2.0*mu_delta*n_seen, axis=0)
                 mu = mu_sum_x/tl.cast(n_cols, ACC)  # mu[r] = sum[c](x[r, c])/|c|
+                var_sum_xc = var_sum_xc_u0_row + var_sum_xc_u1_row*(mu - mu_ref) + n_seen_row*((mu - mu_ref) * (mu - mu_ref))  # sum[c](xc[r, c]**2)
+                var = var_sum_xc/tl.cast(n_cols, ACC)  # var[r] = sum[c](xc[r, c]**2)/|c|
+                std = tl.sqrt(eps + var)  # std[r] = sqrt(eps + var[r])
                 tl.store(mu_sum_x_seg_ptr + row * n_segs + seg, mu_sum_x)  # each segment's sum[c](x[r, c]) (split rows)
-            if PHASE > 2:
-                # pass 2 (var_sum:xc): its segments' values, combined as its lanes are
-                var_sum_xc_run = tl.load(var_sum_xc_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)  # the segments' sum[c](xc[r, c]**2)
-                var_sum_xc = tl.sum(var_sum_xc_run, axis=0)
-                var = var_sum_xc/tl.cast(n_cols, ACC)  # var[r] = sum[c](xc[r, c]**2)/|c|
-                std = tl.sqrt(eps + var)  # std[r] = sqrt(eps + var[r])
-            elif PHASE == 2:
-                # pass 2 over this segment
-                var_sum_xc_run = tl.zeros([BLOCK], dtype=ACC)
-                for start in range(seg_start, seg_end, BLOCK):
-                    col = start + offs
-                    mask = col < n_cols
-                    if IDX64:
-                        cc = col.to(tl.int64)
-                    else:
-                        cc = col
-                    if RG == 1:  # the reduced axes are one strided run
-                        x_off = cc * x_sr2
-                    else:  # split the flat column over the reduced groups
-                        c2 = cc % nr2
-                        c1 = (cc // nr2) % nr1
-                        c0 = cc // (nr2 * nr1)
-                        x_off = c0 * x_sr0 + c1 * x_sr1 + c2 * x_sr2
-                    x = tl.load(x_row + x_off, mask=mask, other=0.0).to(ACC)  # the input x[r, c]
-                    xc = -mu + x  # xc[r, c] = -mu[r] + x[r, c]
-                    var_sum_xc_run += tl.where(mask, (xc * xc), 0.0)  # sum[c](xc[r, c]**2)
-                var_sum_xc = tl.sum(var_sum_xc_run, axis=0)
-                var = var_sum_xc/tl.cast(n_cols, ACC)  # var[r] = sum[c](xc[r, c]**2)/|c|
-                std = tl.sqrt(eps + var)  # std[r] = sqrt(eps + var[r])
-                tl.store(var_sum_xc_seg_ptr + row * n_segs + seg, var_sum_xc)  # each segment's sum[c](xc[r, c]**2) (split rows)
-            if PHASE == 3:
+                tl.store(mu_sum_x_n_seen_seg_ptr + row * n_segs + seg, n_seen_row)  # each segment's columns seen (split rows)
+                tl.store(mu_ref_seg_ptr + row * n_segs + seg, mu_ref)  # each segment's reference for mu (split rows)
+                tl.store(var_sum_xc_u0_seg_ptr + row * n_segs + seg, var_sum_xc_u0_row)  # each segment's coefficient (0,) of sum[c](xc[r, c]**2) (split rows)
+                tl.store(var_sum_xc_u1_seg_ptr + row * n_segs + seg, var_sum_xc_u1_row)  # each segment's coefficient (1,) of sum[c](xc[r, c]**2) (split rows)
+            if PHASE == 2:
                 # the outputs of this segment
                 for start in range(seg_start, seg_end, BLOCK):
                     col = start + offs
@@ -347,10 +367,9 @@ def _layer_norm_bwd(
         dweight_acc = tl.zeros([BLOCK], dtype=ACC)
         dbias_acc = tl.zeros([BLOCK], dtype=ACC)
         for row in range(pid, n_rows, n_progs):
-            r64 = tl.cast(row, tl.int64)
-            k2 = r64 % nk2
-            k1 = (r64 // nk2) % nk1
-            k0 = r64 // (nk2 * nk1)
+            k2 = (row % nk2).to(tl.int64)  # the row's kept indices: 32-bit division (rows < 2**31), 64-bit offsets
+            k1 = ((row // nk2) % nk1).to(tl.int64)
+            k0 = (row // (nk2 * nk1)).to(tl.int64)
             x_row = x_ptr + k0 * x_sk0 + k1 * x_sk1 + k2 * x_sk2
             mu_row = mu_ptr + k0 * mu_sk0 + k1 * mu_sk1 + k2 * mu_sk2
             std_row = std_ptr + k0 * std_sk0 + k1 * std_sk1 + k2 * std_sk2
@@ -372,10 +391,9 @@ def _layer_norm_bwd(
     elif PHASE == 0:
         # ---- long rows: passes over blocks, lane-wise accumulators reduced at the end
         for row in range(pid, n_rows, n_progs):
-            r64 = tl.cast(row, tl.int64)
-            k2 = r64 % nk2
-            k1 = (r64 // nk2) % nk1
-            k0 = r64 // (nk2 * nk1)
+            k2 = (row % nk2).to(tl.int64)  # the row's kept indices: 32-bit division (rows < 2**31), 64-bit offsets
+            k1 = ((row // nk2) % nk1).to(tl.int64)
+            k0 = (row // (nk2 * nk1)).to(tl.int64)
             x_row = x_ptr + k0 * x_sk0 + k1 * x_sk1 + k2 * x_sk2
             mu_row = mu_ptr + k0 * mu_sk0 + k1 * mu_sk1 + k2 * mu_sk2
             std_row = std_ptr + k0 * std_sk0 + k1 * std_sk1 + k2 * std_sk2
@@ -459,10 +477,9 @@ def _layer_norm_bwd(
             seg_end = seg_start + seg_len
             if seg_end > n_cols:  # the last segment ends with the row
                 seg_end = n_cols
-            r64 = tl.cast(row, tl.int64)
-            k2 = r64 % nk2
-            k1 = (r64 // nk2) % nk1
-            k0 = r64 // (nk2 * nk1)
+            k2 = (row % nk2).to(tl.int64)  # the row's kept indices: 32-bit division (rows < 2**31), 64-bit offsets
+            k1 = ((row // nk2) % nk1).to(tl.int64)
+            k0 = (row // (nk2 * nk1)).to(tl.int64)
             x_row = x_ptr + k0 * x_sk0 + k1 * x_sk1 + k2 * x_sk2
             mu_row = mu_ptr + k0 * mu_sk0 + k1 * mu_sk1 + k2 * mu_sk2
             std_row = std_ptr + k0 * std_sk0 + k1 * std_sk1 + k2 * std_sk2
@@ -561,9 +578,23 @@ META = {'name': 'layer_norm',
            {'name': 'dweight', 'of': 'weight', 'level': 'col', 'zero': False},
            {'name': 'dbias', 'of': 'bias', 'level': 'col', 'zero': False}],
  'forward': {'kernel': '_layer_norm_fwd',
-             'tensors': ['x', 'weight', 'bias', 'y', 'mu', 'std', 'seg:mu_sum:x', 'seg:var_sum:xc'],
-             'passes': 2,
-             'segments': {'seg:mu_sum:x': 'stat', 'seg:var_sum:xc': 'stat'}},
+             'tensors': ['x',
+                         'weight',
+                         'bias',
+                         'y',
+                         'mu',
+                         'std',
+                         'seg:mu_sum:x',
+                         'seg:mu_sum:x:n_seen',
+                         'seg:mu:ref',
+                         'seg:var_sum:xc:u0',
+                         'seg:var_sum:xc:u1'],
+             'passes': 1,
+             'segments': {'seg:mu_sum:x': 'stat',
+                          'seg:mu_sum:x:n_seen': 'stat',
+                          'seg:mu:ref': 'stat',
+                          'seg:var_sum:xc:u0': 'stat',
+                          'seg:var_sum:xc:u1': 'stat'}},
  'backward': {'kernel': '_layer_norm_bwd',
               'tensors': ['x',
                           'weight',

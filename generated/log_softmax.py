@@ -64,10 +64,9 @@ def _log_softmax_fwd(
             x_off = c0 * x_sr0 + c1 * x_sr1 + c2 * x_sr2
             y_off = c0 * y_sr0 + c1 * y_sr1 + c2 * y_sr2
         for row in range(pid, n_rows, n_progs):
-            r64 = tl.cast(row, tl.int64)
-            k2 = r64 % nk2
-            k1 = (r64 // nk2) % nk1
-            k0 = r64 // (nk2 * nk1)
+            k2 = (row % nk2).to(tl.int64)  # the row's kept indices: 32-bit division (rows < 2**31), 64-bit offsets
+            k1 = ((row // nk2) % nk1).to(tl.int64)
+            k0 = (row // (nk2 * nk1)).to(tl.int64)
             x_row = x_ptr + k0 * x_sk0 + k1 * x_sk1 + k2 * x_sk2
             y_row = y_ptr + k0 * y_sk0 + k1 * y_sk1 + k2 * y_sk2
             m_row = m_ptr + k0 * m_sk0 + k1 * m_sk1 + k2 * m_sk2
@@ -87,10 +86,9 @@ def _log_softmax_fwd(
     elif PHASE == 0:
         # ---- long rows: passes over blocks, lane-wise accumulators reduced at the end
         for row in range(pid, n_rows, n_progs):
-            r64 = tl.cast(row, tl.int64)
-            k2 = r64 % nk2
-            k1 = (r64 // nk2) % nk1
-            k0 = r64 // (nk2 * nk1)
+            k2 = (row % nk2).to(tl.int64)  # the row's kept indices: 32-bit division (rows < 2**31), 64-bit offsets
+            k1 = ((row // nk2) % nk1).to(tl.int64)
+            k0 = (row // (nk2 * nk1)).to(tl.int64)
             x_row = x_ptr + k0 * x_sk0 + k1 * x_sk1 + k2 * x_sk2
             y_row = y_ptr + k0 * y_sk0 + k1 * y_sk1 + k2 * y_sk2
             m_row = m_ptr + k0 * m_sk0 + k1 * m_sk1 + k2 * m_sk2
@@ -162,10 +160,9 @@ def _log_softmax_fwd(
             seg_end = seg_start + seg_len
             if seg_end > n_cols:  # the last segment ends with the row
                 seg_end = n_cols
-            r64 = tl.cast(row, tl.int64)
-            k2 = r64 % nk2
-            k1 = (r64 // nk2) % nk1
-            k0 = r64 // (nk2 * nk1)
+            k2 = (row % nk2).to(tl.int64)  # the row's kept indices: 32-bit division (rows < 2**31), 64-bit offsets
+            k1 = ((row // nk2) % nk1).to(tl.int64)
+            k0 = (row // (nk2 * nk1)).to(tl.int64)
             x_row = x_ptr + k0 * x_sk0 + k1 * x_sk1 + k2 * x_sk2
             y_row = y_ptr + k0 * y_sk0 + k1 * y_sk1 + k2 * y_sk2
             m_row = m_ptr + k0 * m_sk0 + k1 * m_sk1 + k2 * m_sk2
@@ -288,10 +285,9 @@ def _log_softmax_bwd(
             dy_off = c0 * dy_sr0 + c1 * dy_sr1 + c2 * dy_sr2
             dx_off = c0 * dx_sr0 + c1 * dx_sr1 + c2 * dx_sr2
         for row in range(pid, n_rows, n_progs):
-            r64 = tl.cast(row, tl.int64)
-            k2 = r64 % nk2
-            k1 = (r64 // nk2) % nk1
-            k0 = r64 // (nk2 * nk1)
+            k2 = (row % nk2).to(tl.int64)  # the row's kept indices: 32-bit division (rows < 2**31), 64-bit offsets
+            k1 = ((row // nk2) % nk1).to(tl.int64)
+            k0 = (row // (nk2 * nk1)).to(tl.int64)
             x_row = x_ptr + k0 * x_sk0 + k1 * x_sk1 + k2 * x_sk2
             m_row = m_ptr + k0 * m_sk0 + k1 * m_sk1 + k2 * m_sk2
             s_1_row = s_1_ptr + k0 * s_1_sk0 + k1 * s_1_sk1 + k2 * s_1_sk2
@@ -307,10 +303,9 @@ def _log_softmax_bwd(
     elif PHASE == 0:
         # ---- long rows: passes over blocks, lane-wise accumulators reduced at the end
         for row in range(pid, n_rows, n_progs):
-            r64 = tl.cast(row, tl.int64)
-            k2 = r64 % nk2
-            k1 = (r64 // nk2) % nk1
-            k0 = r64 // (nk2 * nk1)
+            k2 = (row % nk2).to(tl.int64)  # the row's kept indices: 32-bit division (rows < 2**31), 64-bit offsets
+            k1 = ((row // nk2) % nk1).to(tl.int64)
+            k0 = (row // (nk2 * nk1)).to(tl.int64)
             x_row = x_ptr + k0 * x_sk0 + k1 * x_sk1 + k2 * x_sk2
             m_row = m_ptr + k0 * m_sk0 + k1 * m_sk1 + k2 * m_sk2
             s_1_row = s_1_ptr + k0 * s_1_sk0 + k1 * s_1_sk1 + k2 * s_1_sk2
@@ -373,10 +368,9 @@ def _log_softmax_bwd(
             seg_end = seg_start + seg_len
             if seg_end > n_cols:  # the last segment ends with the row
                 seg_end = n_cols
-            r64 = tl.cast(row, tl.int64)
-            k2 = r64 % nk2
-            k1 = (r64 // nk2) % nk1
-            k0 = r64 // (nk2 * nk1)
+            k2 = (row % nk2).to(tl.int64)  # the row's kept indices: 32-bit division (rows < 2**31), 64-bit offsets
+            k1 = ((row // nk2) % nk1).to(tl.int64)
+            k0 = (row // (nk2 * nk1)).to(tl.int64)
             x_row = x_ptr + k0 * x_sk0 + k1 * x_sk1 + k2 * x_sk2
             m_row = m_ptr + k0 * m_sk0 + k1 * m_sk1 + k2 * m_sk2
             s_1_row = s_1_ptr + k0 * s_1_sk0 + k1 * s_1_sk1 + k2 * s_1_sk2

@@ -62,10 +62,9 @@ def _logsumexp_fwd(
             c0 = cc // (nr2 * nr1)
             x_off = c0 * x_sr0 + c1 * x_sr1 + c2 * x_sr2
         for row in range(pid, n_rows, n_progs):
-            r64 = tl.cast(row, tl.int64)
-            k2 = r64 % nk2
-            k1 = (r64 // nk2) % nk1
-            k0 = r64 // (nk2 * nk1)
+            k2 = (row % nk2).to(tl.int64)  # the row's kept indices: 32-bit division (rows < 2**31), 64-bit offsets
+            k1 = ((row // nk2) % nk1).to(tl.int64)
+            k0 = (row // (nk2 * nk1)).to(tl.int64)
             x_row = x_ptr + k0 * x_sk0 + k1 * x_sk1 + k2 * x_sk2
             y_row = y_ptr + k0 * y_sk0 + k1 * y_sk1 + k2 * y_sk2
             m_row = m_ptr + k0 * m_sk0 + k1 * m_sk1 + k2 * m_sk2
@@ -85,10 +84,9 @@ def _logsumexp_fwd(
     elif PHASE == 0:
         # ---- long rows: passes over blocks, lane-wise accumulators reduced at the end
         for row in range(pid, n_rows, n_progs):
-            r64 = tl.cast(row, tl.int64)
-            k2 = r64 % nk2
-            k1 = (r64 // nk2) % nk1
-            k0 = r64 // (nk2 * nk1)
+            k2 = (row % nk2).to(tl.int64)  # the row's kept indices: 32-bit division (rows < 2**31), 64-bit offsets
+            k1 = ((row // nk2) % nk1).to(tl.int64)
+            k0 = (row // (nk2 * nk1)).to(tl.int64)
             x_row = x_ptr + k0 * x_sk0 + k1 * x_sk1 + k2 * x_sk2
             y_row = y_ptr + k0 * y_sk0 + k1 * y_sk1 + k2 * y_sk2
             m_row = m_ptr + k0 * m_sk0 + k1 * m_sk1 + k2 * m_sk2
@@ -142,10 +140,9 @@ def _logsumexp_fwd(
             seg_end = seg_start + seg_len
             if seg_end > n_cols:  # the last segment ends with the row
                 seg_end = n_cols
-            r64 = tl.cast(row, tl.int64)
-            k2 = r64 % nk2
-            k1 = (r64 // nk2) % nk1
-            k0 = r64 // (nk2 * nk1)
+            k2 = (row % nk2).to(tl.int64)  # the row's kept indices: 32-bit division (rows < 2**31), 64-bit offsets
+            k1 = ((row // nk2) % nk1).to(tl.int64)
+            k0 = (row // (nk2 * nk1)).to(tl.int64)
             x_row = x_ptr + k0 * x_sk0 + k1 * x_sk1 + k2 * x_sk2
             y_row = y_ptr + k0 * y_sk0 + k1 * y_sk1 + k2 * y_sk2
             m_row = m_ptr + k0 * m_sk0 + k1 * m_sk1 + k2 * m_sk2
@@ -248,10 +245,9 @@ def _logsumexp_bwd(
             x_off = c0 * x_sr0 + c1 * x_sr1 + c2 * x_sr2
             dx_off = c0 * dx_sr0 + c1 * dx_sr1 + c2 * dx_sr2
         for row in range(pid, n_rows, n_progs):
-            r64 = tl.cast(row, tl.int64)
-            k2 = r64 % nk2
-            k1 = (r64 // nk2) % nk1
-            k0 = r64 // (nk2 * nk1)
+            k2 = (row % nk2).to(tl.int64)  # the row's kept indices: 32-bit division (rows < 2**31), 64-bit offsets
+            k1 = ((row // nk2) % nk1).to(tl.int64)
+            k0 = (row // (nk2 * nk1)).to(tl.int64)
             x_row = x_ptr + k0 * x_sk0 + k1 * x_sk1 + k2 * x_sk2
             m_row = m_ptr + k0 * m_sk0 + k1 * m_sk1 + k2 * m_sk2
             s_1_row = s_1_ptr + k0 * s_1_sk0 + k1 * s_1_sk1 + k2 * s_1_sk2
@@ -266,10 +262,9 @@ def _logsumexp_bwd(
     elif PHASE == 0:
         # ---- long rows: passes over blocks, lane-wise accumulators reduced at the end
         for row in range(pid, n_rows, n_progs):
-            r64 = tl.cast(row, tl.int64)
-            k2 = r64 % nk2
-            k1 = (r64 // nk2) % nk1
-            k0 = r64 // (nk2 * nk1)
+            k2 = (row % nk2).to(tl.int64)  # the row's kept indices: 32-bit division (rows < 2**31), 64-bit offsets
+            k1 = ((row // nk2) % nk1).to(tl.int64)
+            k0 = (row // (nk2 * nk1)).to(tl.int64)
             x_row = x_ptr + k0 * x_sk0 + k1 * x_sk1 + k2 * x_sk2
             m_row = m_ptr + k0 * m_sk0 + k1 * m_sk1 + k2 * m_sk2
             s_1_row = s_1_ptr + k0 * s_1_sk0 + k1 * s_1_sk1 + k2 * s_1_sk2
@@ -311,10 +306,9 @@ def _logsumexp_bwd(
             seg_end = seg_start + seg_len
             if seg_end > n_cols:  # the last segment ends with the row
                 seg_end = n_cols
-            r64 = tl.cast(row, tl.int64)
-            k2 = r64 % nk2
-            k1 = (r64 // nk2) % nk1
-            k0 = r64 // (nk2 * nk1)
+            k2 = (row % nk2).to(tl.int64)  # the row's kept indices: 32-bit division (rows < 2**31), 64-bit offsets
+            k1 = ((row // nk2) % nk1).to(tl.int64)
+            k0 = (row // (nk2 * nk1)).to(tl.int64)
             x_row = x_ptr + k0 * x_sk0 + k1 * x_sk1 + k2 * x_sk2
             m_row = m_ptr + k0 * m_sk0 + k1 * m_sk1 + k2 * m_sk2
             s_1_row = s_1_ptr + k0 * s_1_sk0 + k1 * s_1_sk1 + k2 * s_1_sk2

@@ -59,10 +59,9 @@ def _max_fwd(
             c0 = cc // (nr2 * nr1)
             A_off = c0 * A_sr0 + c1 * A_sr1 + c2 * A_sr2
         for row in range(pid, n_rows, n_progs):
-            r64 = tl.cast(row, tl.int64)
-            k2 = r64 % nk2
-            k1 = (r64 // nk2) % nk1
-            k0 = r64 // (nk2 * nk1)
+            k2 = (row % nk2).to(tl.int64)  # the row's kept indices: 32-bit division (rows < 2**31), 64-bit offsets
+            k1 = ((row // nk2) % nk1).to(tl.int64)
+            k0 = (row // (nk2 * nk1)).to(tl.int64)
             A_row = A_ptr + k0 * A_sk0 + k1 * A_sk1 + k2 * A_sk2
             B_row = B_ptr + k0 * B_sk0 + k1 * B_sk1 + k2 * B_sk2
             B_argmax_row = B_argmax_ptr + k0 * B_argmax_sk0 + k1 * B_argmax_sk1 + k2 * B_argmax_sk2
@@ -79,10 +78,9 @@ def _max_fwd(
     elif PHASE == 0:
         # ---- long rows: passes over blocks, lane-wise accumulators reduced at the end
         for row in range(pid, n_rows, n_progs):
-            r64 = tl.cast(row, tl.int64)
-            k2 = r64 % nk2
-            k1 = (r64 // nk2) % nk1
-            k0 = r64 // (nk2 * nk1)
+            k2 = (row % nk2).to(tl.int64)  # the row's kept indices: 32-bit division (rows < 2**31), 64-bit offsets
+            k1 = ((row // nk2) % nk1).to(tl.int64)
+            k0 = (row // (nk2 * nk1)).to(tl.int64)
             A_row = A_ptr + k0 * A_sk0 + k1 * A_sk1 + k2 * A_sk2
             B_row = B_ptr + k0 * B_sk0 + k1 * B_sk1 + k2 * B_sk2
             B_argmax_row = B_argmax_ptr + k0 * B_argmax_sk0 + k1 * B_argmax_sk1 + k2 * B_argmax_sk2
@@ -133,10 +131,9 @@ def _max_fwd(
             seg_end = seg_start + seg_len
             if seg_end > n_cols:  # the last segment ends with the row
                 seg_end = n_cols
-            r64 = tl.cast(row, tl.int64)
-            k2 = r64 % nk2
-            k1 = (r64 // nk2) % nk1
-            k0 = r64 // (nk2 * nk1)
+            k2 = (row % nk2).to(tl.int64)  # the row's kept indices: 32-bit division (rows < 2**31), 64-bit offsets
+            k1 = ((row // nk2) % nk1).to(tl.int64)
+            k0 = (row // (nk2 * nk1)).to(tl.int64)
             A_row = A_ptr + k0 * A_sk0 + k1 * A_sk1 + k2 * A_sk2
             B_row = B_ptr + k0 * B_sk0 + k1 * B_sk1 + k2 * B_sk2
             B_argmax_row = B_argmax_ptr + k0 * B_argmax_sk0 + k1 * B_argmax_sk1 + k2 * B_argmax_sk2
@@ -232,10 +229,9 @@ def _max_bwd(
             c0 = cc // (nr2 * nr1)
             dA_off = c0 * dA_sr0 + c1 * dA_sr1 + c2 * dA_sr2
         for row in range(pid, n_rows, n_progs):
-            r64 = tl.cast(row, tl.int64)
-            k2 = r64 % nk2
-            k1 = (r64 // nk2) % nk1
-            k0 = r64 // (nk2 * nk1)
+            k2 = (row % nk2).to(tl.int64)  # the row's kept indices: 32-bit division (rows < 2**31), 64-bit offsets
+            k1 = ((row // nk2) % nk1).to(tl.int64)
+            k0 = (row // (nk2 * nk1)).to(tl.int64)
             B_argmax_row = B_argmax_ptr + k0 * B_argmax_sk0 + k1 * B_argmax_sk1 + k2 * B_argmax_sk2
             dB_row = dB_ptr + k0 * dB_sk0 + k1 * dB_sk1 + k2 * dB_sk2
             dA_row = dA_ptr + k0 * dA_sk0 + k1 * dA_sk1 + k2 * dA_sk2
@@ -246,10 +242,9 @@ def _max_bwd(
     elif PHASE == 0:
         # ---- long rows: passes over blocks, lane-wise accumulators reduced at the end
         for row in range(pid, n_rows, n_progs):
-            r64 = tl.cast(row, tl.int64)
-            k2 = r64 % nk2
-            k1 = (r64 // nk2) % nk1
-            k0 = r64 // (nk2 * nk1)
+            k2 = (row % nk2).to(tl.int64)  # the row's kept indices: 32-bit division (rows < 2**31), 64-bit offsets
+            k1 = ((row // nk2) % nk1).to(tl.int64)
+            k0 = (row // (nk2 * nk1)).to(tl.int64)
             B_argmax_row = B_argmax_ptr + k0 * B_argmax_sk0 + k1 * B_argmax_sk1 + k2 * B_argmax_sk2
             dB_row = dB_ptr + k0 * dB_sk0 + k1 * dB_sk1 + k2 * dB_sk2
             dA_row = dA_ptr + k0 * dA_sk0 + k1 * dA_sk1 + k2 * dA_sk2
@@ -285,10 +280,9 @@ def _max_bwd(
             seg_end = seg_start + seg_len
             if seg_end > n_cols:  # the last segment ends with the row
                 seg_end = n_cols
-            r64 = tl.cast(row, tl.int64)
-            k2 = r64 % nk2
-            k1 = (r64 // nk2) % nk1
-            k0 = r64 // (nk2 * nk1)
+            k2 = (row % nk2).to(tl.int64)  # the row's kept indices: 32-bit division (rows < 2**31), 64-bit offsets
+            k1 = ((row // nk2) % nk1).to(tl.int64)
+            k0 = (row // (nk2 * nk1)).to(tl.int64)
             B_argmax_row = B_argmax_ptr + k0 * B_argmax_sk0 + k1 * B_argmax_sk1 + k2 * B_argmax_sk2
             dB_row = dB_ptr + k0 * dB_sk0 + k1 * dB_sk1 + k2 * dB_sk2
             dA_row = dA_ptr + k0 * dA_sk0 + k1 * dA_sk1 + k2 * dA_sk2

@@ -67,10 +67,9 @@ def _rms_norm_fwd(
             y_off = c0 * y_sr0 + c1 * y_sr1 + c2 * y_sr2
         weight = tl.load(weight_ptr + weight_off, mask=mask, other=0.0).to(ACC)  # the input weight[c]
         for row in range(pid, n_rows, n_progs):
-            r64 = tl.cast(row, tl.int64)
-            k2 = r64 % nk2
-            k1 = (r64 // nk2) % nk1
-            k0 = r64 // (nk2 * nk1)
+            k2 = (row % nk2).to(tl.int64)  # the row's kept indices: 32-bit division (rows < 2**31), 64-bit offsets
+            k1 = ((row // nk2) % nk1).to(tl.int64)
+            k0 = (row // (nk2 * nk1)).to(tl.int64)
             x_row = x_ptr + k0 * x_sk0 + k1 * x_sk1 + k2 * x_sk2
             y_row = y_ptr + k0 * y_sk0 + k1 * y_sk1 + k2 * y_sk2
             rms_row = rms_ptr + k0 * rms_sk0 + k1 * rms_sk1 + k2 * rms_sk2
@@ -83,10 +82,9 @@ def _rms_norm_fwd(
     elif PHASE == 0:
         # ---- long rows: passes over blocks, lane-wise accumulators reduced at the end
         for row in range(pid, n_rows, n_progs):
-            r64 = tl.cast(row, tl.int64)
-            k2 = r64 % nk2
-            k1 = (r64 // nk2) % nk1
-            k0 = r64 // (nk2 * nk1)
+            k2 = (row % nk2).to(tl.int64)  # the row's kept indices: 32-bit division (rows < 2**31), 64-bit offsets
+            k1 = ((row // nk2) % nk1).to(tl.int64)
+            k0 = (row // (nk2 * nk1)).to(tl.int64)
             x_row = x_ptr + k0 * x_sk0 + k1 * x_sk1 + k2 * x_sk2
             y_row = y_ptr + k0 * y_sk0 + k1 * y_sk1 + k2 * y_sk2
             rms_row = rms_ptr + k0 * rms_sk0 + k1 * rms_sk1 + k2 * rms_sk2
@@ -147,10 +145,9 @@ def _rms_norm_fwd(
             seg_end = seg_start + seg_len
             if seg_end > n_cols:  # the last segment ends with the row
                 seg_end = n_cols
-            r64 = tl.cast(row, tl.int64)
-            k2 = r64 % nk2
-            k1 = (r64 // nk2) % nk1
-            k0 = r64 // (nk2 * nk1)
+            k2 = (row % nk2).to(tl.int64)  # the row's kept indices: 32-bit division (rows < 2**31), 64-bit offsets
+            k1 = ((row // nk2) % nk1).to(tl.int64)
+            k0 = (row // (nk2 * nk1)).to(tl.int64)
             x_row = x_ptr + k0 * x_sk0 + k1 * x_sk1 + k2 * x_sk2
             y_row = y_ptr + k0 * y_sk0 + k1 * y_sk1 + k2 * y_sk2
             rms_row = rms_ptr + k0 * rms_sk0 + k1 * rms_sk1 + k2 * rms_sk2
@@ -262,10 +259,9 @@ def _rms_norm_bwd(
         weight = tl.load(weight_ptr + weight_off, mask=mask, other=0.0).to(ACC)  # the input weight[c]
         dweight_acc = tl.zeros([BLOCK], dtype=ACC)
         for row in range(pid, n_rows, n_progs):
-            r64 = tl.cast(row, tl.int64)
-            k2 = r64 % nk2
-            k1 = (r64 // nk2) % nk1
-            k0 = r64 // (nk2 * nk1)
+            k2 = (row % nk2).to(tl.int64)  # the row's kept indices: 32-bit division (rows < 2**31), 64-bit offsets
+            k1 = ((row // nk2) % nk1).to(tl.int64)
+            k0 = (row // (nk2 * nk1)).to(tl.int64)
             x_row = x_ptr + k0 * x_sk0 + k1 * x_sk1 + k2 * x_sk2
             rms_row = rms_ptr + k0 * rms_sk0 + k1 * rms_sk1 + k2 * rms_sk2
             dy_row = dy_ptr + k0 * dy_sk0 + k1 * dy_sk1 + k2 * dy_sk2
@@ -281,10 +277,9 @@ def _rms_norm_bwd(
     elif PHASE == 0:
         # ---- long rows: passes over blocks, lane-wise accumulators reduced at the end
         for row in range(pid, n_rows, n_progs):
-            r64 = tl.cast(row, tl.int64)
-            k2 = r64 % nk2
-            k1 = (r64 // nk2) % nk1
-            k0 = r64 // (nk2 * nk1)
+            k2 = (row % nk2).to(tl.int64)  # the row's kept indices: 32-bit division (rows < 2**31), 64-bit offsets
+            k1 = ((row // nk2) % nk1).to(tl.int64)
+            k0 = (row // (nk2 * nk1)).to(tl.int64)
             x_row = x_ptr + k0 * x_sk0 + k1 * x_sk1 + k2 * x_sk2
             rms_row = rms_ptr + k0 * rms_sk0 + k1 * rms_sk1 + k2 * rms_sk2
             dy_row = dy_ptr + k0 * dy_sk0 + k1 * dy_sk1 + k2 * dy_sk2
@@ -357,10 +352,9 @@ def _rms_norm_bwd(
             seg_end = seg_start + seg_len
             if seg_end > n_cols:  # the last segment ends with the row
                 seg_end = n_cols
-            r64 = tl.cast(row, tl.int64)
-            k2 = r64 % nk2
-            k1 = (r64 // nk2) % nk1
-            k0 = r64 // (nk2 * nk1)
+            k2 = (row % nk2).to(tl.int64)  # the row's kept indices: 32-bit division (rows < 2**31), 64-bit offsets
+            k1 = ((row // nk2) % nk1).to(tl.int64)
+            k0 = (row // (nk2 * nk1)).to(tl.int64)
             x_row = x_ptr + k0 * x_sk0 + k1 * x_sk1 + k2 * x_sk2
             rms_row = rms_ptr + k0 * rms_sk0 + k1 * rms_sk1 + k2 * rms_sk2
             dy_row = dy_ptr + k0 * dy_sk0 + k1 * dy_sk1 + k2 * dy_sk2

@@ -63,10 +63,9 @@ def _softmax_fwd(
             A_off = c0 * A_sr0 + c1 * A_sr1 + c2 * A_sr2
             B_off = c0 * B_sr0 + c1 * B_sr1 + c2 * B_sr2
         for row in range(pid, n_rows, n_progs):
-            r64 = tl.cast(row, tl.int64)
-            k2 = r64 % nk2
-            k1 = (r64 // nk2) % nk1
-            k0 = r64 // (nk2 * nk1)
+            k2 = (row % nk2).to(tl.int64)  # the row's kept indices: 32-bit division (rows < 2**31), 64-bit offsets
+            k1 = ((row // nk2) % nk1).to(tl.int64)
+            k0 = (row // (nk2 * nk1)).to(tl.int64)
             A_row = A_ptr + k0 * A_sk0 + k1 * A_sk1 + k2 * A_sk2
             B_row = B_ptr + k0 * B_sk0 + k1 * B_sk1 + k2 * B_sk2
             A = tl.load(A_row + A_off, mask=mask, other=0.0).to(ACC)  # the input A[s2, s1]
@@ -83,10 +82,9 @@ def _softmax_fwd(
     elif PHASE == 0:
         # ---- long rows: passes over blocks, lane-wise accumulators reduced at the end
         for row in range(pid, n_rows, n_progs):
-            r64 = tl.cast(row, tl.int64)
-            k2 = r64 % nk2
-            k1 = (r64 // nk2) % nk1
-            k0 = r64 // (nk2 * nk1)
+            k2 = (row % nk2).to(tl.int64)  # the row's kept indices: 32-bit division (rows < 2**31), 64-bit offsets
+            k1 = ((row // nk2) % nk1).to(tl.int64)
+            k0 = (row // (nk2 * nk1)).to(tl.int64)
             A_row = A_ptr + k0 * A_sk0 + k1 * A_sk1 + k2 * A_sk2
             B_row = B_ptr + k0 * B_sk0 + k1 * B_sk1 + k2 * B_sk2
             # pass 1: M, Z
@@ -155,10 +153,9 @@ def _softmax_fwd(
             seg_end = seg_start + seg_len
             if seg_end > n_cols:  # the last segment ends with the row
                 seg_end = n_cols
-            r64 = tl.cast(row, tl.int64)
-            k2 = r64 % nk2
-            k1 = (r64 // nk2) % nk1
-            k0 = r64 // (nk2 * nk1)
+            k2 = (row % nk2).to(tl.int64)  # the row's kept indices: 32-bit division (rows < 2**31), 64-bit offsets
+            k1 = ((row // nk2) % nk1).to(tl.int64)
+            k0 = (row // (nk2 * nk1)).to(tl.int64)
             A_row = A_ptr + k0 * A_sk0 + k1 * A_sk1 + k2 * A_sk2
             B_row = B_ptr + k0 * B_sk0 + k1 * B_sk1 + k2 * B_sk2
             if PHASE > 1:
@@ -275,10 +272,9 @@ def _softmax_bwd(
             dB_off = c0 * dB_sr0 + c1 * dB_sr1 + c2 * dB_sr2
             dA_off = c0 * dA_sr0 + c1 * dA_sr1 + c2 * dA_sr2
         for row in range(pid, n_rows, n_progs):
-            r64 = tl.cast(row, tl.int64)
-            k2 = r64 % nk2
-            k1 = (r64 // nk2) % nk1
-            k0 = r64 // (nk2 * nk1)
+            k2 = (row % nk2).to(tl.int64)  # the row's kept indices: 32-bit division (rows < 2**31), 64-bit offsets
+            k1 = ((row // nk2) % nk1).to(tl.int64)
+            k0 = (row // (nk2 * nk1)).to(tl.int64)
             B_row = B_ptr + k0 * B_sk0 + k1 * B_sk1 + k2 * B_sk2
             dB_row = dB_ptr + k0 * dB_sk0 + k1 * dB_sk1 + k2 * dB_sk2
             dA_row = dA_ptr + k0 * dA_sk0 + k1 * dA_sk1 + k2 * dA_sk2
@@ -290,10 +286,9 @@ def _softmax_bwd(
     elif PHASE == 0:
         # ---- long rows: passes over blocks, lane-wise accumulators reduced at the end
         for row in range(pid, n_rows, n_progs):
-            r64 = tl.cast(row, tl.int64)
-            k2 = r64 % nk2
-            k1 = (r64 // nk2) % nk1
-            k0 = r64 // (nk2 * nk1)
+            k2 = (row % nk2).to(tl.int64)  # the row's kept indices: 32-bit division (rows < 2**31), 64-bit offsets
+            k1 = ((row // nk2) % nk1).to(tl.int64)
+            k0 = (row // (nk2 * nk1)).to(tl.int64)
             B_row = B_ptr + k0 * B_sk0 + k1 * B_sk1 + k2 * B_sk2
             dB_row = dB_ptr + k0 * dB_sk0 + k1 * dB_sk1 + k2 * dB_sk2
             dA_row = dA_ptr + k0 * dA_sk0 + k1 * dA_sk1 + k2 * dA_sk2
@@ -355,10 +350,9 @@ def _softmax_bwd(
             seg_end = seg_start + seg_len
             if seg_end > n_cols:  # the last segment ends with the row
                 seg_end = n_cols
-            r64 = tl.cast(row, tl.int64)
-            k2 = r64 % nk2
-            k1 = (r64 // nk2) % nk1
-            k0 = r64 // (nk2 * nk1)
+            k2 = (row % nk2).to(tl.int64)  # the row's kept indices: 32-bit division (rows < 2**31), 64-bit offsets
+            k1 = ((row // nk2) % nk1).to(tl.int64)
+            k0 = (row // (nk2 * nk1)).to(tl.int64)
             B_row = B_ptr + k0 * B_sk0 + k1 * B_sk1 + k2 * B_sk2
             dB_row = dB_ptr + k0 * dB_sk0 + k1 * dB_sk1 + k2 * dB_sk2
             dA_row = dA_ptr + k0 * dA_sk0 + k1 * dA_sk1 + k2 * dA_sk2

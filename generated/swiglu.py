@@ -61,10 +61,9 @@ def _swiglu_fwd(
             b_off = c0 * b_sr0 + c1 * b_sr1 + c2 * b_sr2
             y_off = c0 * y_sr0 + c1 * y_sr1 + c2 * y_sr2
         for row in range(pid, n_rows, n_progs):
-            r64 = tl.cast(row, tl.int64)
-            k2 = r64 % nk2
-            k1 = (r64 // nk2) % nk1
-            k0 = r64 // (nk2 * nk1)
+            k2 = (row % nk2).to(tl.int64)  # the row's kept indices: 32-bit division (rows < 2**31), 64-bit offsets
+            k1 = ((row // nk2) % nk1).to(tl.int64)
+            k0 = (row // (nk2 * nk1)).to(tl.int64)
             a_1_row = a_1_ptr + k0 * a_1_sk0 + k1 * a_1_sk1 + k2 * a_1_sk2
             b_row = b_ptr + k0 * b_sk0 + k1 * b_sk1 + k2 * b_sk2
             y_row = y_ptr + k0 * y_sk0 + k1 * y_sk1 + k2 * y_sk2
@@ -75,10 +74,9 @@ def _swiglu_fwd(
     elif PHASE == 0:
         # ---- long rows: passes over blocks, lane-wise accumulators reduced at the end
         for row in range(pid, n_rows, n_progs):
-            r64 = tl.cast(row, tl.int64)
-            k2 = r64 % nk2
-            k1 = (r64 // nk2) % nk1
-            k0 = r64 // (nk2 * nk1)
+            k2 = (row % nk2).to(tl.int64)  # the row's kept indices: 32-bit division (rows < 2**31), 64-bit offsets
+            k1 = ((row // nk2) % nk1).to(tl.int64)
+            k0 = (row // (nk2 * nk1)).to(tl.int64)
             a_1_row = a_1_ptr + k0 * a_1_sk0 + k1 * a_1_sk1 + k2 * a_1_sk2
             b_row = b_ptr + k0 * b_sk0 + k1 * b_sk1 + k2 * b_sk2
             y_row = y_ptr + k0 * y_sk0 + k1 * y_sk1 + k2 * y_sk2
@@ -118,10 +116,9 @@ def _swiglu_fwd(
             seg_end = seg_start + seg_len
             if seg_end > n_cols:  # the last segment ends with the row
                 seg_end = n_cols
-            r64 = tl.cast(row, tl.int64)
-            k2 = r64 % nk2
-            k1 = (r64 // nk2) % nk1
-            k0 = r64 // (nk2 * nk1)
+            k2 = (row % nk2).to(tl.int64)  # the row's kept indices: 32-bit division (rows < 2**31), 64-bit offsets
+            k1 = ((row // nk2) % nk1).to(tl.int64)
+            k0 = (row // (nk2 * nk1)).to(tl.int64)
             a_1_row = a_1_ptr + k0 * a_1_sk0 + k1 * a_1_sk1 + k2 * a_1_sk2
             b_row = b_ptr + k0 * b_sk0 + k1 * b_sk1 + k2 * b_sk2
             y_row = y_ptr + k0 * y_sk0 + k1 * y_sk1 + k2 * y_sk2
@@ -200,10 +197,9 @@ def _swiglu_bwd(
             da_off = c0 * da_sr0 + c1 * da_sr1 + c2 * da_sr2
             db_off = c0 * db_sr0 + c1 * db_sr1 + c2 * db_sr2
         for row in range(pid, n_rows, n_progs):
-            r64 = tl.cast(row, tl.int64)
-            k2 = r64 % nk2
-            k1 = (r64 // nk2) % nk1
-            k0 = r64 // (nk2 * nk1)
+            k2 = (row % nk2).to(tl.int64)  # the row's kept indices: 32-bit division (rows < 2**31), 64-bit offsets
+            k1 = ((row // nk2) % nk1).to(tl.int64)
+            k0 = (row // (nk2 * nk1)).to(tl.int64)
             a_1_row = a_1_ptr + k0 * a_1_sk0 + k1 * a_1_sk1 + k2 * a_1_sk2
             b_row = b_ptr + k0 * b_sk0 + k1 * b_sk1 + k2 * b_sk2
             dy_row = dy_ptr + k0 * dy_sk0 + k1 * dy_sk1 + k2 * dy_sk2
@@ -219,10 +215,9 @@ def _swiglu_bwd(
     elif PHASE == 0:
         # ---- long rows: passes over blocks, lane-wise accumulators reduced at the end
         for row in range(pid, n_rows, n_progs):
-            r64 = tl.cast(row, tl.int64)
-            k2 = r64 % nk2
-            k1 = (r64 // nk2) % nk1
-            k0 = r64 // (nk2 * nk1)
+            k2 = (row % nk2).to(tl.int64)  # the row's kept indices: 32-bit division (rows < 2**31), 64-bit offsets
+            k1 = ((row // nk2) % nk1).to(tl.int64)
+            k0 = (row // (nk2 * nk1)).to(tl.int64)
             a_1_row = a_1_ptr + k0 * a_1_sk0 + k1 * a_1_sk1 + k2 * a_1_sk2
             b_row = b_ptr + k0 * b_sk0 + k1 * b_sk1 + k2 * b_sk2
             dy_row = dy_ptr + k0 * dy_sk0 + k1 * dy_sk1 + k2 * dy_sk2
@@ -271,10 +266,9 @@ def _swiglu_bwd(
             seg_end = seg_start + seg_len
             if seg_end > n_cols:  # the last segment ends with the row
                 seg_end = n_cols
-            r64 = tl.cast(row, tl.int64)
-            k2 = r64 % nk2
-            k1 = (r64 // nk2) % nk1
-            k0 = r64 // (nk2 * nk1)
+            k2 = (row % nk2).to(tl.int64)  # the row's kept indices: 32-bit division (rows < 2**31), 64-bit offsets
+            k1 = ((row // nk2) % nk1).to(tl.int64)
+            k0 = (row // (nk2 * nk1)).to(tl.int64)
             a_1_row = a_1_ptr + k0 * a_1_sk0 + k1 * a_1_sk1 + k2 * a_1_sk2
             b_row = b_ptr + k0 * b_sk0 + k1 * b_sk1 + k2 * b_sk2
             dy_row = dy_ptr + k0 * dy_sk0 + k1 * dy_sk1 + k2 * dy_sk2

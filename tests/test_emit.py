@@ -176,11 +176,14 @@ def test_an_op_emitted_twice_imports_twice(tmp_path, monkeypatch):
 
 
 def test_user_spec_with_dependent_reductions(tmp_path, monkeypatch):
-    """A second reduction that needs the first one's value takes its own pass over long rows."""
+    """A second reduction that needs the first one's value shares its pass over long rows
+    when its summand is a polynomial in that value (Taylor re-expansion), else takes its own."""
     from derive.plan import plan
     text = ("op centered(X[r, c]) -> Y[r, c]\nMu[r] = sum[c](X)\nD = X - Mu\nV[r] = sum[c](D * D)\n"
             "Y = D / (V + 1)\n")
     p = plan(derive_text(text, "centered.op"))
+    assert [lp.names for lp in p.fwd.loops] == [["Mu", "V"]]
+    p = plan(derive_text(text.replace("sum[c](D * D)", "sum[c](exp(D))"), "centered.op"))
     assert [lp.names for lp in p.fwd.loops] == [["Mu"], ["V"]]
 
     def reference(x):

@@ -108,6 +108,25 @@ def test_matches_torch_with_rows_split_across_programs(name, device, monkeypatch
     assert splits and all(n_segs > 1 for n_segs, _ in splits), splits
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["rows", "split rows"])
+def test_layer_norm_of_long_rows_far_from_zero(split, device, monkeypatch):
+    """Long rows at 1e4 + N(0, 1) in float32: the variance, folded into the mean's pass,
+    is summed about each lane's running mean and combined about the row's (Chan's
+    update, derived), not as E[x^2] - E[x]^2, which would lose every digit of it here."""
+    import generated._runtime as rt
+    monkeypatch.setattr(rt, "MAX_BLOCK", 64)
+    if split:
+        monkeypatch.setattr(rt, "SPLIT_BELOW_ROWS_CPU", 10_000)
+    torch.manual_seed(0)
+    x = (1e4 + torch.randn(3, 3000, dtype=torch.float64, device=device)).float()
+    w, b = torch.randn(3000, device=device), torch.randn(3000, device=device)
+    y = generated.layer_norm(x, w, b)
+    ref = torch.nn.functional.layer_norm(x.double(), (3000,), w.double(), b.double())
+    assert (y.double() - ref).abs().max().item() < 1e-2
+    naive_var = (x * x).mean(-1) - x.mean(-1) ** 2  # what E[x^2] - E[x]^2 gives in float32
+    assert (naive_var.double() - x.double().var(-1, unbiased=False)).abs().max().item() > 1
+
+
 def test_split_rows_keep_torch_max_rules(device, monkeypatch):
     """Across segments: ties go to the first index, a NaN anywhere makes the row NaN
     and takes the gradient at the first NaN, softmax of such a row is NaN."""

@@ -131,6 +131,22 @@ def test_tensor_descriptor_counts_in_bounds_elements():
     assert k.bytes_loaded == k.bytes_stored == ROWS * N * 4
 
 
+def test_watched_tensors_are_counted_apart():
+    # x [ROWS, N] read in row slices of a wider buffer, s read once per row, y written: each watched
+    # tensor's bytes come back apart, the totals unchanged; an unwatched tensor is not listed
+    buf = torch.randn(ROWS, 2 * N)
+    x, s, y = buf[:, :N], torch.tensor([2.0]), torch.zeros(ROWS, 2 * N)[:, N:]  # (the kernel's one stride)
+    with count_traffic(watch={"x": x, "s": s, "y": y}) as t:
+        _scale_rows[(ROWS, )](x, s, y, N, x.stride(0), BLOCK=BLOCK)
+    torch.testing.assert_close(y, 2 * x)
+    per = {k: (v.bytes_loaded, v.bytes_stored) for k, v in t.per_tensor.items()}
+    assert per == {"x": (ROWS * N * 4, 0), "s": (ROWS * 4, 0), "y": (0, ROWS * N * 4)}
+    assert (t.total_loaded, t.total_stored) == (ROWS * N * 4 + ROWS * 4, ROWS * N * 4)
+    with count_traffic(watch={"s": s}) as t:
+        _scale_rows[(ROWS, )](x, s, y, N, x.stride(0), BLOCK=BLOCK)
+    assert set(t.per_tensor) == {"s"} and t.per_tensor["s"].bytes_loaded == ROWS * 4
+
+
 def test_launches_and_per_kernel_split():
     x = torch.randn(ROWS, N)
     y = torch.empty_like(x)

@@ -49,6 +49,34 @@ def test_long_rows_take_two_reads(small_block):
     assert (bwd.total_loaded, bwd.total_stored) == (2 * 2 * 4 * n, 4 * n)
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["rows", "split rows"])
+@pytest.mark.parametrize("name", ["layer_norm", "rms_norm"])
+def test_norms_of_long_rows_read_the_row_twice(name, split, monkeypatch):
+    """Long rows: one pass for the row's statistics, one that writes.  Layer norm's
+    variance shares the mean's pass (its summand is a polynomial in the mean: the
+    plan's Taylor re-expansion), so x is read twice, as rms norm's; the backward
+    reads the saved statistics, x and dy twice each, whole rows or split."""
+    import generated
+    import generated._runtime as rt
+    monkeypatch.setattr(rt, "MAX_BLOCK", 16)
+    monkeypatch.setattr(rt, "SPLIT_BELOW_ROWS_CPU", 10_000 if split else 1)
+    splits = []
+    original = rt.split_rows
+    monkeypatch.setattr(rt, "split_rows", lambda *a: splits.append(original(*a)) or splits[-1])
+    x = torch.randn(3, 200, dtype=torch.float32, requires_grad=True)
+    w = torch.randn(200, requires_grad=True)
+    with count_traffic(watch={"x": x, "w": w}) as fwd:
+        y = getattr(generated, name)(x, w)
+    assert all((n_segs > 1) == split for n_segs, _ in splits) and splits
+    assert fwd.per_tensor["x"].bytes_loaded == 2 * x.numel() * 4
+    assert fwd.per_tensor["w"].bytes_loaded == x.shape[0] * w.numel() * 4  # the write pass's, per row
+    dy = torch.randn_like(y)
+    with count_traffic(watch={"x": x, "dy": dy, "y": y}) as bwd:
+        y.backward(dy)
+    assert bwd.per_tensor["x"].bytes_loaded == bwd.per_tensor["dy"].bytes_loaded == 2 * x.numel() * 4
+    assert "y" not in bwd.per_tensor  # recomputed from x and the saved statistics, not read
+
+
 def _attention_bytes(n_keys: int, causal: bool = False):
     torch.manual_seed(0)
     q = torch.randn(1, 2, 64, 16, requires_grad=True)
