@@ -213,7 +213,7 @@ def traffic(dtype_name: str = "float16", quick: bool = False, progress=None) -> 
                                   lambda: generated.document_attention(q, k, v, ids, causal=causal))}[kind]
         with count_traffic() as fwd, count_programs() as pf:
             o = call()
-        with count_traffic(watch=weights) as bwd, count_programs() as pb:
+        with count_traffic() as bwd, count_programs() as pb:
             o.backward(torch.randn_like(o))
         qkv = q.numel() + k.numel() + v.numel()
         extra = 0 if ids is None else ids.numel() * ids.element_size()  # the document ids, read once
