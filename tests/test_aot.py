@@ -106,6 +106,22 @@ def test_build_in_process_refuses_interpreter_functions():
         aot.build_modules([FIXTURE], archs=(90,))
 
 
+def test_capture_stands_in_for_tensor_descriptors():
+    """A launch's host-side tensor descriptor (TMA) keeps its shape, strides and box; its
+    tensor becomes a stand-in pointer, as a plain tensor argument does."""
+    import torch
+    tensor_descriptor = pytest.importorskip("triton.tools.tensor_descriptor")
+    t = torch.empty(2, 100, 64, dtype=torch.float16)
+    desc = tensor_descriptor.TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 64, 64])
+    s = aot._stand_in(desc, 3)
+    assert isinstance(s.base, aot._Pointer) and s.base.dtype == torch.float16
+    assert s.base.data_ptr() == aot.ALLOC_ALIGN * (1 + 4096 * 3)
+    assert (s.shape, s.strides, s.block_shape) == ([2, 100, 64], [6400, 64, 1], [1, 64, 64])
+    p = aot._stand_in(t[:, 1:], 2)
+    assert isinstance(p, aot._Pointer) and p.data_ptr() == aot.ALLOC_ALIGN * (1 + 4096 * 2) + 64 * 2
+    assert aot._stand_in(7, 0) == 7 and aot._stand_in(None, 1) is None
+
+
 def test_parse_ptxas_log():
     log = """ptxas info    : 0 bytes gmem
 ptxas info    : Function properties for helper

@@ -35,12 +35,13 @@ def descriptor_ops(monkeypatch):
     return seen
 
 
-def _inputs(b, hq, hkv, m, n, d, dtype, seed=0):
+def _inputs(b, hq, hkv, m, n, d, dtype, seed=0, dv=None):
     g = torch.Generator().manual_seed(seed)
+    dv = d if dv is None else dv
     q = torch.randn(b, hq, m, d, generator=g, dtype=torch.float64).to(dtype)
     k = torch.randn(b, hkv, n, d, generator=g, dtype=torch.float64).to(dtype)
-    v = torch.randn(b, hkv, n, d, generator=g, dtype=torch.float64).to(dtype)
-    do = torch.randn(b, hq, m, d, generator=g, dtype=torch.float64).to(dtype)
+    v = torch.randn(b, hkv, n, dv, generator=g, dtype=torch.float64).to(dtype)
+    do = torch.randn(b, hq, m, dv, generator=g, dtype=torch.float64).to(dtype)
     return q, k, v, do
 
 
@@ -65,15 +66,17 @@ def _close(got, want, tol):
         torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
 
 
-# (D, M, N): lengths not multiples of the sm_90 tiles (128/64 query rows, 128/64/32 keys)
-SHAPES = [(64, 200, 200), (128, 150, 90)]
+# (D, Dv, M, N): lengths not multiples of the sm_90 tiles (128/64 query rows, 128/64/32 keys);
+# head dims below their padded tiles (40 -> 64, 24 -> 32: the boxes' columns past them read
+# zeros and are not written)
+SHAPES = [(64, 64, 200, 200), (128, 128, 150, 90), (40, 24, 100, 77)]
 
 
-@pytest.mark.parametrize("d,m,n", SHAPES, ids=["d64", "d128-m150-n90"])
+@pytest.mark.parametrize("d,dv,m,n", SHAPES, ids=["d64", "d128-m150-n90", "d40-dv24"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_tma_matches_float64_sdpa(d, m, n, causal, descriptor_ops):
+def test_tma_matches_float64_sdpa(d, dv, m, n, causal, descriptor_ops):
     mod = importlib.import_module("generated.attention")
-    q, k, v, do = _inputs(1, 2, 2, m, n, d, torch.float16)
+    q, k, v, do = _inputs(1, 2, 2, m, n, d, torch.float16, dv=dv)
     got = _run(mod, "attention", q, k, v, do, causal=causal, arch="sm_90")
     # every tile of Q, K, V, dO went through a descriptor, and O, dQ, dK, dV were stored through one
     assert descriptor_ops["load"] > 0 and descriptor_ops["store"] > 0
