@@ -51,6 +51,7 @@ process (``python -m derive.aot``) that writes one JSON object per line:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import importlib
 import json
@@ -125,6 +126,18 @@ class _Pointer:
 def _as_pointer(t, slot: int) -> _Pointer:
     """A tensor's stand-in: a fresh allocation (ALLOC_ALIGN-aligned) plus the view's offset."""
     return _Pointer(t.dtype, ALLOC_ALIGN * (1 + 4096 * slot) + t.storage_offset() * t.element_size())
+
+
+def _stand_in(a, slot: int):
+    """A launch argument as the specialisation reads it: a tensor becomes a :class:`_Pointer`;
+    a host-side tensor descriptor (triton.tools.tensor_descriptor, TMA) the same descriptor
+    over its tensor's stand-in (the JIT specialises it by dtype and block shape); the rest as is."""
+    import torch
+    if isinstance(a, torch.Tensor):
+        return _as_pointer(a, slot)
+    if dataclasses.is_dataclass(a) and isinstance(getattr(a, "base", None), torch.Tensor):
+        return dataclasses.replace(a, base=_as_pointer(a.base, slot))
+    return a
 
 
 def _cuda_looking_class():
@@ -247,7 +260,7 @@ def capture(module_name: str, arch: int) -> list[Launch]:
 
             def record(fn, args, kwargs, _label=label):
                 slots = iter(range(10**6))
-                args = tuple(_as_pointer(a, next(slots)) if isinstance(a, torch.Tensor) else a for a in args)
+                args = tuple(_stand_in(a, next(slots)) for a in args)
                 launches.append(Launch(module_name, fn.fn.__name__, _label, fn, args, dict(kwargs)))
 
             try:
@@ -303,12 +316,15 @@ def specialize(launch: Launch, arch: int):
 
 
 def _hints(launch: Launch, signature: dict, attrs: dict) -> str:
-    """Short text of the run-time hints: 'n_cols:D' (divisible by 16), 'stride:=1' (constant 1)."""
+    """Short text of the run-time hints: 'n_cols:D' (divisible by 16), 'stride:=1' (constant 1),
+    'Q_desc:TMA' (a tensor descriptor)."""
     names = list(signature)
     marks = []
     for i, name in enumerate(names[:len(launch.args)]):
         if signature[name] == "constexpr":
             marks.append(f"{name}={launch.args[i]!r}")
+        elif str(signature[name]).startswith("tensordesc"):  # a host-side tensor descriptor (TMA)
+            marks.append(f"{name}:TMA")
         elif any(a[0] == "tt.divisibility" for a in attrs.get((i,), [])):
             marks.append(f"{name}:D")
     return " ".join(marks)

@@ -339,6 +339,8 @@ def _allocate(ir, roles: dict, internal: dict, indices: dict, extras: list) -> t
         n[f"{role}_srow"], n[f"{role}_scol"] = (kn.take(f"{n[tensor]}_s{indices[x]}") for x in strides)
     for role in ("o", "lse", "delta", "do", "dq", "dk", "dv"):
         n[f"{role}_ptr"] = kn.take(f"{n[role]}_ptr")
+    for role in ("q", "k", "v", "o", "do", "dq", "dk", "dv"):  # tensor descriptors (TMA)
+        n[f"{role}_desc"] = kn.take(f"{n[role]}_desc")
     for x in indices:  # "r" too for grouped attention: the query heads per k/v head
         n[f"n_{x}"] = kn.take(f"n_{indices[x]}")
     n["kn"] = kn  # for the plan's further kernel names (the extras' pointers and loads)

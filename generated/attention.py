@@ -44,18 +44,35 @@ def _tile(base, rows, row_stride, n_rows, cols, col_stride, n_cols, DT: tl.const
 
 
 @triton.jit
+def _box(desc, z, start, ROWS: tl.constexpr, COLS: tl.constexpr, DT: tl.constexpr):
+    """The [ROWS, COLS] tile of batch entry ``z`` from row ``start`` on, through the tensor
+    descriptor (TMA) of a [Z, rows, cols] tensor whose box is [1, ROWS, COLS]: zero
+    outside the tensor, as _tile's; as ``DT``."""
+    return desc.load([z.to(tl.int32), start, 0]).reshape(ROWS, COLS).to(DT)
+
+
+@triton.jit
+def _put(desc, z, start, x, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Store the [ROWS, COLS] tile ``x`` at batch entry ``z``, row ``start`` on, through a
+    tensor descriptor as _box reads it: what falls outside the tensor is not written."""
+    desc.store([z.to(tl.int32), start, 0], x.to(desc.dtype).reshape(1, ROWS, COLS))
+
+
+@triton.jit
 def _attention_fwd(
     Q_ptr, Q_sz, Q_si, Q_sd,  # queries [Z, M, D]
     K_ptr, K_sz, K_sj, K_sd,  # keys [Z, N, D]
     V_ptr, V_sz, V_sj, V_se,  # values [Z, N, Dv]
     O_ptr,  # output [Z, M, Dv], contiguous
     LSE_ptr,  # row log-sum-exp [Z, M], contiguous, fp32 (fp64 for fp64 inputs)
+    Q_desc, K_desc, V_desc, O_desc,  # with TMA their tensor descriptors, else None
     scale,  # the other inputs (pointer, batch offsets, strides), the parameters
     n_i, n_j, n_d, n_e, n_r,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # query rows and key columns per tile
     BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,  # head dims padded to powers of two
     CAUSAL: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
     DOT_FP32: tl.constexpr, IDX64: tl.constexpr,  # upcast dot operands; 64-bit offsets (see _config)
+    TMA: tl.constexpr,  # tiles through the tensor descriptors (sm_90; see rt.attention_tma), else the pointers
 ):
     """One program per (batch entry of the queries, r included, block of queries); streams blocks of keys."""
     DT = tl.float32 if DOT_FP32 else Q_ptr.dtype.element_ty  # tl.dot operands (see _config)
@@ -69,7 +86,10 @@ def _attention_fwd(
     offs_e = tl.arange(0, BLOCK_E)
     row_ok = offs_i < n_i
     # the query tile stays in registers for the whole sweep
-    Q = _tile(Q_ptr + z * Q_sz, offs_i, Q_si, n_i, offs_d, Q_sd, n_d, DT, IDX64)
+    if TMA:
+        Q = _box(Q_desc, z, start_m, BLOCK_M, BLOCK_D, DT)
+    else:
+        Q = _tile(Q_ptr + z * Q_sz, offs_i, Q_si, n_i, offs_d, Q_sd, n_d, DT, IDX64)
     M_run = tl.full([BLOCK_M], float("-inf"), ACC)  # running max of each row
     L = tl.zeros([BLOCK_M], dtype=ACC)  # running normaliser
     acc = tl.zeros([BLOCK_M, BLOCK_E], dtype=ACC)  # running unnormalised output
@@ -79,8 +99,12 @@ def _attention_fwd(
     for start_n in range(0, end_n, BLOCK_N):
         offs_j = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_j < n_j
-        K = _tile(K_ptr + zk * K_sz, offs_j, K_sj, n_j, offs_d, K_sd, n_d, DT, IDX64)
-        V = _tile(V_ptr + zk * V_sz, offs_j, V_sj, n_j, offs_e, V_se, n_e, DT, IDX64)
+        if TMA:
+            K = _box(K_desc, zk, start_n, BLOCK_N, BLOCK_D, DT)
+            V = _box(V_desc, zk, start_n, BLOCK_N, BLOCK_E, DT)
+        else:
+            K = _tile(K_ptr + zk * K_sz, offs_j, K_sj, n_j, offs_d, K_sd, n_d, DT, IDX64)
+            V = _tile(V_ptr + zk * V_sz, offs_j, V_sj, n_j, offs_e, V_se, n_e, DT, IDX64)
         S = scale*tl.dot(Q, tl.trans(K), input_precision=PREC)  # S[z, r, i, j] = scale*sum[d](K[z, j, d]*Q[z, r, i, d])
         valid = col_ok[None, :]
         if CAUSAL:
@@ -94,8 +118,11 @@ def _attention_fwd(
         M_run = M_new
     M = M_run
     O = acc/L[:, None]  # O[z, r, i, e] = sum[j](P[z, r, i, j]*V[z, j, e])
-    tl.store(O_ptr + (z * n_i + offs_i[:, None]) * n_e + offs_e[None, :],
-             O.to(O_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_e[None, :] < n_e))
+    if TMA:
+        _put(O_desc, z, start_m, O, BLOCK_M, BLOCK_E)
+    else:
+        tl.store(O_ptr + (z * n_i + offs_i[:, None]) * n_e + offs_e[None, :],
+                 O.to(O_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_e[None, :] < n_e))
     LSE = tl.log(L) + M  # saved for the backward
     tl.store(LSE_ptr + z * n_i + offs_i, LSE, mask=row_ok)
 
@@ -128,11 +155,13 @@ def _attention_bwd_dkdv(
     dO_ptr,  # [Z, M, Dv] contiguous
     LSE_ptr, Delta_ptr,  # [Z, M]
     dK_ptr, dV_ptr,  # [Z, N, D] and [Z, N, Dv], contiguous
+    Q_desc, K_desc, V_desc, dO_desc, dK_desc, dV_desc,  # with TMA their tensor descriptors, else None
     scale,  # the other inputs (pointer, batch offsets, strides), the parameters
     n_i, n_j, n_d, n_e, n_r,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
     CAUSAL: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
     DOT_FP32: tl.constexpr, IDX64: tl.constexpr,  # upcast dot operands; 64-bit offsets (see _config)
+    TMA: tl.constexpr,  # tiles through the tensor descriptors (sm_90; see rt.attention_tma), else the pointers
 ):
     """One program per (k/v batch entry, block of keys); streams blocks of queries of each
     query head that shares the k/v head to accumulate dK and dV (sums over r, i).
@@ -148,8 +177,12 @@ def _attention_bwd_dkdv(
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = tl.arange(0, BLOCK_E)
     col_ok = offs_j < n_j
-    K = _tile(K_ptr + zk * K_sz, offs_j, K_sj, n_j, offs_d, K_sd, n_d, DT, IDX64)
-    V = _tile(V_ptr + zk * V_sz, offs_j, V_sj, n_j, offs_e, V_se, n_e, DT, IDX64)
+    if TMA:
+        K = _box(K_desc, zk, start_n, BLOCK_N, BLOCK_D, DT)
+        V = _box(V_desc, zk, start_n, BLOCK_N, BLOCK_E, DT)
+    else:
+        K = _tile(K_ptr + zk * K_sz, offs_j, K_sj, n_j, offs_d, K_sd, n_d, DT, IDX64)
+        V = _tile(V_ptr + zk * V_sz, offs_j, V_sj, n_j, offs_e, V_se, n_e, DT, IDX64)
     acc_dK = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     acc_dV = tl.zeros([BLOCK_N, BLOCK_E], dtype=ACC)
     start_i = 0
@@ -162,8 +195,12 @@ def _attention_bwd_dkdv(
     for step in range(0, n_r * tl.cdiv(tl.maximum(end_m - start_i, 0), BLOCK_M)):
         offs_i = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_i < n_i
-        Q = _tile(Q_ptr + z * Q_sz, offs_i, Q_si, n_i, offs_d, Q_sd, n_d, DT, IDX64)
-        dO = _tile(dO_ptr + z * n_i * n_e, offs_i, n_e, n_i, offs_e, 1, n_e, DT, IDX64)
+        if TMA:
+            Q = _box(Q_desc, z, start_m, BLOCK_M, BLOCK_D, DT)
+            dO = _box(dO_desc, z, start_m, BLOCK_M, BLOCK_E, DT)
+        else:
+            Q = _tile(Q_ptr + z * Q_sz, offs_i, Q_si, n_i, offs_d, Q_sd, n_d, DT, IDX64)
+            dO = _tile(dO_ptr + z * n_i * n_e, offs_i, n_e, n_i, offs_e, 1, n_e, DT, IDX64)
         LSE = tl.load(LSE_ptr + z * n_i + offs_i, mask=row_ok, other=0.0)
         Delta = tl.load(Delta_ptr + z * n_i + offs_i, mask=row_ok, other=0.0)
         S = scale*tl.dot(K, tl.trans(Q), input_precision=PREC)
@@ -182,11 +219,15 @@ def _attention_bwd_dkdv(
         start_m = tl.where(wrap, start_i, start_m)
     dK = scale*acc_dK
     dV = acc_dV
-    rows = zk * n_j + offs_j[:, None]
-    tl.store(dK_ptr + rows * n_d + offs_d[None, :], dK.to(dK_ptr.dtype.element_ty),
-             mask=col_ok[:, None] & (offs_d[None, :] < n_d))
-    tl.store(dV_ptr + rows * n_e + offs_e[None, :], dV.to(dV_ptr.dtype.element_ty),
-             mask=col_ok[:, None] & (offs_e[None, :] < n_e))
+    if TMA:
+        _put(dK_desc, zk, start_n, dK, BLOCK_N, BLOCK_D)
+        _put(dV_desc, zk, start_n, dV, BLOCK_N, BLOCK_E)
+    else:
+        rows = zk * n_j + offs_j[:, None]
+        tl.store(dK_ptr + rows * n_d + offs_d[None, :], dK.to(dK_ptr.dtype.element_ty),
+                 mask=col_ok[:, None] & (offs_d[None, :] < n_d))
+        tl.store(dV_ptr + rows * n_e + offs_e[None, :], dV.to(dV_ptr.dtype.element_ty),
+                 mask=col_ok[:, None] & (offs_e[None, :] < n_e))
 
 
 @triton.jit
@@ -195,11 +236,13 @@ def _attention_bwd_dq(
     K_ptr, K_sz, K_sj, K_sd,
     V_ptr, V_sz, V_sj, V_se,
     dO_ptr, LSE_ptr, Delta_ptr, dQ_ptr,
+    Q_desc, K_desc, V_desc, dO_desc, dQ_desc,  # with TMA their tensor descriptors, else None
     scale,  # the other inputs (pointer, batch offsets, strides), the parameters
     n_i, n_j, n_d, n_e, n_r,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
     CAUSAL: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
     DOT_FP32: tl.constexpr, IDX64: tl.constexpr,  # upcast dot operands; 64-bit offsets (see _config)
+    TMA: tl.constexpr,  # tiles through the tensor descriptors (sm_90; see rt.attention_tma), else the pointers
 ):
     """One program per (batch entry of the queries, r included, block of queries); streams blocks of keys to
     accumulate dQ (a sum over j)."""
@@ -213,8 +256,12 @@ def _attention_bwd_dq(
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = tl.arange(0, BLOCK_E)
     row_ok = offs_i < n_i
-    Q = _tile(Q_ptr + z * Q_sz, offs_i, Q_si, n_i, offs_d, Q_sd, n_d, DT, IDX64)
-    dO = _tile(dO_ptr + z * n_i * n_e, offs_i, n_e, n_i, offs_e, 1, n_e, DT, IDX64)
+    if TMA:
+        Q = _box(Q_desc, z, start_m, BLOCK_M, BLOCK_D, DT)
+        dO = _box(dO_desc, z, start_m, BLOCK_M, BLOCK_E, DT)
+    else:
+        Q = _tile(Q_ptr + z * Q_sz, offs_i, Q_si, n_i, offs_d, Q_sd, n_d, DT, IDX64)
+        dO = _tile(dO_ptr + z * n_i * n_e, offs_i, n_e, n_i, offs_e, 1, n_e, DT, IDX64)
     LSE = tl.load(LSE_ptr + z * n_i + offs_i, mask=row_ok, other=0.0)
     Delta = tl.load(Delta_ptr + z * n_i + offs_i, mask=row_ok, other=0.0)
     acc_dQ = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
@@ -224,8 +271,12 @@ def _attention_bwd_dq(
     for start_n in range(0, end_n, BLOCK_N):
         offs_j = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_j < n_j
-        K = _tile(K_ptr + zk * K_sz, offs_j, K_sj, n_j, offs_d, K_sd, n_d, DT, IDX64)
-        V = _tile(V_ptr + zk * V_sz, offs_j, V_sj, n_j, offs_e, V_se, n_e, DT, IDX64)
+        if TMA:
+            K = _box(K_desc, zk, start_n, BLOCK_N, BLOCK_D, DT)
+            V = _box(V_desc, zk, start_n, BLOCK_N, BLOCK_E, DT)
+        else:
+            K = _tile(K_ptr + zk * K_sz, offs_j, K_sj, n_j, offs_d, K_sd, n_d, DT, IDX64)
+            V = _tile(V_ptr + zk * V_sz, offs_j, V_sj, n_j, offs_e, V_se, n_e, DT, IDX64)
         S = scale*tl.dot(Q, tl.trans(K), input_precision=PREC)
         valid = row_ok[:, None] & col_ok[None, :]
         if CAUSAL:
@@ -236,8 +287,11 @@ def _attention_bwd_dq(
         dS = (-Delta[:, None] + dP)*P
         acc_dQ += tl.dot(dS.to(DT), K, input_precision=PREC)  # dQ[z, r, i, d] = scale*sum[j](K[z, j, d]*dS[z, r, i, j])
     dQ = scale*acc_dQ
-    tl.store(dQ_ptr + (z * n_i + offs_i[:, None]) * n_d + offs_d[None, :],
-             dQ.to(dQ_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < n_d))
+    if TMA:
+        _put(dQ_desc, z, start_m, dQ, BLOCK_M, BLOCK_D)
+    else:
+        tl.store(dQ_ptr + (z * n_i + offs_i[:, None]) * n_d + offs_d[None, :],
+                 dQ.to(dQ_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < n_d))
 
 
 # ---- launchers
@@ -266,7 +320,10 @@ _EXTRAS = []
 _N_SETS = 2  # batch index sets of q: the last ones one axis each, the first the rest
 
 
-def _forward(q, k, v, extras: list, params: list, is_causal: bool, arch: str | None = None):
+def _forward(q, k, v, extras: list, params: list, is_causal: bool, arch: str | None = None,
+             tma: bool | None = None):
+    """O and the row log-sum-exp.  ``arch`` (tests): the GPU whose tiles and choice of
+    tensor descriptors to take; ``tma`` (tests): force the descriptors (True) or the pointers."""
     lead = q.shape[:-2]
     q = rt.attention_group(q, k)  # [..., Hkv, G, M, D]: the G query heads of each k/v head (a view)
     qf, kf, vf = _flat(q), _flat(k), _flat(v)
@@ -276,16 +333,20 @@ def _forward(q, k, v, extras: list, params: list, is_causal: bool, arch: str | N
     lse = torch.empty(list(lead) + [n_i], dtype=rt.torch_acc_dtype(q.dtype), device=q.device)
     if o.numel() == 0:
         return o, lse
+    arch = rt.device_arch(q.device) if arch is None else arch
     cfg = _config(n_d, n_e, q.dtype, "fwd", rt.attention_idx64(qf, kf, vf, _flat(o)), is_causal, q.device, arch)
+    descs, = rt.attention_tma_args("attention", arch, [(cfg, ("q", "k", "v", "o"))],
+                                   {"q": qf, "k": kf, "v": vf, "o": _flat(o)}, tma)
     grid = (z * triton.cdiv(n_i, cfg["BLOCK_M"]),)
     ex = rt.attention_extra_args(q, extras, _EXTRAS, _N_SETS)
-    _attention_fwd[grid](qf, *qf.stride(), kf, *kf.stride(), vf, *vf.stride(), o, lse, *ex, *params,
+    _attention_fwd[grid](qf, *qf.stride(), kf, *kf.stride(), vf, *vf.stride(), o, lse, *descs, *ex, *params,
                      n_i, n_j, n_d, n_e, q.shape[-3], CAUSAL=is_causal, **cfg)
     return o, lse
 
 
 def _backward(q, k, v, extras: list, o, lse, do, params: list, is_causal: bool,
-              arch: str | None = None):
+              arch: str | None = None, tma: bool | None = None):
+    """dQ, dK, dV; ``arch`` and ``tma`` as _forward's."""
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     q = rt.attention_group(q, k)  # [..., Hkv, G, M, D] (a view)
     qf, kf, vf = _flat(q), _flat(k), _flat(v)
@@ -300,21 +361,25 @@ def _backward(q, k, v, extras: list, o, lse, do, params: list, is_causal: bool,
     of = _flat(o).contiguous()
     delta = torch.empty(z * n_i, dtype=lse.dtype, device=q.device)
     idx64 = rt.attention_idx64(qf, kf, vf, of, _flat(dq), _flat(dk), _flat(dv))
+    arch = rt.device_arch(q.device) if arch is None else arch
     kv_cfg = _config(n_d, n_e, q.dtype, "dkdv", idx64, is_causal, q.device, arch)
     q_cfg = _config(n_d, n_e, q.dtype, "dq", idx64, is_causal, q.device, arch)
     if z * n_i:
         _attention_bwd_delta[(triton.cdiv(z * n_i, 64),)](
             of, dof, delta, z * n_i, n_e, BLOCK_M=64, BLOCK_E=q_cfg["BLOCK_E"], ACC=q_cfg["ACC"], IDX64=idx64)
+    kv_descs, q_descs = rt.attention_tma_args(
+        "attention", arch, [(kv_cfg, ("q", "k", "v", "do", "dk", "dv")), (q_cfg, ("q", "k", "v", "do", "dq"))],
+        {"q": qf, "k": kf, "v": vf, "do": dof, "dq": _flat(dq), "dk": _flat(dk), "dv": _flat(dv)}, tma)
     lse = lse.reshape(-1).contiguous()
     common = (qf, *qf.stride(), kf, *kf.stride(), vf, *vf.stride())
     ex = rt.attention_extra_args(q, extras, _EXTRAS, _N_SETS)
     sizes = (n_i, n_j, n_d, n_e, q.shape[-3])
     if kf.shape[0] * n_j:  # one program per k/v batch entry and block of keys
         _attention_bwd_dkdv[(kf.shape[0] * triton.cdiv(n_j, kv_cfg["BLOCK_N"]),)](
-            *common, dof, lse, delta, dk, dv, *ex, *params, *sizes, CAUSAL=is_causal, **kv_cfg)
+            *common, dof, lse, delta, dk, dv, *kv_descs, *ex, *params, *sizes, CAUSAL=is_causal, **kv_cfg)
     if z * n_i:
         _attention_bwd_dq[(z * triton.cdiv(n_i, q_cfg["BLOCK_M"]),)](
-            *common, dof, lse, delta, dq, *ex, *params, *sizes, CAUSAL=is_causal, **q_cfg)
+            *common, dof, lse, delta, dq, *q_descs, *ex, *params, *sizes, CAUSAL=is_causal, **q_cfg)
     return dq, dk, dv
 
 

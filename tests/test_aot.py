@@ -10,6 +10,7 @@ import ast
 import importlib
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,22 @@ def test_build_in_process_refuses_interpreter_functions():
         aot.build_modules([FIXTURE], archs=(90,))
 
 
+def test_capture_stands_in_for_tensor_descriptors():
+    """A launch's host-side tensor descriptor (TMA) keeps its shape, strides and box; its
+    tensor becomes a stand-in pointer, as a plain tensor argument does."""
+    import torch
+    tensor_descriptor = pytest.importorskip("triton.tools.tensor_descriptor")
+    t = torch.empty(2, 100, 64, dtype=torch.float16)
+    desc = tensor_descriptor.TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 64, 64])
+    s = aot._stand_in(desc, 3)
+    assert isinstance(s.base, aot._Pointer) and s.base.dtype == torch.float16
+    assert s.base.data_ptr() == aot.ALLOC_ALIGN * (1 + 4096 * 3)
+    assert (s.shape, s.strides, s.block_shape) == ([2, 100, 64], [6400, 64, 1], [1, 64, 64])
+    p = aot._stand_in(t[:, 1:], 2)
+    assert isinstance(p, aot._Pointer) and p.data_ptr() == aot.ALLOC_ALIGN * (1 + 4096 * 2) + 64 * 2
+    assert aot._stand_in(7, 0) == 7 and aot._stand_in(None, 1) is None
+
+
 def test_parse_ptxas_log():
     log = """ptxas info    : 0 bytes gmem
 ptxas info    : Function properties for helper
@@ -194,3 +211,26 @@ def test_build_compiles_what_the_jit_specialises(build_json):
         assert s["cp_async"], s
     assert fwd[90]["mma"].startswith("wgmma") and fwd[80]["mma"] == "mma.sync m16n8k16"
     assert fwd[90]["work"] == 1.0
+
+
+@pytest.mark.slow
+def test_sm90_attention_runs_tma_and_wgmma_sm80_pointers(build_json):
+    """Issue 10's bar for attention on Hopper, as the JIT would build it for contiguous
+    fp16/bf16 inputs at D = 64 and 128, causal or not: every forward, dK/dV and dQ kernel
+    loads through tensor descriptors (TMA), every MMA a wgmma (N >= 64 forward, >= 32
+    backward) with no duplicated work.  sm_80 builds, and fp32/fp64 anywhere, stay on pointers."""
+    att = [s for s in build_json if s["module"] == "generated.attention" and "_bwd_delta" not in s["kernel"]]
+    hopper = [s for s in att if s["arch"] == 90 and s["case"].split()[0] in ("fp16", "bf16")
+              and re.search(r"\bD=(64|128)\b", s["case"])]
+    # fwd, dK/dV, dQ x fp16, bf16 x D=64 (full, causal), D=128 (full, causal, grouped)
+    assert len(hopper) == 3 * 2 * 5, [(s["kernel"], s["case"]) for s in hopper]
+    for s in hopper:
+        where = (s["kernel"], s["case"], s["mma"])
+        assert s["tma"] and "Q_desc:TMA" in s["specialization"].split(), where
+        kinds = s["mma"].split(" + ")
+        assert kinds and all(k.startswith("wgmma m64n") for k in kinds), where
+        narrowest = min(int(re.search(r"m64n(\d+)k", k).group(1)) for k in kinds)
+        assert narrowest >= (64 if s["kernel"].endswith("_fwd") else 32), where
+        assert s["work"] == 1.0, where
+    assert not [s["kernel"] for s in att if s["arch"] == 80 and s["tma"]]
+    assert not [s["kernel"] for s in att if s["case"].split()[0] in ("fp32", "fp64") and s["tma"]]

@@ -132,12 +132,14 @@ def _flash_bytes(n: int, d: int, es: int, causal: bool, fwd_m: int, kv_m: int, k
 TUTORIAL_06 = dict(fwd_m=128, kv_m=32, kv_n=128, dq_m=128)
 
 
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("causal", [False, True])
-def test_attention_traffic_at_or_below_tutorial_06_with_sm90_tiles(d, causal):
-    """The interpreter runs the kernels with the tiles the launchers choose on an sm_90 GPU;
-    the bytes they move per (batch, head) are what those tiles imply and no more than the
-    tutorial's kernels move."""
+def test_attention_traffic_at_or_below_tutorial_06_with_sm90_tiles(d, causal, tma):
+    """The interpreter runs the kernels with the tiles the launchers choose on an sm_90 GPU,
+    through tensor descriptors (TMA) as there, or through pointers (tma=False, as for
+    tensors TMA cannot take); the bytes they move per (batch, head) are what those tiles
+    imply and no more than the tutorial's kernels move."""
     mod = importlib.import_module("generated.attention")
     b, h, n = 1, 2, 512
     torch.manual_seed(0)
@@ -148,9 +150,9 @@ def test_attention_traffic_at_or_below_tutorial_06_with_sm90_tiles(d, causal):
            for kernel in ("fwd", "dkdv", "dq")}
     assert (cfg["dkdv"]["BLOCK_M"], cfg["dkdv"]["BLOCK_N"], cfg["dq"]["BLOCK_M"]) == (32, 128, 128)
     with count_traffic() as fwd:
-        o, lse = mod._forward(q, k, v, [], params, causal, arch="sm_90")
+        o, lse = mod._forward(q, k, v, [], params, causal, arch="sm_90", tma=tma)
     with count_traffic() as bwd:
-        dq, dk, dv = mod._backward(q, k, v, [], o, lse, do, params, causal, arch="sm_90")
+        dq, dk, dv = mod._backward(q, k, v, [], o, lse, do, params, causal, arch="sm_90", tma=tma)
     # the kernels, at the GPU's tiles, compute attention and its gradients (float64 SDPA)
     ref_in = [t.double().requires_grad_() for t in (q, k, v)]
     ref = torch.nn.functional.scaled_dot_product_attention(*ref_in, is_causal=causal)
