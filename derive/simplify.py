@@ -244,6 +244,37 @@ class Folder:
                     rest = Mul(*[b ** e for b, e in pw if (b, e) != (body, 1)])
                     if not (free_indices(rest) & set(red)):
                         self.sum_defs.append((eq.lhs, red, eq.target.indices, sympy.simplify(rest * value)))
+        self.sum_defs += self._vanishing_sums(equations)
+
+    @staticmethod
+    def _vanishing_sums(equations) -> list:
+        """Sums of a definition that are zero by the definitions: with ``xc = x - mu``
+        and ``mu = sum_c x / |c|``, ``sum_c xc = sum_c x - |c| mu = 0``.  Each sum
+        over one index of a sum-free linear definition is expanded, its sums folded
+        by the definitions (means as well as sums), and kept only when nothing remains."""
+        if not equations:
+            return []
+        sums = Folder([])
+        for eq in equations:
+            rhs = eq.rhs
+            inner = [a for a in Mul.make_args(rhs) if isinstance(a, IndexSum)]
+            if len(inner) == 1 and not isinstance(inner[0].body, Add):
+                scale = rhs / inner[0]
+                if not scale.has(Indexed) and not scale.has(IndexSum):
+                    sums.sum_defs.append((inner[0].body, inner[0].indices, eq.target.indices, eq.lhs / scale))
+        out = []
+        for eq in equations:
+            if not isinstance(eq.rhs, Add) or eq.rhs.has(IndexSum) or not sums.sum_defs:
+                continue
+            for i in eq.target.indices:
+                j = fresh(i)
+                try:
+                    terms = combine(terms_of(IndexSum(eq.rhs.xreplace({i: j}), j)))
+                except TooLarge:
+                    continue
+                if terms and not sums.fold(terms)[0]:
+                    out.append((eq.lhs, (i,), tuple(k for k in eq.target.indices if k != i), sympy.S.Zero))
+        return out
 
     # -- exp(A - M) -> E ---------------------------------------------------------
     def fold_functions(self, mono):

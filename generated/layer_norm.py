@@ -10,7 +10,7 @@ Forward (derive/ops/layer_norm.op):
     std[r] = sqrt(eps + var[r])
     y[r, c] = bias[c] + weight[c]*xc[r, c]/std[r]
 Pullbacks (derived; see `pullback derive layer_norm`):
-    dx[r, c'] = (dy[r, c']*weight[c'] - sum[c](dy[r, c]*weight[c])/|c| - sum[c](dy[r, c]*weight[c]*xc[r, c])*xc[r, c']/(|c|*std[r]**2) + sum[c](dy[r, c]*weight[c]*xc[r, c])*sum[c''](xc[r, c''])/(|c|**2*std[r]**2))/std[r]
+    dx[r, c'] = (dy[r, c']*weight[c'] - sum[c](dy[r, c]*weight[c])/|c| - sum[c](dy[r, c]*weight[c]*xc[r, c])*xc[r, c']/(|c|*std[r]**2))/std[r]
     dweight[c] = sum[r](dy[r, c]*xc[r, c]/std[r])
     dbias[c] = sum[r](dy[r, c])
 """
@@ -321,7 +321,6 @@ def _layer_norm_bwd(
     dbias_partial_ptr,  # per-program partial sums of dbias (summed in a second stage)
     sum_dy_weight_seg_ptr,  # each segment's sum[c](dy[r, c]*weight[c]) (split rows)
     sum_dy_mu_weight_x_seg_ptr,  # each segment's sum[c]((-mu[r] + x[r, c])*dy[r, c]*weight[c]) (split rows)
-    sum_mu_x_seg_ptr,  # each segment's sum[c](-mu[r] + x[r, c]) (split rows)
     n_rows, n_cols, nk1, nk2, nr1, nr2,  # rows, row length; sizes of the inner kept and reduced groups
     n_segs, seg_len,  # split rows: segments per row, columns per segment (a multiple of BLOCK)
     params_ptr,  # the op's real parameters, in the accumulation dtype
@@ -381,8 +380,7 @@ def _layer_norm_bwd(
             dy = tl.load(dy_row + dy_off, mask=mask, other=0.0).to(ACC)  # the gradient of y
             sum_dy_weight = tl.sum(tl.where(mask, dy*weight, 0.0), axis=0)  # sum[c](dy[r, c]*weight[c])
             sum_dy_mu_weight_x = tl.sum(tl.where(mask, (-mu + x)*dy*weight, 0.0), axis=0)  # sum[c]((-mu[r] + x[r, c])*dy[r, c]*weight[c])
-            sum_mu_x = tl.sum(tl.where(mask, -mu + x, 0.0), axis=0)  # sum[c](-mu[r] + x[r, c])
-            dx = (dy*weight - (-mu + x)*sum_dy_mu_weight_x/(tl.cast(n_cols, ACC)*(std * std)) - sum_dy_weight/tl.cast(n_cols, ACC) + sum_dy_mu_weight_x*sum_mu_x/((tl.cast(n_cols, ACC) * tl.cast(n_cols, ACC))*(std * std)))/std  # dx[r, c'] = (dy[r, c']*weight[c'] - sum[c](dy[r, c]*weight[c])/|c| - sum[c](dy[r, c]*weight[c]*xc[r, c])*xc[r, c']/(|c|*std[r]**2) + sum[c](dy[r, c]*weight[c]*xc[r, c])*sum[c''](xc[r, c''])/(|c|**2*std[r]**2))/std[r]
+            dx = (dy*weight - (-mu + x)*sum_dy_mu_weight_x/(tl.cast(n_cols, ACC)*(std * std)) - sum_dy_weight/tl.cast(n_cols, ACC))/std  # dx[r, c'] = (dy[r, c']*weight[c'] - sum[c](dy[r, c]*weight[c])/|c| - sum[c](dy[r, c]*weight[c]*xc[r, c])*xc[r, c']/(|c|*std[r]**2))/std[r]
             dweight_acc += tl.where(mask, (-mu + x)*dy/std, 0.0)  # dweight[c] = sum[r](dy[r, c]*xc[r, c]/std[r])
             dbias_acc += tl.where(mask, dy, 0.0)  # dbias[c] = sum[r](dy[r, c])
             tl.store(dx_row + dx_off, dx.to(dx_ptr.dtype.element_ty), mask=mask)  # the gradient of x
@@ -401,10 +399,9 @@ def _layer_norm_bwd(
             dx_row = dx_ptr + k0 * dx_sk0 + k1 * dx_sk1 + k2 * dx_sk2
             mu = tl.load(mu_row).to(ACC)  # mu saved for the backward
             std = tl.load(std_row).to(ACC)  # std saved for the backward
-            # pass 1: sum:dy_weight, sum:dy_mu_weight_x, sum:mu_x
+            # pass 1: sum:dy_weight, sum:dy_mu_weight_x
             sum_dy_weight_run = tl.zeros([BLOCK], dtype=ACC)
             sum_dy_mu_weight_x_run = tl.zeros([BLOCK], dtype=ACC)
-            sum_mu_x_run = tl.zeros([BLOCK], dtype=ACC)
             for start in range(0, n_cols, BLOCK):
                 col = start + offs
                 mask = col < n_cols
@@ -428,10 +425,8 @@ def _layer_norm_bwd(
                 dy = tl.load(dy_row + dy_off, mask=mask, other=0.0).to(ACC)  # the gradient of y
                 sum_dy_weight_run += tl.where(mask, dy*weight, 0.0)  # sum[c](dy[r, c]*weight[c])
                 sum_dy_mu_weight_x_run += tl.where(mask, (-mu + x)*dy*weight, 0.0)  # sum[c]((-mu[r] + x[r, c])*dy[r, c]*weight[c])
-                sum_mu_x_run += tl.where(mask, -mu + x, 0.0)  # sum[c](-mu[r] + x[r, c])
             sum_dy_weight = tl.sum(sum_dy_weight_run, axis=0)
             sum_dy_mu_weight_x = tl.sum(sum_dy_mu_weight_x_run, axis=0)
-            sum_mu_x = tl.sum(sum_mu_x_run, axis=0)
             # final pass: compute and store the outputs
             for start in range(0, n_cols, BLOCK):
                 col = start + offs
@@ -458,7 +453,7 @@ def _layer_norm_bwd(
                 dy = tl.load(dy_row + dy_off, mask=mask, other=0.0).to(ACC)  # the gradient of y
                 dweight_acc = tl.load(dweight_partial_ptr + pid.to(tl.int64) * n_cols + col, mask=mask, other=0.0)
                 dbias_acc = tl.load(dbias_partial_ptr + pid.to(tl.int64) * n_cols + col, mask=mask, other=0.0)
-                dx = (dy*weight - (-mu + x)*sum_dy_mu_weight_x/(tl.cast(n_cols, ACC)*(std * std)) - sum_dy_weight/tl.cast(n_cols, ACC) + sum_dy_mu_weight_x*sum_mu_x/((tl.cast(n_cols, ACC) * tl.cast(n_cols, ACC))*(std * std)))/std  # dx[r, c'] = (dy[r, c']*weight[c'] - sum[c](dy[r, c]*weight[c])/|c| - sum[c](dy[r, c]*weight[c]*xc[r, c])*xc[r, c']/(|c|*std[r]**2) + sum[c](dy[r, c]*weight[c]*xc[r, c])*sum[c''](xc[r, c''])/(|c|**2*std[r]**2))/std[r]
+                dx = (dy*weight - (-mu + x)*sum_dy_mu_weight_x/(tl.cast(n_cols, ACC)*(std * std)) - sum_dy_weight/tl.cast(n_cols, ACC))/std  # dx[r, c'] = (dy[r, c']*weight[c'] - sum[c](dy[r, c]*weight[c])/|c| - sum[c](dy[r, c]*weight[c]*xc[r, c])*xc[r, c']/(|c|*std[r]**2))/std[r]
                 dweight_acc += tl.where(mask, (-mu + x)*dy/std, 0.0)  # dweight[c] = sum[r](dy[r, c]*xc[r, c]/std[r])
                 dbias_acc += tl.where(mask, dy, 0.0)  # dbias[c] = sum[r](dy[r, c])
                 tl.store(dx_row + dx_off, dx.to(dx_ptr.dtype.element_ty), mask=mask)  # the gradient of x
@@ -488,18 +483,15 @@ def _layer_norm_bwd(
             mu = tl.load(mu_row).to(ACC)  # mu saved for the backward
             std = tl.load(std_row).to(ACC)  # std saved for the backward
             if PHASE > 1:
-                # pass 1 (sum:dy_weight, sum:dy_mu_weight_x, sum:mu_x): its segments' values, combined as its lanes are
+                # pass 1 (sum:dy_weight, sum:dy_mu_weight_x): its segments' values, combined as its lanes are
                 sum_dy_weight_run = tl.load(sum_dy_weight_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)  # the segments' sum[c](dy[r, c]*weight[c])
                 sum_dy_mu_weight_x_run = tl.load(sum_dy_mu_weight_x_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)  # the segments' sum[c]((-mu[r] + x[r, c])*dy[r, c]*weight[c])
-                sum_mu_x_run = tl.load(sum_mu_x_seg_ptr + row * n_segs + soffs, mask=smask, other=0.0)  # the segments' sum[c](-mu[r] + x[r, c])
                 sum_dy_weight = tl.sum(sum_dy_weight_run, axis=0)
                 sum_dy_mu_weight_x = tl.sum(sum_dy_mu_weight_x_run, axis=0)
-                sum_mu_x = tl.sum(sum_mu_x_run, axis=0)
             elif PHASE == 1:
                 # pass 1 over this segment
                 sum_dy_weight_run = tl.zeros([BLOCK], dtype=ACC)
                 sum_dy_mu_weight_x_run = tl.zeros([BLOCK], dtype=ACC)
-                sum_mu_x_run = tl.zeros([BLOCK], dtype=ACC)
                 for start in range(seg_start, seg_end, BLOCK):
                     col = start + offs
                     mask = col < n_cols
@@ -523,13 +515,10 @@ def _layer_norm_bwd(
                     dy = tl.load(dy_row + dy_off, mask=mask, other=0.0).to(ACC)  # the gradient of y
                     sum_dy_weight_run += tl.where(mask, dy*weight, 0.0)  # sum[c](dy[r, c]*weight[c])
                     sum_dy_mu_weight_x_run += tl.where(mask, (-mu + x)*dy*weight, 0.0)  # sum[c]((-mu[r] + x[r, c])*dy[r, c]*weight[c])
-                    sum_mu_x_run += tl.where(mask, -mu + x, 0.0)  # sum[c](-mu[r] + x[r, c])
                 sum_dy_weight = tl.sum(sum_dy_weight_run, axis=0)
                 sum_dy_mu_weight_x = tl.sum(sum_dy_mu_weight_x_run, axis=0)
-                sum_mu_x = tl.sum(sum_mu_x_run, axis=0)
                 tl.store(sum_dy_weight_seg_ptr + row * n_segs + seg, sum_dy_weight)  # each segment's sum[c](dy[r, c]*weight[c]) (split rows)
                 tl.store(sum_dy_mu_weight_x_seg_ptr + row * n_segs + seg, sum_dy_mu_weight_x)  # each segment's sum[c]((-mu[r] + x[r, c])*dy[r, c]*weight[c]) (split rows)
-                tl.store(sum_mu_x_seg_ptr + row * n_segs + seg, sum_mu_x)  # each segment's sum[c](-mu[r] + x[r, c]) (split rows)
             if PHASE == 2:
                 # the outputs of this segment
                 for start in range(seg_start, seg_end, BLOCK):
@@ -557,7 +546,7 @@ def _layer_norm_bwd(
                     dy = tl.load(dy_row + dy_off, mask=mask, other=0.0).to(ACC)  # the gradient of y
                     dweight_acc = tl.load(dweight_partial_ptr + pid.to(tl.int64) * n_cols + col, mask=mask, other=0.0)
                     dbias_acc = tl.load(dbias_partial_ptr + pid.to(tl.int64) * n_cols + col, mask=mask, other=0.0)
-                    dx = (dy*weight - (-mu + x)*sum_dy_mu_weight_x/(tl.cast(n_cols, ACC)*(std * std)) - sum_dy_weight/tl.cast(n_cols, ACC) + sum_dy_mu_weight_x*sum_mu_x/((tl.cast(n_cols, ACC) * tl.cast(n_cols, ACC))*(std * std)))/std  # dx[r, c'] = (dy[r, c']*weight[c'] - sum[c](dy[r, c]*weight[c])/|c| - sum[c](dy[r, c]*weight[c]*xc[r, c])*xc[r, c']/(|c|*std[r]**2) + sum[c](dy[r, c]*weight[c]*xc[r, c])*sum[c''](xc[r, c''])/(|c|**2*std[r]**2))/std[r]
+                    dx = (dy*weight - (-mu + x)*sum_dy_mu_weight_x/(tl.cast(n_cols, ACC)*(std * std)) - sum_dy_weight/tl.cast(n_cols, ACC))/std  # dx[r, c'] = (dy[r, c']*weight[c'] - sum[c](dy[r, c]*weight[c])/|c| - sum[c](dy[r, c]*weight[c]*xc[r, c])*xc[r, c']/(|c|*std[r]**2))/std[r]
                     dweight_acc += tl.where(mask, (-mu + x)*dy/std, 0.0)  # dweight[c] = sum[r](dy[r, c]*xc[r, c]/std[r])
                     dbias_acc += tl.where(mask, dy, 0.0)  # dbias[c] = sum[r](dy[r, c])
                     tl.store(dx_row + dx_off, dx.to(dx_ptr.dtype.element_ty), mask=mask)  # the gradient of x
@@ -605,12 +594,9 @@ META = {'name': 'layer_norm',
                           'partial:dweight',
                           'partial:dbias',
                           'seg:sum:dy_weight',
-                          'seg:sum:dy_mu_weight_x',
-                          'seg:sum:mu_x'],
+                          'seg:sum:dy_mu_weight_x'],
               'passes': 1,
-              'segments': {'seg:sum:dy_weight': 'stat',
-                           'seg:sum:dy_mu_weight_x': 'stat',
-                           'seg:sum:mu_x': 'stat'}},
+              'segments': {'seg:sum:dy_weight': 'stat', 'seg:sum:dy_mu_weight_x': 'stat'}},
  'finish': None,
  'choice': None,
  'reduces': 'weights'}

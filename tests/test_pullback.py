@@ -346,3 +346,22 @@ def test_an_inline_norm_derives_what_torch_computes():
     xr = x.clone().requires_grad_()
     ref = xr / torch.sqrt((xr * xr).mean(-1, keepdim=True) + 0.75)
     torch.testing.assert_close(got, torch.autograd.grad(ref, xr, g)[0])
+
+
+def _sums_of(expr, name):
+    """The sums in ``expr`` whose whole body is the tensor ``name``."""
+    return [s for s in expr.atoms(IndexSum) if isinstance(s.body, sympy.Indexed) and str(s.body.base.label) == name]
+
+
+def test_a_centred_value_sums_to_zero():
+    """sum[c](D) with D = X - mean[c](X) is 0 by the definitions: layer norm's dX
+    has no such sum (nor the row reduction the kernel would spend on it); scaled
+    by a constant that is not |c| (sum / 5), or centred by a max, it stays."""
+    mean = derive_text(MORE["layernorm_mean"][0], "ln.op")
+    dx = step(mean, "X").value
+    assert _sums_of(step(mean, "D").value, "D") == [] and _sums_of(dx, "D") == []
+    assert len(dx.atoms(IndexSum)) == 2, dx  # sum(dY) and sum(dY D): the textbook form
+    five = derive_text(MORE["layernorm"][0], "ln5.op")
+    assert _sums_of(step(five, "X").value, "D"), step(five, "X").value
+    shifted = derive_text("op f(X[r, c]) -> Y[r, c]\nM[r] = max[c](X)\nD = X - M\nY = D * sum[c](D)\n", "m.op")
+    assert _sums_of(step(shifted, "X").value, "D"), step(shifted, "X").value
