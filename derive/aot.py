@@ -55,7 +55,6 @@ import dataclasses
 import functools
 import importlib
 import json
-import math
 import os
 import re
 import subprocess

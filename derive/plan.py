@@ -37,7 +37,6 @@ import dataclasses
 import itertools
 import pprint
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import sympy
 from sympy import Indexed, Symbol
@@ -467,7 +466,7 @@ class _Kernel:
     # -- the looped shape
     def loop_for(self, reds: list[_KEq], online: dict[str, tuple], shifted: dict[str, _Shift]) -> Loop:
         n = self.n
-        init, block, finish, names = [], [], [], []
+        init, finish = [], []
         exprs = [e.expr for e in reds if e.name not in online and e.name not in shifted] + \
             [self.inline_block(e.expr) for e in reds if e.name in online] + \
             [x for e in reds if e.name in shifted for x in shifted[e.name].terms.values()]
@@ -718,7 +717,6 @@ class _Kernel:
         if not 1 <= degree <= max_degree:
             return None
         rho = [Symbol(f"_rho{k}") for k in range(len(syms))]
-        new = [Symbol(f"_rho_new{k}") for k in range(len(syms))]
         alphas = sorted((a for a in itertools.product(range(degree + 1), repeat=len(syms)) if sum(a) <= degree),
                         key=lambda a: (sum(a), a))
         terms, consts, u = {}, {}, {}

@@ -18,7 +18,7 @@ import sympy
 from sympy.printing.codeprinter import CodePrinter
 from sympy.printing.precedence import precedence
 
-from .ir import ArgmaxIndicator, IndexMax, IndexSum, Indicator, Pick, Position, Where
+from .ir import ArgmaxIndicator, IndexMax, IndexSum, Indicator, Pick, Position
 
 FLOAT32_MAX = 3.4028234663852886e38  # the largest finite float32
 

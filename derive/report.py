@@ -8,7 +8,7 @@ from sympy import Symbol
 from sympy.printing.latex import LatexPrinter
 from sympy.printing.str import StrPrinter
 
-from .ir import ArgmaxIndicator, IndexMax, IndexSum, base_name
+from .ir import IndexMax, IndexSum, base_name
 
 
 def display_indices(lhs_indices, value, *others):
@@ -163,7 +163,7 @@ def render(d, fmt: str = "text") -> str:
     if fmt == "markdown":
         out = [f"## `{head}`", "", f"Derived by pullback from `{d.path}`.", "", "### Forward", ""]
         out += [f"    {_lhs(n, i, 'text')} = {_s(v)}" for s, i, n, r, v, _ in rows if s == "forward"]
-        out += ["", f"### Pullbacks", "", f"Reverse order; `{grad}` {is_are} the incoming gradient{plural}.", "",
+        out += ["", "### Pullbacks", "", f"Reverse order; `{grad}` {is_are} the incoming gradient{plural}.", "",
                 "| adjoint | pulled back | simplified | note |", "|---|---|---|---|"]
         for s, i, n, r, v, note in rows:
             if s == "pullback":

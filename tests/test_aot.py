@@ -6,7 +6,6 @@ tests build the tiny op in tests/aot_fixture_kernels.py in a child process (the
 test session runs with triton's interpreter on) and check the error paths and
 the PTX readers.  The slow test builds every generated module and asserts that
 no kernel it launches spills registers on sm_80 or sm_90 under the installed triton."""
-import ast
 import importlib
 import json
 import os

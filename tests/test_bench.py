@@ -9,7 +9,7 @@ import torch
 import generated
 import generated._runtime as rt
 from derive import bench
-from derive.bench import COMPILED, COPY, EAGER, FLASH, PULLBACK, TimingRow, TrafficRow
+from derive.bench import COMPILED, COPY, EAGER, FLASH, PULLBACK, TrafficRow
 
 
 def test_count_programs_counts_the_grids_launched():

@@ -217,7 +217,6 @@ def test_scalar_parameters_reach_both_kernels(tmp_path, monkeypatch):
 
 def test_a_parameter_named_like_a_kernel_value_is_renamed(tmp_path, monkeypatch):
     """``mask`` is the kernel's own name: the parameter is renamed, not refused."""
-    import torch
     p = plan(derive_text("op f(X[r, c]; mask) -> Y[r]\nY = sum[c](X * mask)\n", "f.op"))
     assert p.param_names == ["mask_1"]
     _check_user_op(tmp_path, monkeypatch, "op fmask(X[r, c]; mask) -> Y[r]\nY = sum[c](X * mask)\n",
