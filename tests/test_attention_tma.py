@@ -207,3 +207,30 @@ def test_forcing_tma_says_what_is_missing():
     with pytest.raises(ValueError, match=r"^attention: tensor descriptors \(tma=True\) need an sm_90 device "
                                          r"\(got sm_80\)$"):
         _run(mod, "attention", q, k, v, do, arch="sm_80", tma=True)
+
+
+@pytest.mark.parametrize("case, why", [
+    ("float32", r"float16 or bfloat16 tensors \(got float32\)"),
+    ("wide tile", r"tiles of at most 256 rows and columns \(got 512\)"),
+    ("empty", r"non-empty tensors \(got shape \(1, 0, 64\)\)"),
+    ("strided columns", r"a unit stride along the last dimension \(got strides \(8192, 128, 2\)\)"),
+    ("no descriptors", r"a triton with triton\.tools\.tensor_descriptor"),
+])
+def test_each_reason_the_descriptor_path_is_refused(case, why, monkeypatch):
+    """Every check of attention_tma_unfit, each on inputs that pass the others,
+    and the message a forced ``tma=True`` gives for it."""
+    mat, box, dtype = torch.zeros(1, 64, 64, dtype=torch.float16), (64, 64), torch.float16
+    assert rt.attention_tma_unfit("sm_90", dtype, [mat], [box]) is None
+    if case == "float32":
+        dtype = torch.float32
+    elif case == "wide tile":
+        box = (512, 64)
+    elif case == "empty":
+        mat = torch.zeros(1, 0, 64, dtype=torch.float16)
+    elif case == "strided columns":
+        mat = torch.zeros(1, 64, 128, dtype=torch.float16)[..., ::2]
+    else:
+        monkeypatch.setattr(rt, "TensorDescriptor", None)
+    assert rt.attention_tma("attention", "sm_90", dtype, [mat], [box]) is False
+    with pytest.raises(ValueError, match=rf"^attention: tensor descriptors \(tma=True\) need {why}$"):
+        rt.attention_tma("attention", "sm_90", dtype, [mat], [box], force=True)
