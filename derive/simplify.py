@@ -249,9 +249,10 @@ class Folder:
     @staticmethod
     def _vanishing_sums(equations) -> list:
         """Sums of a definition that are zero by the definitions: with ``xc = x - mu``
-        and ``mu = sum_c x / |c|``, ``sum_c xc = sum_c x - |c| mu = 0``.  Each sum
-        over one index of a sum-free linear definition is expanded, its sums folded
-        by the definitions (means as well as sums), and kept only when nothing remains."""
+        and ``mu = sum_c x / |c|``, ``sum_c xc = sum_c x - |c| mu = 0``.  The sum of a
+        sum-free linear definition over each of its indices, and over the index sets
+        other definitions reduce (``mean[c, k]``), is expanded, its sums folded by the
+        definitions (means as well as sums), and kept only when nothing remains."""
         if not equations:
             return []
         sums = Folder([])
@@ -259,21 +260,29 @@ class Folder:
             rhs = eq.rhs
             inner = [a for a in Mul.make_args(rhs) if isinstance(a, IndexSum)]
             if len(inner) == 1 and not isinstance(inner[0].body, Add):
-                scale = rhs / inner[0]
+                # |c, k| is |c| |k|, as a sum over c and k of what depends on neither counts it
+                joint = {size_symbol(inner[0].indices): Mul(*[size_symbol([i]) for i in inner[0].indices])}
+                scale = (rhs / inner[0]).xreplace(joint)
                 if not scale.has(Indexed) and not scale.has(IndexSum):
                     sums.sum_defs.append((inner[0].body, inner[0].indices, eq.target.indices, eq.lhs / scale))
         out = []
         for eq in equations:
             if not isinstance(eq.rhs, Add) or eq.rhs.has(IndexSum) or not sums.sum_defs:
                 continue
-            for i in eq.target.indices:
-                j = fresh(i)
+            own = eq.target.indices
+            reduced = {(i,) for i in own}
+            for _, red, _, _ in sums.sum_defs:  # the same index sets, by name
+                pick = tuple(next((i for i in own if base_name(i) == base_name(r)), None) for r in red)
+                if None not in pick and len(set(pick)) == len(pick):
+                    reduced.add(pick)
+            for idx in sorted(reduced, key=lambda t: [i.name for i in t]):
+                bound = {i: fresh(i) for i in idx}
                 try:
-                    terms = combine(terms_of(IndexSum(eq.rhs.xreplace({i: j}), j)))
+                    terms = combine(terms_of(IndexSum(eq.rhs.xreplace(bound), *bound.values())))
                 except TooLarge:
                     continue
                 if terms and not sums.fold(terms)[0]:
-                    out.append((eq.lhs, (i,), tuple(k for k in eq.target.indices if k != i), sympy.S.Zero))
+                    out.append((eq.lhs, idx, tuple(k for k in own if k not in idx), sympy.S.Zero))
         return out
 
     # -- exp(A - M) -> E ---------------------------------------------------------

@@ -289,6 +289,8 @@ MORE = {
     "sum_of_a_row_value": ("op f(X[r, c], W[r]) -> Y[r]\nY[r] = sum[c](X * X + W)\n", dict(r=2, c=3), {}),
     "layernorm_mean": ("op ln(X[r, c]) -> Y[r, c]\nMu[r] = mean[c](X)\nD = X - Mu\nV[r] = mean[c](D * D)\n"
                        "Y = D / sqrt(V + 0.00001)\n", dict(r=3, c=5), {}),
+    "layernorm_two_axes": ("op ln(X[r, c, k]) -> Y[r, c, k]\nMu[r] = mean[c, k](X)\nD = X - Mu\n"
+                           "V[r] = mean[c, k](D * D)\nY = D / sqrt(V + 0.00001)\n", dict(r=2, c=3, k=2), {}),
     "gram": ("op g(X[n, i]) -> Y[i, j]\nY[i, j] = sum[n](X * X[n, j])\n", dict(n=3, i=2, j=2), {}),
 }
 
@@ -363,5 +365,7 @@ def test_a_centred_value_sums_to_zero():
     assert len(dx.atoms(IndexSum)) == 2, dx  # sum(dY) and sum(dY D): the textbook form
     five = derive_text(MORE["layernorm"][0], "ln5.op")
     assert _sums_of(step(five, "X").value, "D"), step(five, "X").value
+    two = derive_text(MORE["layernorm_two_axes"][0], "ln2.op")  # centred over c and k together
+    assert _sums_of(step(two, "X").value, "D") == [] and len(step(two, "X").value.atoms(IndexSum)) == 2
     shifted = derive_text("op f(X[r, c]) -> Y[r, c]\nM[r] = max[c](X)\nD = X - M\nY = D * sum[c](D)\n", "m.op")
     assert _sums_of(step(shifted, "X").value, "D"), step(shifted, "X").value
