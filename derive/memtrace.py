@@ -156,6 +156,8 @@ def _active_elements(ptrs, mask, region: tuple[int, int] | None = None) -> int:
     import numpy as np
     data = np.asarray(ptrs.data)
     shape = np.shape(data)
+    if mask is None and region is None:  # every pointer: no array to build (each load and store comes here)
+        return int(np.prod(shape, dtype=np.int64))
     if mask is None:
         m = np.ones(shape, dtype=bool)
     else:
